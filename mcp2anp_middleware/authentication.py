@@ -1,0 +1,57 @@
+"""How a request's credential becomes a :class:`SessionConfig`.
+
+The middleware extracts the credential (``X-API-Key`` or ``Authorization: Bearer``) and hands it to
+an async authenticator, which returns the :class:`SessionConfig` to sign ANP requests with or
+raises :class:`AuthenticationError`. It runs on every request, before any session is looked up or
+created, so sessions are never a substitute for authentication.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from .session_state import SessionConfig
+
+
+class AuthenticationError(Exception):
+    """The credential was missing, unknown or revoked; answered with HTTP 401."""
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """The credential a request carried. Either field may be None; never logged whole."""
+
+    api_key: str | None = field(default=None, repr=False)
+    bearer_token: str | None = field(default=None, repr=False)
+
+    @property
+    def present(self) -> bool:
+        return self.api_key is not None or self.bearer_token is not None
+
+
+Authenticator = Callable[[Credentials], Awaitable[SessionConfig]]
+
+
+class StaticConfigAuthenticator:
+    """Gives every request the same :class:`SessionConfig`: development and single-user setups."""
+
+    def __init__(self, config: SessionConfig | None = None) -> None:
+        self.config = config or SessionConfig()
+
+    async def __call__(self, credentials: Credentials) -> SessionConfig:
+        return self.config
+
+
+def credentials_from_headers(headers: list[tuple[bytes, bytes]]) -> Credentials:
+    """Pull ``X-API-Key`` and a bearer token out of raw ASGI headers."""
+    api_key: str | None = None
+    bearer: str | None = None
+    for name, value in headers:
+        if name == b"x-api-key":
+            api_key = value.decode("latin-1").strip()
+        elif name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                bearer = token.strip()
+    return Credentials(api_key=api_key or None, bearer_token=bearer)

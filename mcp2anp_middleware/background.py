@@ -1,0 +1,108 @@
+"""The middleware's background work: the cleanup loop and any services (the MCP SDK's session
+manager) that must run for as long as the server does.
+
+Everything runs inside one dedicated task, so anyio task groups that services open are entered and
+exited in the same task no matter who calls :meth:`start` and :meth:`stop` (the lifespan task, or
+the first request on servers that send no lifespan events).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+
+import structlog
+
+from .session_registry import SessionRegistry
+
+logger = structlog.get_logger("mcp2anp_middleware.background")
+
+Service = Callable[[], AbstractAsyncContextManager[object]]
+Sleep = Callable[[float], Awaitable[object]]
+
+
+class BackgroundRunner:
+    """Starts once, stops once; :meth:`start` is idempotent and safe to race."""
+
+    def __init__(
+        self,
+        registry: SessionRegistry,
+        *,
+        cleanup_interval: float,
+        services: Sequence[Service] = (),
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        if cleanup_interval <= 0:
+            raise ValueError("cleanup_interval must be positive")
+        self.registry = registry
+        self.cleanup_interval = cleanup_interval
+        self.services = list(services)
+        self._sleep = sleep
+        self._task: asyncio.Task[None] | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._stop: asyncio.Event | None = None
+        self.sweeps = 0
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        """Start services and the cleanup loop; returns once they are ready, raises if they fail."""
+        if self._ready is None:
+            loop = asyncio.get_running_loop()
+            self._ready = loop.create_future()
+            self._stop = asyncio.Event()
+            self._task = loop.create_task(self._main(), name="mcp2anp-middleware-background")
+        ready = self._ready
+        try:
+            await asyncio.shield(ready)
+        except BaseException:
+            if ready.done() and self._ready is ready:  # failed start: allow a later retry
+                self._task = self._ready = self._stop = None
+            raise
+
+    async def stop(self) -> None:
+        """Stop the loop and the services and wait until they are gone."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        assert self._stop is not None
+        self._stop.set()
+        with contextlib.suppress(Exception):
+            await task
+        self._ready = None
+        self._stop = None
+
+    async def _main(self) -> None:
+        assert self._ready is not None and self._stop is not None
+        try:
+            async with AsyncExitStack() as stack:
+                for service in self.services:
+                    await stack.enter_async_context(service())
+                sweeper = asyncio.create_task(self._cleanup_loop(), name="mcp2anp-session-cleanup")
+                self._ready.set_result(None)
+                logger.debug("Session cleanup task started", interval=self.cleanup_interval)
+                try:
+                    await self._stop.wait()
+                finally:
+                    sweeper.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await sweeper
+                    logger.debug("Session cleanup task stopped")
+        except BaseException as exc:
+            if not self._ready.done():
+                self._ready.set_exception(exc)
+                return
+            raise
+
+    async def _cleanup_loop(self) -> None:
+        while True:
+            await self._sleep(self.cleanup_interval)
+            try:
+                await self.registry.sweep()
+            except Exception:
+                logger.exception("Session cleanup failed; will retry at the next interval")
+            self.sweeps += 1

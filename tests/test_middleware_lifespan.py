@@ -1,0 +1,162 @@
+"""Lifespan handling: with a lifespan-aware host, a host that rejects it, and no lifespan at all."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from mcp2anp_middleware import ManualClock, MCPSessionMiddleware
+
+from .inner_apps import HostApp, RecordingMCPApp
+
+pytestmark = pytest.mark.anyio
+
+INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}
+
+
+def background_tasks() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name().startswith("mcp2anp")]
+
+
+async def test_cleanup_task_runs_between_startup_and_shutdown() -> None:
+    host = HostApp()
+    middleware = MCPSessionMiddleware(host, mcp_app=RecordingMCPApp(), clock=ManualClock())
+    async with LifespanManager(middleware) as manager:
+        assert middleware.background.running
+        assert len(background_tasks()) == 2  # runner + cleanup loop
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.get("/")).text == "host"
+    assert host.lifespan_events == ["lifespan.startup", "lifespan.shutdown"]
+    assert not middleware.background.running
+    assert background_tasks() == []
+
+
+async def test_host_starlette_lifespan_still_runs() -> None:
+    events: list[str] = []
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        events.append("host-up")
+        yield
+        events.append("host-down")
+
+    async def hello(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("hi")
+
+    host = Starlette(routes=[Route("/hello", hello)], lifespan=lifespan)
+    middleware = MCPSessionMiddleware(host, mcp_app=RecordingMCPApp())
+    async with LifespanManager(middleware):
+        assert events == ["host-up"] and middleware.background.running
+    assert events == ["host-up", "host-down"]
+    assert background_tasks() == []
+
+
+async def test_app_that_raises_on_lifespan_like_django() -> None:
+    host = HostApp(lifespan="raises")
+    middleware = MCPSessionMiddleware(host, mcp_app=RecordingMCPApp())
+    async with LifespanManager(middleware) as manager:
+        assert middleware.background.running
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            response = await client.post("/mcp", json=INIT)
+            assert response.status_code == 200
+    assert not middleware.background.running
+    assert background_tasks() == []
+
+
+async def test_without_lifespan_the_loop_starts_on_first_request() -> None:
+    middleware = MCPSessionMiddleware(HostApp(), mcp_app=RecordingMCPApp())
+    assert not middleware.background.running
+    transport = httpx.ASGITransport(app=middleware)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        await client.get("/elsewhere")
+        assert not middleware.background.running  # requests outside the prefix do not start it
+        await client.post("/mcp", json=INIT)
+        assert middleware.background.running
+    await middleware.shutdown()
+    assert background_tasks() == []
+
+
+async def test_cleanup_loop_sweeps_each_interval() -> None:
+    """The loop's sleep is injected, so the test drives intervals without waiting for them."""
+    ticks: asyncio.Queue[None] = asyncio.Queue()
+    intervals: list[float] = []
+    swept = asyncio.Event()
+
+    async def fake_sleep(seconds: float) -> None:
+        intervals.append(seconds)
+        await ticks.get()
+
+    clock = ManualClock()
+    middleware = MCPSessionMiddleware(
+        HostApp(),
+        mcp_app=RecordingMCPApp(),
+        clock=clock,
+        session_timeout=60,
+        cleanup_interval=15,
+        sleep=fake_sleep,
+    )
+    original_sweep = middleware.registry.sweep
+
+    async def observed_sweep() -> int:
+        removed = await original_sweep()
+        swept.set()
+        return removed
+
+    middleware.registry.sweep = observed_sweep  # type: ignore[method-assign]
+    async with LifespanManager(middleware) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            await client.post("/mcp", json=INIT)
+        assert len(middleware.registry) == 1
+        clock.advance(61)
+        ticks.put_nowait(None)
+        await swept.wait()
+        assert len(middleware.registry) == 0
+        assert intervals[0] == 15
+    assert background_tasks() == []
+
+
+async def test_failing_service_fails_startup() -> None:
+    @asynccontextmanager
+    async def broken() -> AsyncIterator[None]:
+        raise RuntimeError("service could not start")
+        yield  # pragma: no cover
+
+    middleware = MCPSessionMiddleware(HostApp(), mcp_app=RecordingMCPApp(), services=[broken])
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    inbox.put_nowait({"type": "lifespan.startup"})
+    replies: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        replies.append(message)
+
+    await middleware({"type": "lifespan"}, inbox.get, send)
+    assert replies == [{"type": "lifespan.startup.failed", "message": "service could not start"}]
+    assert background_tasks() == []
+    assert not middleware.background.running
+
+
+async def test_services_run_for_the_servers_lifetime() -> None:
+    log: list[str] = []
+
+    @asynccontextmanager
+    async def service() -> AsyncIterator[None]:
+        log.append("enter")
+        yield
+        log.append("exit")
+
+    middleware = MCPSessionMiddleware(HostApp(), mcp_app=RecordingMCPApp(), services=[service])
+    async with LifespanManager(middleware):
+        assert log == ["enter"]
+    assert log == ["enter", "exit"]
