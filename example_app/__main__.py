@@ -10,22 +10,46 @@ import structlog
 import uvicorn
 
 from .app import create_app
-from .settings import parse_settings
+from .settings import Settings, parse_settings
+
+
+def configure_logging(level_name: str) -> None:
+    level = getattr(logging, level_name)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(level))
+    # Traces of outgoing HTTP include agents' response headers (bearer tokens) at DEBUG.
+    logging.getLogger("httpcore").setLevel(max(level, logging.INFO))
+    # The SDK logs "Terminating session: None" for every stateless request.
+    logging.getLogger("mcp.server.streamable_http").setLevel(max(level, logging.WARNING))
+
+
+def banner(settings: Settings) -> str:
+    base = settings.base_url
+    lines = [
+        "mcp2anp-middleware demo",
+        f"  MCP endpoint:    {base}/mcp",
+        f"  demo ANP agent:  {base}/agent/ad.json",
+        f"  auth mode:       {settings.auth_mode}",
+        f"  sessions:        idle timeout {settings.session_timeout:g}s, "
+        f"sweep every {settings.cleanup_interval:g}s",
+        "Connect an MCP client (streamable HTTP) to the endpoint, or run the demo client:",
+        f"  python -m example_app.client {base}/mcp",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(argv)
-    level = getattr(logging, settings.log_level)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(level))
+    configure_logging(settings.log_level)
     app = create_app(settings)
-    print(f"MCP endpoint: {settings.base_url}/mcp", file=sys.stderr)
+    print(banner(settings), file=sys.stderr, flush=True)
     uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
         lifespan="on",
+        timeout_graceful_shutdown=10,
     )
     return 0
 

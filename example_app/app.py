@@ -1,42 +1,94 @@
-"""The demo host: a small Starlette app with the middleware around it."""
+"""The demo host: a Starlette app and the offline demo ANP agent, wrapped in ANPMiddleware."""
 
 from __future__ import annotations
 
-from mcp.server.mcpserver import Context, MCPServer
+import json
+from pathlib import Path
+from typing import Any
+
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
-from mcp2anp_middleware import SESSION_SCOPE_KEY, MCPSessionMiddleware
-from mcp2anp_middleware.mcp_endpoint import MCPEndpoint
+from mcp2anp_middleware import ANPMiddleware, URLPolicy, session_from_request
+from mcp2anp_middleware.authentication import Authenticator
+from mcp2anp_middleware.dev_identity import ensure_dev_identity
 
+from .demo_agent import DirectoryDidResolver, create_demo_agent
 from .settings import Settings
 
 
+class _CombinedResolver:
+    """Finds DID documents in the data directory and in the documents of configured API keys."""
+
+    def __init__(self, directory: Path, documents: dict[str, dict[str, Any]]) -> None:
+        self.directory = DirectoryDidResolver(directory)
+        self.documents = documents
+
+    async def __call__(self, did: str) -> dict[str, Any] | None:
+        if did in self.documents:
+            return self.documents[did]
+        return await self.directory(did)
+
+
+def _documents_of_keys_file(path: Path | None) -> dict[str, dict[str, Any]]:
+    if path is None:
+        return {}
+    entries = json.loads(path.read_text(encoding="utf-8")).get("keys", [])
+    documents = {}
+    for entry in entries:
+        doc_path = entry.get("did_document_path")
+        if doc_path:
+            document = json.loads((path.parent / doc_path).read_text(encoding="utf-8"))
+            documents[document["id"]] = document
+    return documents
+
+
+def build_authenticator(settings: Settings) -> Authenticator:
+    from mcp2anp_middleware.authenticators import (
+        CachingAuthenticator,
+        NoAuthAuthenticator,
+        RemoteVerifierAuthenticator,
+        StaticKeyAuthenticator,
+    )
+
+    if settings.auth_mode == "static":
+        assert settings.api_keys_file is not None
+        return CachingAuthenticator(StaticKeyAuthenticator.from_file(settings.api_keys_file))
+    if settings.auth_mode == "remote":
+        assert settings.auth_url is not None
+        return CachingAuthenticator(RemoteVerifierAuthenticator(settings.auth_url))
+    dev = ensure_dev_identity(settings.data_dir, hostname="localhost", port=settings.port)
+    return NoAuthAuthenticator(dev)
+
+
 async def index(request: Request) -> JSONResponse:
-    return JSONResponse({"service": "mcp2anp-middleware demo", "mcp": "/mcp"})
+    state = session_from_request(request)
+    return JSONResponse(
+        {
+            "service": "mcp2anp-middleware demo",
+            "mcp_endpoint": str(request.url_for("index")).rstrip("/") + "/mcp",
+            "demo_agent": str(request.base_url) + "agent/ad.json",
+            "session": state.session_id[:8] + "…" if state else None,
+        }
+    )
 
 
-def build_mcp_server() -> MCPServer:
-    server = MCPServer("mcp2anp-demo")
-
-    @server.tool()
-    def current_session(ctx: Context) -> str:
-        """Return a short form of the id of the MCP session this call belongs to."""
-        state = ctx.request_context.request.scope["state"][SESSION_SCOPE_KEY]
-        return str(state.session_id)[:8]
-
-    return server
-
-
-def create_app(settings: Settings) -> MCPSessionMiddleware:
-    host = Starlette(routes=[Route("/", index)])
-    endpoint = MCPEndpoint(build_mcp_server())
-    return MCPSessionMiddleware(
+def create_app(settings: Settings) -> ANPMiddleware:
+    base_url = settings.base_url
+    agent = create_demo_agent(
+        base_url=f"{base_url}/agent",
+        did_resolver=_CombinedResolver(
+            Path(settings.data_dir), _documents_of_keys_file(settings.api_keys_file)
+        ),
+    )
+    host = Starlette(routes=[Route("/", index, name="index"), Mount("/agent", app=agent)])
+    return ANPMiddleware(
         host,
-        mcp_app=endpoint,
-        services=[endpoint.service],
+        authenticator=build_authenticator(settings),
+        url_policy=URLPolicy(allow_private=settings.allow_private),
+        entry_url=settings.entry_url or f"{base_url}/agent/ad.json",
         session_timeout=settings.session_timeout,
         cleanup_interval=settings.cleanup_interval,
     )

@@ -6,8 +6,10 @@ import argparse
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+AUTH_MODES = ("dev", "static", "remote")
 
 
 @dataclass(frozen=True)
@@ -17,6 +19,12 @@ class Settings:
     session_timeout: float = 1800.0
     cleanup_interval: float = 300.0
     log_level: str = "INFO"
+    data_dir: Path = Path(".mcp2anp-data")
+    auth_mode: str = "dev"
+    api_keys_file: Path | None = None
+    auth_url: str | None = None
+    entry_url: str | None = None
+    allow_private: bool = True
 
     @property
     def base_url(self) -> str:
@@ -42,6 +50,15 @@ def _port(text: str) -> int:
     if not 0 < value < 65536:
         raise argparse.ArgumentTypeError(f"port must be 1-65535: {text!r}")
     return value
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false: {text!r}")
 
 
 def _log_level(text: str) -> str:
@@ -79,8 +96,57 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         default=env.get("MCP2ANP_LOG_LEVEL", defaults.log_level),
         help="DEBUG, INFO, WARNING or ERROR (default INFO)",
     )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=env.get("MCP2ANP_DATA_DIR", str(defaults.data_dir)),
+        help="where the development DID is generated (default .mcp2anp-data)",
+    )
+    parser.add_argument(
+        "--auth-mode",
+        choices=AUTH_MODES,
+        default=env.get("MCP2ANP_AUTH_MODE", defaults.auth_mode),
+        help="dev: no authentication, local DID (default); static: API keys file; "
+        "remote: verifier URL",
+    )
+    parser.add_argument(
+        "--api-keys-file",
+        type=Path,
+        default=env.get("MCP2ANP_API_KEYS_FILE"),
+        help="JSON file mapping API keys to DID credentials (auth mode static)",
+    )
+    parser.add_argument(
+        "--auth-url",
+        default=env.get("MCP2ANP_AUTH_URL"),
+        help="URL of the remote credential verifier (auth mode remote)",
+    )
+    parser.add_argument(
+        "--entry-url",
+        default=env.get("MCP2ANP_ENTRY_URL"),
+        help="ANP URL the server instructions point agents to (default: the demo agent)",
+    )
+    parser.add_argument(
+        "--allow-private",
+        type=_boolean,
+        default=env.get("MCP2ANP_ALLOW_PRIVATE", "true"),
+        help="let the tools fetch private/loopback addresses (default true: the demo is local)",
+    )
     args = parser.parse_args(argv)
+    if args.auth_mode == "static" and args.api_keys_file is None:
+        parser.error("--auth-mode static needs --api-keys-file")
+    if args.auth_mode == "static" and not args.api_keys_file.is_file():
+        parser.error(f"--api-keys-file {args.api_keys_file} does not exist")
+    if args.auth_mode == "remote" and not args.auth_url:
+        parser.error("--auth-mode remote needs --auth-url")
+    if args.auth_mode == "dev" and args.host not in ("127.0.0.1", "localhost", "::1"):
+        parser.error("--auth-mode dev (no authentication) only binds to loopback hosts")
     return Settings(
+        data_dir=args.data_dir,
+        auth_mode=args.auth_mode,
+        api_keys_file=args.api_keys_file,
+        auth_url=args.auth_url,
+        entry_url=args.entry_url,
+        allow_private=args.allow_private,
         host=args.host,
         port=args.port,
         session_timeout=args.session_timeout,

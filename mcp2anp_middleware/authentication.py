@@ -15,7 +15,9 @@ from .session_state import SessionConfig
 
 
 class AuthenticationError(Exception):
-    """The credential was missing, unknown or revoked; answered with HTTP 401."""
+    """The credential was missing, unknown or revoked; answered with HTTP ``status`` (401)."""
+
+    status: int = 401
 
 
 @dataclass(frozen=True, slots=True)

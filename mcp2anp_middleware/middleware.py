@@ -145,11 +145,11 @@ class MCPSessionMiddleware:
         except AuthenticationError as exc:
             await send_jsonrpc_error(
                 send,
-                401,
+                exc.status,
                 UNAUTHORIZED,
                 str(exc) or "Authentication required",
                 request_id=_request_id(body),
-                headers=[(b"www-authenticate", b'Bearer realm="mcp"')],
+                headers=[(b"www-authenticate", b'Bearer realm="mcp"')] if exc.status == 401 else [],
             )
             return
 

@@ -16,15 +16,15 @@ ANONYMOUS_PRINCIPAL = "anonymous"
 class SessionConfig:
     """The credentials a session signs its ANP requests with, and the principal it belongs to.
 
-    Credentials are given either as file paths or inline (``did_document`` as JSON text or a
-    mapping, ``private_key_pem`` as PEM text). ``principal`` is the stable identity of whoever
+    Credentials are given either as file paths or inline (``did_document`` as JSON text,
+    ``private_key_pem`` as PEM text). ``principal`` is the stable identity of whoever
     authenticated; a session may only ever be used by the principal that created it.
     """
 
     principal: str = ANONYMOUS_PRINCIPAL
     did_document_path: Path | None = None
     private_key_path: Path | None = None
-    did_document: str | dict[str, Any] | None = field(default=None, repr=False)
+    did_document: str | None = field(default=None, repr=False)
     private_key_pem: str | None = field(default=None, repr=False)
 
 

@@ -1,0 +1,33 @@
+"""Keeping the anp library's logging from leaking documents, payloads and key paths.
+
+anp logs whole documents and request details at INFO, some of it straight on the root logger
+(``logging.info(...)`` inside ``anp``). :func:`tame_anp_logging` raises the ``anp`` logger to
+WARNING and drops INFO/DEBUG records that anp code emits through the root logger.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import anp
+
+_ANP_DIR = os.path.dirname(os.path.abspath(anp.__file__))
+
+
+class _DropAnpRootChatter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.pathname.startswith(_ANP_DIR)
+
+
+_FILTER = _DropAnpRootChatter()
+
+
+def tame_anp_logging(level: int = logging.WARNING) -> None:
+    """Idempotent; safe to call at import time of a host app."""
+    anp_logger = logging.getLogger("anp")
+    if anp_logger.level == logging.NOTSET or anp_logger.level < level:
+        anp_logger.setLevel(level)
+    root = logging.getLogger()
+    if _FILTER not in root.filters:
+        root.addFilter(_FILTER)

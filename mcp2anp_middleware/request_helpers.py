@@ -1,0 +1,26 @@
+"""Reading the current MCP session from host code (Starlette/FastAPI ``Request``, Django
+``HttpRequest`` under ASGI, or a raw ASGI scope)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .middleware import SESSION_SCOPE_KEY
+from .session_state import SessionState
+
+
+def session_from_scope(scope: Mapping[str, Any]) -> SessionState | None:
+    """The :class:`SessionState` the middleware attached to this ASGI scope, if any."""
+    state = scope.get("state")
+    if not isinstance(state, Mapping):
+        return None
+    session = state.get(SESSION_SCOPE_KEY)
+    return session if isinstance(session, SessionState) else None
+
+
+def session_from_request(request: Any) -> SessionState | None:
+    """Works with any request object that exposes its ASGI ``scope`` (Starlette, FastAPI and
+    Django's ``ASGIRequest`` all do); None outside the middleware's prefix."""
+    scope = getattr(request, "scope", None)
+    return session_from_scope(scope) if isinstance(scope, Mapping) else None
