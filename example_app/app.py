@@ -59,6 +59,8 @@ def build_authenticator(settings: Settings) -> Authenticator:
     if settings.auth_mode == "remote":
         assert settings.auth_url is not None
         return CachingAuthenticator(RemoteVerifierAuthenticator(settings.auth_url))
+    if settings.auth_mode != "dev":
+        raise ValueError(f"unknown auth mode {settings.auth_mode!r}")
     dev = ensure_dev_identity(settings.data_dir, hostname="localhost", port=settings.port)
     return NoAuthAuthenticator(dev)
 

@@ -29,6 +29,8 @@ class Settings:
     @property
     def base_url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        if ":" in host:  # IPv6 literal
+            host = f"[{host.strip('[]')}]"
         return f"http://{host}:{self.port}"
 
 
@@ -132,13 +134,16 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         help="let the tools fetch private/loopback addresses (default true: the demo is local)",
     )
     args = parser.parse_args(argv)
+    # argparse does not apply ``choices`` to defaults taken from the environment.
+    if args.auth_mode not in AUTH_MODES:
+        parser.error(f"--auth-mode must be one of {', '.join(AUTH_MODES)} (got {args.auth_mode!r})")
     if args.auth_mode == "static" and args.api_keys_file is None:
         parser.error("--auth-mode static needs --api-keys-file")
     if args.auth_mode == "static" and not args.api_keys_file.is_file():
         parser.error(f"--api-keys-file {args.api_keys_file} does not exist")
     if args.auth_mode == "remote" and not args.auth_url:
         parser.error("--auth-mode remote needs --auth-url")
-    if args.auth_mode == "dev" and args.host not in ("127.0.0.1", "localhost", "::1"):
+    if args.auth_mode == "dev" and args.host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
         parser.error("--auth-mode dev (no authentication) only binds to loopback hosts")
     return Settings(
         data_dir=args.data_dir,

@@ -61,6 +61,7 @@ class ANPMiddleware(MCPSessionMiddleware):
     def __init__(
         self,
         app: ASGIApp,
+        /,
         *,
         server: MCPServer | None = None,
         authenticator: Authenticator | None = None,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import time
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import structlog
 from starlette.datastructures import MutableHeaders
@@ -19,12 +22,23 @@ from .authentication import (
 )
 from .background import BackgroundRunner, Service, Sleep
 from .clock import Clock, system_clock
-from .jsonrpc_errors import INVALID_REQUEST, PARSE_ERROR, UNAUTHORIZED, send_jsonrpc_error
+from .jsonrpc_errors import (
+    INTERNAL_ERROR,
+    INVALID_REQUEST,
+    PARSE_ERROR,
+    SERVER_ERROR,
+    UNAUTHORIZED,
+    send_jsonrpc_error,
+)
 from .lifespan import run_lifespan
+from .origin_check import OriginPolicy
 from .protocol import is_sessionless_version
+from .request_body import BodyTooLarge, ClientGone, jsonrpc_id, parse_json, read_body, replay
 from .session_ids import is_well_formed_session_id, short_id
-from .session_registry import SessionRegistry
-from .session_state import SessionState
+from .session_registry import SessionRegistry, ShuttingDown
+from .session_state import SessionConfig, SessionState
+from .state_file import load_state_file, save_state_file
+from .stores.base import CapExceeded, SessionStore, StoreUnavailable
 
 logger = structlog.get_logger("mcp2anp_middleware.middleware")
 
@@ -37,12 +51,15 @@ _PROTOCOL_HEADER_B = b"mcp-protocol-version"
 DEFAULT_MAX_BODY_SIZE = 4 * 1024 * 1024
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _Refusal(Exception):
+    """A request answered with a JSON-RPC error instead of reaching the MCP app."""
 
-
-class _ClientGone(Exception):
-    pass
+    def __init__(self, status: int, code: int, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.reason = reason
 
 
 class MCPSessionMiddleware:
@@ -55,6 +72,7 @@ class MCPSessionMiddleware:
     def __init__(
         self,
         app: ASGIApp,
+        /,
         *,
         mcp_app: ASGIApp | None = None,
         path_prefix: str = "/mcp",
@@ -63,6 +81,16 @@ class MCPSessionMiddleware:
         max_session_age: float | None = None,
         authenticator: Authenticator | None = None,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        store: SessionStore | None = None,
+        touch_interval: float | None = None,
+        per_principal_cap: int | None = None,
+        global_cap: int | None = None,
+        cap_policy: Literal["reject", "evict_oldest"] = "reject",
+        allowed_origins: Sequence[str] | None = None,
+        stats_path: str | None = None,
+        stats_token: str | None = None,
+        shutdown_grace: float = 10.0,
+        state_file: Path | str | None = None,
         clock: Clock = system_clock,
         sleep: Sleep = asyncio.sleep,
         services: Sequence[Service] = (),
@@ -70,18 +98,37 @@ class MCPSessionMiddleware:
     ) -> None:
         if not path_prefix.startswith("/") or (path_prefix != "/" and path_prefix.endswith("/")):
             raise ValueError("path_prefix must start with '/' and not end with '/'")
+        if cap_policy not in ("reject", "evict_oldest"):
+            raise ValueError("cap_policy must be 'reject' or 'evict_oldest'")
         self.app = app
         self.mcp_app = mcp_app if mcp_app is not None else app
         self.path_prefix = path_prefix
         self._prefix_slash = path_prefix.rstrip("/") + "/"
         self.max_body_size = max_body_size
         self.authenticator: Authenticator = authenticator or StaticConfigAuthenticator()
-        self.registry = registry or SessionRegistry(
-            session_timeout=session_timeout, max_session_age=max_session_age, clock=clock
+        self.registry = (
+            registry
+            if registry is not None
+            else SessionRegistry(
+                store=store,
+                session_timeout=session_timeout,
+                max_session_age=max_session_age,
+                clock=clock,
+                touch_interval=touch_interval,
+                per_principal_cap=per_principal_cap,
+                global_cap=global_cap,
+                evict_oldest=cap_policy == "evict_oldest",
+            )
         )
         self.background = BackgroundRunner(
             self.registry, cleanup_interval=cleanup_interval, services=services, sleep=sleep
         )
+        self.origins = OriginPolicy(allowed_origins)
+        self.stats_path = stats_path
+        self.stats_token = stats_token
+        self.shutdown_grace = shutdown_grace
+        self.state_file = Path(state_file) if state_file is not None else None
+        self.started_at = time.time()
 
     # -- ASGI entry point -----------------------------------------------------------------------
 
@@ -92,6 +139,9 @@ class MCPSessionMiddleware:
             if path == self.path_prefix or path.startswith(self._prefix_slash):
                 await self._handle_mcp(scope, receive, send)
                 return
+            if path == self.stats_path:
+                await self._handle_stats(scope, send)
+                return
         elif scope_type == "lifespan":
             await run_lifespan(
                 self.app, scope, receive, send, startup=self.startup, shutdown=self.shutdown
@@ -100,11 +150,29 @@ class MCPSessionMiddleware:
         await self.app(scope, receive, send)
 
     async def startup(self) -> None:
-        """Start the cleanup loop and services (called from lifespan, or lazily)."""
+        """Restore saved sessions, start the cleanup loop and services (lifespan, or lazily)."""
+        if self.state_file is not None and not self.background.running:
+            restored = await load_state_file(self.registry, self.state_file)
+            if restored:
+                logger.info("Sessions restored from state file", count=restored)
+        self.registry.accepting = True
         await self.background.start()
 
     async def shutdown(self) -> None:
+        """Stop taking new sessions, let in-flight requests finish (bounded), then stop."""
+        registry = self.registry
+        registry.accepting = False
+        if not await registry.wait_idle(self.shutdown_grace):
+            logger.warning("Shutting down with requests still in flight", count=registry.in_flight)
         await self.background.stop()
+        if self.state_file is not None:
+            saved = await save_state_file(registry, self.state_file)
+            logger.info("Sessions saved to state file", count=saved)
+        await registry.close_local()
+        try:
+            await registry.store.aclose()
+        except Exception:  # pragma: no cover - closing a broken connection
+            logger.warning("Session store did not close cleanly")
 
     # -- MCP requests ---------------------------------------------------------------------------
 
@@ -112,69 +180,88 @@ class MCPSessionMiddleware:
         if not self.background.running:
             await self.startup()  # servers without lifespan events (httpx.ASGITransport, ...)
         method: str = scope["method"]
-        if method == "OPTIONS":  # CORS preflight carries no credentials or session
-            await self.mcp_app(scope, receive, send)
-            return
-
         session_ids: list[bytes] = []
         protocol_version: str | None = None
+        origin: str | None = None
         for name, value in scope["headers"]:
             if name == _SESSION_HEADER_B:
                 session_ids.append(value)
             elif name == _PROTOCOL_HEADER_B:
                 protocol_version = value.decode("latin-1")
+            elif name == b"origin":
+                origin = value.decode("latin-1")
+
+        if not self.origins.allows(origin):
+            self.registry.stats.rejected["origin"] += 1
+            await send_jsonrpc_error(send, 403, INVALID_REQUEST, "Forbidden: Origin not allowed")
+            return
+        if method == "OPTIONS":  # CORS preflight carries no credentials or session
+            await self.mcp_app(scope, receive, send)
+            return
 
         body: bytes | None = None
         if method == "POST":
             try:
-                body = await _read_body(scope, receive, self.max_body_size)
-            except _BodyTooLarge:
-                await send_jsonrpc_error(
-                    send,
-                    413,
-                    INVALID_REQUEST,
-                    f"Request body exceeds {self.max_body_size} bytes",
-                )
+                body = await read_body(scope, receive, self.max_body_size)
+            except BodyTooLarge:
+                self.registry.stats.rejected["too_large"] += 1
+                message = f"Request body exceeds {self.max_body_size} bytes"
+                await send_jsonrpc_error(send, 413, INVALID_REQUEST, message)
                 return
-            except _ClientGone:
+            except ClientGone:
                 return
-            receive = _replay(body, receive)
+            receive = replay(body, receive)
 
         try:
-            config = await self.authenticator(credentials_from_headers(scope["headers"]))
-        except AuthenticationError as exc:
+            await self._route(scope, receive, send, method, session_ids, protocol_version, body)
+        except _Refusal as refusal:
+            self.registry.stats.rejected[refusal.reason] += 1
+            headers: list[tuple[bytes, bytes]] = []
+            if refusal.status == 401:
+                headers.append((b"www-authenticate", b'Bearer realm="mcp"'))
+            elif refusal.status in (429, 503):
+                headers.append((b"retry-after", b"5"))
             await send_jsonrpc_error(
                 send,
-                exc.status,
-                UNAUTHORIZED,
-                str(exc) or "Authentication required",
-                request_id=_request_id(body),
-                headers=[(b"www-authenticate", b'Bearer realm="mcp"')] if exc.status == 401 else [],
+                refusal.status,
+                refusal.code,
+                refusal.message,
+                request_id=jsonrpc_id(parse_json(body)),
+                headers=headers,
             )
-            return
+
+    async def _route(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        method: str,
+        session_ids: list[bytes],
+        protocol_version: str | None,
+        body: bytes | None,
+    ) -> None:
+        config = await self._authenticate(scope)
+        registry = self.registry
 
         if is_sessionless_version(protocol_version):
-            state = self.registry.implicit_session(config)
-            if session_ids:
+            state = await _store_call(registry.implicit_session(config))
+            if session_ids:  # the spec says to ignore it in this era
                 scope = dict(scope)
                 scope["headers"] = [h for h in scope["headers"] if h[0] != _SESSION_HEADER_B]
             await self._serve(state, scope, receive, send, new=False)
             return
 
         if len(session_ids) > 1:
-            await self._reject(send, 400, "Multiple Mcp-Session-Id headers", body)
-            return
+            raise _Refusal(400, INVALID_REQUEST, "Multiple Mcp-Session-Id headers", "malformed")
         if session_ids:
             raw = session_ids[0].decode("latin-1")
             if not is_well_formed_session_id(raw):
-                await self._reject(send, 400, "Malformed Mcp-Session-Id header", body)
-                return
-            found = self.registry.get(raw)
-            if found is None or found.principal != config.principal:
-                await self._reject(send, 404, "Session not found", body)
-                return
+                raise _Refusal(400, INVALID_REQUEST, "Malformed Mcp-Session-Id header", "malformed")
+            found = await _store_call(registry.get(raw, config))
+            if found is None:
+                raise _Refusal(404, INVALID_REQUEST, "Session not found", "unknown_session")
             if method == "DELETE":
-                self.registry.remove(raw, reason="deleted")
+                await _store_call(registry.remove(raw, reason="deleted"))
                 logger.info("Session closed by client DELETE request", session_id=short_id(raw))
                 await send({"type": "http.response.start", "status": 204, "headers": []})
                 await send({"type": "http.response.body", "body": b""})
@@ -184,17 +271,37 @@ class MCPSessionMiddleware:
             return
 
         if body is None:
-            await self._reject(send, 400, "Missing Mcp-Session-Id header", None)
-            return
-        try:
-            message = json.loads(body)
-        except ValueError:
-            await send_jsonrpc_error(send, 400, PARSE_ERROR, "Parse error: body is not JSON")
-            return
+            raise _Refusal(400, INVALID_REQUEST, "Missing Mcp-Session-Id header", "missing_session")
+        message = parse_json(body)
+        if message is None:
+            raise _Refusal(400, PARSE_ERROR, "Parse error: body is not JSON", "malformed")
         if not (isinstance(message, dict) and message.get("method") == "initialize"):
-            await self._reject(send, 400, "Missing Mcp-Session-Id header", body)
-            return
-        await self._serve(self.registry.new_session(config), scope, receive, send, new=True)
+            raise _Refusal(400, INVALID_REQUEST, "Missing Mcp-Session-Id header", "missing_session")
+        state = registry.new_session(config)
+        try:
+            await _store_call(registry.register(state))
+        except CapExceeded as exc:
+            if exc.scope == "principal":
+                text = (
+                    f"Too many sessions for this credential (limit {exc.limit}); close one with "
+                    "DELETE or wait for one to expire"
+                )
+                raise _Refusal(429, SERVER_ERROR, text, "cap_principal") from None
+            text = f"Server session limit reached ({exc.limit}); retry later"
+            raise _Refusal(503, INTERNAL_ERROR, text, "cap_global") from None
+        except ShuttingDown:
+            text = "Server is shutting down; retry on another instance"
+            raise _Refusal(503, INTERNAL_ERROR, text, "shutting_down") from None
+        await self._serve(state, scope, receive, send, new=True)
+
+    async def _authenticate(self, scope: Scope) -> SessionConfig:
+        try:
+            return await self.authenticator(credentials_from_headers(scope["headers"]))
+        except AuthenticationError as exc:
+            reason = "unauthorized" if exc.status == 401 else "auth_unavailable"
+            raise _Refusal(
+                exc.status, UNAUTHORIZED, str(exc) or "Authentication required", reason
+            ) from None
 
     async def _serve(
         self, state: SessionState, scope: Scope, receive: Receive, send: Send, *, new: bool
@@ -203,27 +310,74 @@ class MCPSessionMiddleware:
         scope = dict(scope)
         scope["state"] = {**scope.get("state", {}), SESSION_SCOPE_KEY: state}
         registry = self.registry
+        committed = False
 
         async def send_with_session(message: Message) -> None:
+            nonlocal committed
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
                 del headers[SESSION_HEADER]  # this middleware is the only source of session ids
                 if new and 200 <= message["status"] < 300:
-                    registry.register(state)
+                    committed = True
+                    registry.commit(state)
                     headers[SESSION_HEADER] = state.session_id
                     _expose_session_header(headers)
             await send(message)
 
-        registry.acquire(state)
+        await _store_call(registry.acquire(state))
         try:
             await self.mcp_app(scope, receive, send_with_session)
         finally:
-            registry.release(state)
+            try:
+                if new and not committed:
+                    await registry.discard(state)
+                await registry.release(state)
+            except StoreUnavailable:
+                logger.warning("Session store unavailable while ending a request")
 
-    async def _reject(self, send: Send, status: int, message: str, body: bytes | None) -> None:
-        await send_jsonrpc_error(
-            send, status, INVALID_REQUEST, message, request_id=_request_id(body)
-        )
+    # -- statistics -----------------------------------------------------------------------------
+
+    async def _handle_stats(self, scope: Scope, send: Send) -> None:
+        if self.stats_token is not None:
+            supplied = credentials_from_headers(scope["headers"]).bearer_token or ""
+            if not hmac.compare_digest(supplied.encode(), self.stats_token.encode()):
+                await send_jsonrpc_error(send, 401, UNAUTHORIZED, "Statistics need a valid token")
+                return
+        payload = await self.statistics()
+        body = json.dumps(payload).encode()
+        headers = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def statistics(self) -> dict[str, Any]:
+        """Counters and gauges for monitoring (also served at ``stats_path`` when enabled)."""
+        registry = self.registry
+        now = registry.clock()
+        try:
+            active: int | None = await registry.store.count(now=now)
+            healthy = await registry.store.ping()
+        except Exception:
+            active, healthy = None, False
+        return {
+            "active_sessions": active,
+            "local_sessions": len(registry),
+            "in_flight_requests": registry.in_flight,
+            "accepting_sessions": registry.accepting,
+            "store": {"type": type(registry.store).__name__, "healthy": healthy},
+            "uptime_seconds": round(time.time() - self.started_at, 3),
+            **registry.stats.as_dict(),
+        }
+
+
+async def _store_call(awaitable: Any) -> Any:
+    """Await a store-backed call, turning an unreachable store into a 503 refusal."""
+    try:
+        return await awaitable
+    except StoreUnavailable:
+        logger.warning("Session store unavailable")
+        raise _Refusal(
+            503, INTERNAL_ERROR, "Session store unavailable; retry shortly", "store_unavailable"
+        ) from None
 
 
 def _expose_session_header(headers: MutableHeaders) -> None:
@@ -232,55 +386,3 @@ def _expose_session_header(headers: MutableHeaders) -> None:
         headers["Access-Control-Expose-Headers"] = "Mcp-Session-Id"
     elif "mcp-session-id" not in existing.lower():
         headers["Access-Control-Expose-Headers"] = existing + ", Mcp-Session-Id"
-
-
-async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            try:
-                if int(value) > limit:
-                    raise _BodyTooLarge
-            except ValueError:
-                pass
-            break
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _ClientGone
-        chunk: bytes = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise _BodyTooLarge
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    delivered = False
-
-    async def replay() -> Message:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
-
-
-def _request_id(body: bytes | None) -> Any:
-    """The JSON-RPC id of the request, echoed in error bodies when it can be read."""
-    if not body:
-        return None
-    try:
-        message = json.loads(body)
-    except ValueError:
-        return None
-    if isinstance(message, dict):
-        request_id = message.get("id")
-        if isinstance(request_id, str | int) and not isinstance(request_id, bool):
-            return request_id
-    return None

@@ -1,40 +1,81 @@
-"""In-process registry of live sessions with an expiry sweep that costs O(expired).
+"""This process's view of the sessions: live objects over a (possibly shared) metadata store.
 
-The seed scans every session on every sweep. Here idle sessions sit in an ``OrderedDict`` kept in
-order of ``last_accessed``: a touch moves a session to the back, so the sweep pops expired sessions
-from the front and stops at the first live one. Sessions with a request in flight are taken out of
-that queue while they are busy, so they can never be swept from under a request, and go back in at
-the end of their last request (which is when their idle time starts). An optional absolute lifetime
-uses a second queue in creation order. Large sweeps yield to the event loop every
-``sweep_batch`` removals.
+With the in-memory store the live :class:`SessionState` objects are the store's records. With a
+shared store (Redis) they are a per-process cache in front of it: a session arriving here for the
+first time is rebuilt from its metadata, one deleted or expired elsewhere is gone here at its next
+request, and the sweep only evicts idle entries from the cache (the store expires by TTL).
+
+A session with a request in flight is never expired under it; idle time counts from the end of its
+last request. Expiry is also checked on every lookup, so a session is refused at its timeout even
+if the sweep has not run yet.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
+import hashlib
+import time
+from collections import Counter, OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
 from .clock import Clock, system_clock
 from .session_ids import new_session_id, short_id
 from .session_state import SessionConfig, SessionState
+from .stores.base import CapExceeded, Caps, SessionStore, StoredSession
+from .stores.memory import InMemorySessionStore
 
 logger = structlog.get_logger("mcp2anp_middleware.sessions")
 
 RemovalHook = Callable[[SessionState, str], None]
 
 
-class SessionRegistry:
-    """Owns every :class:`SessionState` of this process."""
+class ShuttingDown(Exception):
+    """New sessions are refused while the server drains (answered 503)."""
 
+
+@dataclass
+class RegistryStats:
+    created: int = 0
+    removed: Counter[str] = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)
+    sweeps: int = 0
+    last_sweep_seconds: float = 0.0
+    max_sweep_seconds: float = 0.0
+    total_sweep_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "created": self.created,
+            "removed": dict(self.removed),
+            "rejected": dict(self.rejected),
+            "sweeps": self.sweeps,
+            "last_sweep_seconds": self.last_sweep_seconds,
+            "max_sweep_seconds": self.max_sweep_seconds,
+            "total_sweep_seconds": self.total_sweep_seconds,
+        }
+
+
+def implicit_session_id(principal: str) -> str:
+    """The id of a principal's session-less-era session; internal, never sent on the wire."""
+    return "implicit-" + hashlib.sha256(principal.encode()).hexdigest()[:40]
+
+
+class SessionRegistry:
     def __init__(
         self,
         *,
+        store: SessionStore | None = None,
         session_timeout: float = 1800.0,
         max_session_age: float | None = None,
         clock: Clock = system_clock,
+        touch_interval: float | None = None,
+        per_principal_cap: int | None = None,
+        global_cap: int | None = None,
+        evict_oldest: bool = False,
         sweep_batch: int = 1000,
         on_removed: RemovalHook | None = None,
     ) -> None:
@@ -42,152 +83,286 @@ class SessionRegistry:
             raise ValueError("session_timeout must be positive")
         if max_session_age is not None and max_session_age <= 0:
             raise ValueError("max_session_age must be positive")
+        self.store: SessionStore = (
+            store if store is not None else InMemorySessionStore(batch=sweep_batch)
+        )
         self.session_timeout = session_timeout
         self.max_session_age = max_session_age
         self.clock = clock
+        self.touch_interval = (
+            self.store.default_touch_interval if touch_interval is None else touch_interval
+        )
+        self.caps = Caps(per_principal_cap, global_cap, evict_oldest)
         self.sweep_batch = max(1, sweep_batch)
         self._on_removed = on_removed
-        self._sessions: dict[str, SessionState] = {}
-        self._idle: OrderedDict[str, None] = OrderedDict()
-        self._by_age: OrderedDict[str, None] = OrderedDict()
-        self._implicit: dict[str, str] = {}
+        self._shared = not self.store.holds_live_objects
+        self._live: OrderedDict[str, SessionState] = OrderedDict()  # shared stores only
+        self._busy: dict[str, SessionState] = {}
+        self.stats = RegistryStats()
+        self.accepting = True
+        self._idle_event = asyncio.Event()
+        self._idle_event.set()
+
+    # -- local view -----------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._sessions)
+        """Sessions known to this process (all of them with the in-memory store)."""
+        if self._shared:
+            return len(self._live)
+        return len(self._memory)
 
     def __contains__(self, session_id: object) -> bool:
-        return session_id in self._sessions
+        if self._shared:
+            return session_id in self._live
+        return isinstance(session_id, str) and self._memory.peek(session_id) is not None
+
+    @property
+    def in_flight(self) -> int:
+        return sum(state.in_flight for state in self._busy.values())
+
+    async def wait_idle(self, grace: float) -> bool:
+        """Wait up to ``grace`` seconds for in-flight requests to end; True if they did."""
+        try:
+            await asyncio.wait_for(self._idle_event.wait(), grace)
+        except TimeoutError:
+            return False
+        return True
 
     # -- creation -------------------------------------------------------------------------------
 
-    def new_session(self, config: SessionConfig, *, implicit: bool = False) -> SessionState:
-        """Build a session that is not yet registered (it becomes visible on :meth:`register`)."""
-        session_id = new_session_id()
-        while session_id in self._sessions:  # pragma: no cover - 256-bit collision
-            session_id = new_session_id()
-        return SessionState(session_id, config, clock=self.clock, implicit=implicit)
+    def new_session(self, config: SessionConfig) -> SessionState:
+        """A session not yet in the store; :meth:`register` reserves it."""
+        return SessionState(new_session_id(), config, clock=self.clock)
 
-    def register(self, state: SessionState) -> None:
-        if state.session_id in self._sessions:
-            raise KeyError("session id already registered")
-        self._sessions[state.session_id] = state
-        if state.in_flight == 0:
-            self._idle[state.session_id] = None
-        if self.max_session_age is not None:
-            self._by_age[state.session_id] = None
-        if state.implicit:
-            self._implicit[state.principal] = state.session_id
+    async def register(self, state: SessionState) -> None:
+        """Reserve ``state`` in the store (caps apply); :meth:`commit` or :meth:`discard` it."""
+        if not self.accepting:
+            raise ShuttingDown("server is shutting down; no new sessions")
+        try:
+            outcome = await self.store.create(
+                state, ttl=self._ttl(), now=self.clock(), caps=self.caps
+            )
+        except CapExceeded as exc:
+            self.stats.rejected[f"cap_{exc.scope}"] += 1
+            raise
+        if not outcome.created:
+            raise KeyError("session id already exists")
+        state.synced_at = state.last_accessed
+        for victim in outcome.evicted:
+            self._release_local(victim, "evicted")
+        if self._shared:
+            self._live[state.session_id] = state
+
+    def commit(self, state: SessionState) -> None:
+        """The session's creating request succeeded: it now counts, and its id may be shown."""
+        self.stats.created += 1
         logger.info(
             "Session created",
             session_id=short_id(state.session_id),
-            total_sessions=len(self._sessions),
+            total_sessions=len(self),
             implicit=state.implicit,
         )
 
-    def implicit_session(self, config: SessionConfig) -> SessionState:
-        """The one session-less-era session of ``config.principal``, created on first use."""
-        session_id = self._implicit.get(config.principal)
-        if session_id is not None:
-            state = self.get(session_id)
-            if state is not None:
-                return state
-        state = self.new_session(config, implicit=True)
-        self.register(state)
+    async def discard(self, state: SessionState) -> None:
+        """Undo :meth:`register` for a creating request that failed; leaves no trace."""
+        await self.store.delete(state.session_id)
+        self._live.pop(state.session_id, None)
+        state.closed = True
+
+    async def implicit_session(self, config: SessionConfig) -> SessionState:
+        """The principal's one session-less-era session, created on first use."""
+        session_id = implicit_session_id(config.principal)
+        state = await self.get(session_id, config, implicit=True)
+        if state is not None:
+            return state
+        state = SessionState(session_id, config, clock=self.clock, implicit=True)
+        try:
+            await self.register(state)
+        except KeyError:  # another request or process created it first
+            existing = await self.get(session_id, config, implicit=True)
+            if existing is None:
+                raise
+            return existing
+        self.commit(state)
         return state
 
     # -- lookup and use -------------------------------------------------------------------------
 
-    def get(self, session_id: str) -> SessionState | None:
-        """The live session with this id, or None if unknown, closed or already past its time.
+    async def get(
+        self, session_id: str, config: SessionConfig, *, implicit: bool = False
+    ) -> SessionState | None:
+        """The live session ``session_id`` of ``config.principal``, or None.
 
-        Expiry is checked here too, so a session is never served after its timeout just because
-        the sweep has not run yet.
+        None covers unknown, deleted, expired and another principal's sessions alike, so a caller
+        cannot tell them apart.
         """
-        state = self._sessions.get(session_id)
-        if state is None:
+        stored = await self.store.load(session_id)
+        if stored is None:
+            self._release_local(session_id, "gone")
             return None
+        if stored.principal != config.principal or stored.implicit != implicit:
+            return None
+        state = self._live_state(stored, config)
         reason = self._due_reason(state, self.clock())
         if reason is not None:
-            self.remove(session_id, reason=reason)
+            await self.remove(session_id, reason=reason)
             return None
+        if state.config != config:  # credential rotated or restored session: use the latest
+            state.config = config
+            state.anp_crawler = state.anp_handler = None
         return state
 
-    def acquire(self, state: SessionState) -> None:
-        """Mark a request as using ``state``; it cannot expire until :meth:`release`."""
-        if state.in_flight == 0:
-            self._idle.pop(state.session_id, None)
+    async def acquire(self, state: SessionState) -> None:
+        """A request starts using ``state``: it cannot expire until :meth:`release`."""
         state.in_flight += 1
         state.touch()
+        self._busy[state.session_id] = state
+        self._idle_event.clear()
+        if self._shared:
+            if state.session_id in self._live:
+                self._live.move_to_end(state.session_id)
+            await self._sync(state)
 
-    def release(self, state: SessionState) -> None:
-        """End a request's use of ``state``; idle time starts now if it was the last one."""
+    async def release(self, state: SessionState) -> None:
+        """A request ends; idle time starts now if it was the session's last one."""
         state.in_flight -= 1
         state.touch()
-        if state.in_flight == 0 and not state.closed and state.session_id in self._sessions:
-            if self._past_max_age(state, self.clock()):
-                self.remove(state.session_id, reason="max_age")
-            else:
-                self._idle[state.session_id] = None
+        if state.in_flight:
+            return
+        self._busy.pop(state.session_id, None)
+        if not self._busy:
+            self._idle_event.set()
+        if state.closed:
+            return
+        if self._past_max_age(state, self.clock()):
+            await self.remove(state.session_id, reason="max_age")
+        elif await self._sync(state, force=not self._shared) is False:
+            self._release_local(state.session_id, "gone")
 
     # -- removal --------------------------------------------------------------------------------
 
-    def remove(self, session_id: str, *, reason: str) -> bool:
-        state = self._sessions.pop(session_id, None)
-        if state is None:
-            return False
-        self._idle.pop(session_id, None)
-        self._by_age.pop(session_id, None)
-        if state.implicit and self._implicit.get(state.principal) == session_id:
-            del self._implicit[state.principal]
-        state.closed = True
-        if self._on_removed is not None:
-            self._on_removed(state, reason)
-        state.anp_crawler = None
-        state.anp_handler = None
-        logger.info(
-            "Session removed",
-            session_id=short_id(session_id),
-            total_sessions=len(self._sessions),
-            reason=reason,
-        )
-        return True
+    async def remove(self, session_id: str, *, reason: str) -> bool:
+        local = self._local(session_id)
+        deleted = await self.store.delete(session_id)
+        if local is not None:
+            self._close(local, reason)
+        if deleted:
+            self.stats.removed[reason] += 1
+            logger.info(
+                "Session removed",
+                session_id=short_id(session_id),
+                total_sessions=len(self),
+                reason=reason,
+            )
+        return deleted
 
     async def sweep(self) -> int:
-        """Remove every session past its idle timeout or absolute lifetime; return how many."""
-        removed = 0
+        """Expire idle sessions (store) and evict idle cache entries (shared stores)."""
+        started = time.perf_counter()
         now = self.clock()
-        cutoff = now - self.session_timeout
-        while self._idle:
-            session_id = next(iter(self._idle))
-            if self._sessions[session_id].last_accessed >= cutoff:
-                break
-            self.remove(session_id, reason="expired")
+        removed = 0
+        for stored, reason in await self.store.expire(
+            now=now,
+            idle_timeout=self.session_timeout,
+            max_age=self.max_session_age,
+            is_busy=self._busy.__contains__,
+        ):
             removed += 1
-            if removed % self.sweep_batch == 0:
-                await asyncio.sleep(0)
-        removed += await self._sweep_max_age(now)
+            self.stats.removed[reason] += 1
+            if isinstance(stored, SessionState):
+                self._close(stored, reason)
+            logger.info(
+                "Session removed",
+                session_id=short_id(stored.session_id),
+                total_sessions=len(self),
+                reason=reason,
+            )
+        if self._shared:
+            await self._sweep_local(now)
+        elapsed = time.perf_counter() - started
+        stats = self.stats
+        stats.sweeps += 1
+        stats.last_sweep_seconds = elapsed
+        stats.total_sweep_seconds += elapsed
+        stats.max_sweep_seconds = max(stats.max_sweep_seconds, elapsed)
         if removed:
             logger.info(
                 "Cleaning up expired sessions",
                 count=removed,
                 timeout=self.session_timeout,
-                total_sessions=len(self._sessions),
+                total_sessions=len(self),
             )
         else:
-            logger.debug("No expired sessions to clean up", total_sessions=len(self._sessions))
+            logger.debug("No expired sessions to clean up", total_sessions=len(self))
         return removed
 
-    async def close_all(self) -> int:
-        """Forget every session (used at shutdown when state is not persisted)."""
-        count = 0
-        for session_id in list(self._sessions):
-            self.remove(session_id, reason="shutdown")
-            count += 1
-            if count % self.sweep_batch == 0:
-                await asyncio.sleep(0)
-        return count
+    async def close_local(self) -> int:
+        """Release every live object of this process (shutdown). Store contents are kept."""
+        states = list(self._live.values()) if self._shared else list(self._memory_states())
+        for state in states:
+            state.anp_crawler = state.anp_handler = None
+        self._live.clear()
+        return len(states)
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _ttl(self) -> float:
+        """Store TTL: idle timeout plus touch throttle, so throttling never expires one early."""
+        ttl = self.session_timeout + self.touch_interval
+        if self.max_session_age is not None:
+            ttl = min(ttl, self.max_session_age + self.touch_interval)
+        return ttl
+
+    async def _sync(self, state: SessionState, *, force: bool = False) -> bool | None:
+        """Write the session's use to the store unless written within ``touch_interval``."""
+        if not force and state.last_accessed - state.synced_at < self.touch_interval:
+            return None
+        alive = await self.store.touch(state, ttl=self._ttl(), now=state.last_accessed)
+        state.synced_at = state.last_accessed
+        return alive
+
+    def _live_state(self, stored: StoredSession, config: SessionConfig) -> SessionState:
+        if isinstance(stored, SessionState):
+            return stored
+        state = self._live.get(stored.session_id)
+        if state is None:
+            state = SessionState(
+                stored.session_id, config, clock=self.clock, implicit=stored.implicit
+            )
+            state.created_at = stored.created_at
+            self._live[stored.session_id] = state
+        state.last_accessed = max(state.last_accessed, stored.last_accessed)
+        state.synced_at = max(state.synced_at, stored.last_accessed)
+        return state
+
+    @property
+    def _memory(self) -> InMemorySessionStore:
+        assert isinstance(self.store, InMemorySessionStore)
+        return self.store
+
+    def _memory_states(self) -> list[SessionState]:
+        return [s for s in self._memory.sessions() if isinstance(s, SessionState)]
+
+    def _local(self, session_id: str) -> SessionState | None:
+        if self._shared:
+            return self._live.get(session_id)
+        found = self._memory.peek(session_id)
+        return found if isinstance(found, SessionState) else None
+
+    def _release_local(self, session_id: str, reason: str) -> None:
+        state = self._live.pop(session_id, None) if self._shared else None
+        if state is None and not self._shared and reason == "evicted":
+            return  # the memory store already dropped it; nothing else holds it
+        if state is not None:
+            self._close(state, reason)
+
+    def _close(self, state: SessionState, reason: str) -> None:
+        self._live.pop(state.session_id, None)
+        state.closed = True
+        if self._on_removed is not None:
+            self._on_removed(state, reason)
+        state.anp_crawler = None
+        state.anp_handler = None
 
     def _due_reason(self, state: SessionState, now: float) -> str | None:
         if state.in_flight:
@@ -201,21 +376,20 @@ class SessionRegistry:
     def _past_max_age(self, state: SessionState, now: float) -> bool:
         return self.max_session_age is not None and now - state.created_at > self.max_session_age
 
-    async def _sweep_max_age(self, now: float) -> int:
-        if self.max_session_age is None:
-            return 0
-        removed = 0
-        cutoff = now - self.max_session_age
-        while self._by_age:
-            session_id = next(iter(self._by_age))
-            state = self._sessions[session_id]
-            if state.created_at >= cutoff:
+    async def _sweep_local(self, now: float) -> None:
+        """Evict cache entries idle past the timeout (oldest use first) and refresh busy TTLs."""
+        cutoff = now - self.session_timeout
+        requeued: set[str] = set()
+        while self._live:
+            session_id, state = next(iter(self._live.items()))
+            if session_id in requeued or state.last_accessed >= cutoff:
                 break
-            self._by_age.pop(session_id)
             if state.in_flight:
-                continue  # removed by release() when its last request ends
-            self.remove(session_id, reason="max_age")
-            removed += 1
-            if removed % self.sweep_batch == 0:
-                await asyncio.sleep(0)
-        return removed
+                self._live.move_to_end(session_id)
+                requeued.add(session_id)
+                continue
+            self._live.pop(session_id)  # still in the store; rebuilt here if used again
+            state.anp_crawler = state.anp_handler = None
+        for state in list(self._busy.values()):
+            state.touch()
+            await self._sync(state)

@@ -49,6 +49,7 @@ class SessionState:
         "in_flight",
         "last_accessed",
         "session_id",
+        "synced_at",
     )
 
     def __init__(
@@ -65,6 +66,7 @@ class SessionState:
         now = clock()
         self.created_at = now
         self.last_accessed = now
+        self.synced_at = now
         self.anp_crawler: Any = None
         self.anp_handler: Any = None
         self.in_flight = 0

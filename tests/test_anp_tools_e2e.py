@@ -231,7 +231,7 @@ async def test_bad_did_credential_is_refused_at_session_creation(tmp_path: Path)
 
 async def test_crawler_created_lazily_and_once(tmp_path: Path) -> None:
     async with anp_stack(tmp_path) as stack, stack.client(ALICE) as client:
-        (state,) = stack.middleware.registry._sessions.values()
+        (state,) = stack.middleware.registry.store.sessions()
         assert state.anp_crawler is None and state.anp_handler is None
         results = await asyncio.gather(
             *[client.call_tool("anp_fetchDoc", {"url": stack.ad_url}) for _ in range(8)]
@@ -257,7 +257,7 @@ async def test_secrets_never_reach_the_logs(
                     {"endpoint": f"{stack.base_url}/agent/rpc", "method": "whoami"},
                 )
             )
-            session_ids = list(stack.middleware.registry._sessions)
+            session_ids = [s.session_id for s in stack.middleware.registry.store.sessions()]
             pem = stack.identities["alice"].private_key_path.read_text()
     # Client libraries run in this process too and log what they receive (httpcore traces response
     # headers at DEBUG, the mcp client logs the session id it got); only the server side counts.

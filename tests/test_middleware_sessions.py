@@ -18,15 +18,18 @@ from mcp2anp_middleware import (
     SESSION_SCOPE_KEY,
     ManualClock,
     MCPSessionMiddleware,
+    SessionConfig,
     SessionRegistry,
     SessionState,
 )
+from mcp2anp_middleware.stores import InMemorySessionStore
 
 from .inner_apps import HostApp, RecordingMCPApp
 
 pytestmark = pytest.mark.anyio
 
 TIMEOUT = 60.0
+ANON = SessionConfig()
 INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}
 PING = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
 
@@ -86,7 +89,7 @@ async def test_known_id_is_reused_and_touched() -> None:
     middleware, inner, _ = build(clock)
     async with client_for(middleware) as client:
         session_id = await initialize(client)
-        created = middleware.registry.get(session_id)
+        created = await middleware.registry.get(session_id, ANON)
         assert created is not None
         clock.advance(30)
         response = await client.post("/mcp", json=PING, headers={"Mcp-Session-Id": session_id})
@@ -135,9 +138,9 @@ async def test_unknown_id_is_404_with_jsonrpc_body() -> None:
 class CountingRegistry(SessionRegistry):
     lookups = 0
 
-    def get(self, session_id: str) -> SessionState | None:
+    async def get(self, session_id: str, config: Any, *, implicit: bool = False) -> Any:
         self.lookups += 1
-        return super().get(session_id)
+        return await super().get(session_id, config, implicit=implicit)
 
 
 @pytest.mark.parametrize(
@@ -206,13 +209,13 @@ async def test_oversize_body_is_413_and_creates_nothing() -> None:
 
 
 async def test_rejected_initialize_creates_no_session() -> None:
-    middleware, inner, _ = build()
+    middleware, _inner, _ = build()
     async with client_for(middleware) as client:
         response = await client.post("/mcp", json={**INIT, "params": {"reject": True}})
     assert response.status_code == 400
     assert "mcp-session-id" not in response.headers
     assert len(middleware.registry) == 0
-    assert inner.seen[0].closed is False  # it was offered to the app, never registered
+    assert middleware.registry.stats.created == 0
 
 
 @pytest.mark.parametrize("method", ["GET", "DELETE", "OPTIONS"])
@@ -297,7 +300,7 @@ async def test_open_sse_stream_keeps_session_alive() -> None:
         await inner.started.wait()
         clock.advance(TIMEOUT * 10)
         assert await middleware.registry.sweep() == 0
-        assert middleware.registry.get(session_id) is not None
+        assert await middleware.registry.get(session_id, ANON) is not None
         inner.release.set()
         assert (await stream).status_code == 200
         clock.advance(TIMEOUT + 1)
@@ -343,9 +346,11 @@ async def test_max_session_age_sweep_waits_for_in_flight_request() -> None:
 
 async def test_large_sweep_yields_to_the_event_loop() -> None:
     clock = ManualClock()
-    registry = SessionRegistry(clock=clock, session_timeout=TIMEOUT, sweep_batch=10)
+    registry = SessionRegistry(
+        store=InMemorySessionStore(batch=10), clock=clock, session_timeout=TIMEOUT
+    )
     for _ in range(100):
-        registry.register(registry.new_session(_config()))
+        await registry.register(registry.new_session(_config()))
     clock.advance(TIMEOUT + 1)
     progress: list[int] = []
 
@@ -368,13 +373,13 @@ async def test_sweep_stops_at_first_live_session() -> None:
     registry = SessionRegistry(clock=clock, session_timeout=TIMEOUT)
     old = [registry.new_session(_config()) for _ in range(5)]
     for state in old:
-        registry.register(state)
+        await registry.register(state)
     clock.advance(TIMEOUT)
     live = [registry.new_session(_config()) for _ in range(5)]
     for state in live:
-        registry.register(state)
-    registry.acquire(old[0])  # used again: moves behind the others
-    registry.release(old[0])
+        await registry.register(state)
+    await registry.acquire(old[0])  # used again: moves behind the others
+    await registry.release(old[0])
     clock.advance(2)
     assert await registry.sweep() == 4
     assert old[0].session_id in registry

@@ -1,0 +1,90 @@
+"""Saving in-memory sessions at shutdown and restoring the unexpired ones at start.
+
+Only metadata is saved (ids, principals, times), never credentials: a restored session gets its
+credential from the next request's authentication, which must carry the same principal. The file
+holds live session ids, which are secrets: it is written with mode 0600 via a temporary file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .session_state import SessionConfig, SessionState
+
+if TYPE_CHECKING:
+    from .session_registry import SessionRegistry
+
+FORMAT_VERSION = 1
+
+
+async def save_state_file(registry: SessionRegistry, path: Path) -> int:
+    from .stores.memory import InMemorySessionStore
+
+    if not isinstance(registry.store, InMemorySessionStore):
+        return 0  # shared stores keep sessions by design
+    sessions = [
+        {
+            "id": s.session_id,
+            "principal": s.principal,
+            "created_at": s.created_at,
+            "last_accessed": s.last_accessed,
+            "implicit": s.implicit,
+        }
+        for s in registry.store.sessions()
+    ]
+    payload = json.dumps({"version": FORMAT_VERSION, "sessions": sessions})
+    await asyncio.to_thread(_write_private, path, payload)
+    return len(sessions)
+
+
+def _write_private(path: Path, payload: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(payload)
+    os.replace(temporary, path)
+
+
+async def load_state_file(registry: SessionRegistry, path: Path) -> int:
+    """Restore unexpired sessions from ``path`` (missing or unreadable file: nothing restored)."""
+    try:
+        document = json.loads(await asyncio.to_thread(path.read_text, encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0
+    if not isinstance(document, dict) or document.get("version") != FORMAT_VERSION:
+        return 0
+    now = registry.clock()
+    restored = 0
+    for entry in document.get("sessions", []):
+        try:
+            state = SessionState(
+                str(entry["id"]),
+                SessionConfig(principal=str(entry["principal"])),
+                clock=registry.clock,
+                implicit=bool(entry.get("implicit", False)),
+            )
+            state.created_at = float(entry["created_at"])
+            state.last_accessed = state.synced_at = float(entry["last_accessed"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if now - state.last_accessed > registry.session_timeout:
+            continue
+        if (
+            registry.max_session_age is not None
+            and now - state.created_at > registry.max_session_age
+        ):
+            continue
+        try:
+            await registry.register(state)
+        except Exception:
+            continue
+        restored += 1
+    await asyncio.to_thread(
+        path.unlink, missing_ok=True
+    )  # restored once; a crash later must not resurrect them
+    return restored

@@ -1,0 +1,252 @@
+"""One contract every session store must pass: in-memory and a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from mcp2anp_middleware import ManualClock, SessionConfig, SessionRegistry, SessionState
+from mcp2anp_middleware.stores import (
+    CapExceeded,
+    Caps,
+    InMemorySessionStore,
+    SessionStore,
+    StoreUnavailable,
+)
+from mcp2anp_middleware.stores.redis import RedisSessionStore
+
+from .redis_server import RedisServer
+from .servers import free_port
+
+pytestmark = pytest.mark.anyio
+
+ALICE = SessionConfig(principal="alice")
+BOB = SessionConfig(principal="bob")
+NO_CAPS = Caps()
+TIMEOUT = 60.0
+
+StoreFactory = Callable[[], SessionStore]
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def new_store(request: pytest.FixtureRequest) -> AsyncIterator[StoreFactory]:
+    """Makes stores that share state the way processes would (same Redis prefix)."""
+    made: list[SessionStore] = []
+    if request.param == "memory":
+        shared = InMemorySessionStore()
+
+        def factory() -> SessionStore:
+            return shared
+
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        prefix = f"test-{uuid.uuid4().hex[:8]}:"
+
+        def factory() -> SessionStore:
+            store = RedisSessionStore.from_url(server.url, prefix=prefix, touch_interval=10.0)
+            made.append(store)
+            return store
+
+    yield factory
+    for store in made:
+        await store.aclose()
+
+
+def session(principal: str = "alice", clock: ManualClock | None = None) -> SessionState:
+    return SessionState(
+        uuid.uuid4().hex, SessionConfig(principal=principal), clock=clock or ManualClock()
+    )
+
+
+async def test_create_is_create_if_absent(new_store: StoreFactory) -> None:
+    store, clock = new_store(), ManualClock()
+    state = session(clock=clock)
+    first = await store.create(state, ttl=TIMEOUT, now=clock(), caps=NO_CAPS)
+    second = await store.create(state, ttl=TIMEOUT, now=clock(), caps=NO_CAPS)
+    assert first.created and not second.created
+
+
+async def test_concurrent_creators_never_share_an_id(new_store: StoreFactory) -> None:
+    clock = ManualClock()
+    stores = [new_store() for _ in range(5)]
+    state = session(clock=clock)
+    outcomes = await asyncio.gather(
+        *[s.create(state, ttl=TIMEOUT, now=clock(), caps=NO_CAPS) for s in stores for _ in range(4)]
+    )
+    assert sum(outcome.created for outcome in outcomes) == 1
+
+
+async def test_load_touch_delete_roundtrip(new_store: StoreFactory) -> None:
+    store, clock = new_store(), ManualClock()
+    state = session(clock=clock)
+    assert await store.load(state.session_id) is None
+    await store.create(state, ttl=TIMEOUT, now=clock(), caps=NO_CAPS)
+    loaded = await store.load(state.session_id)
+    assert loaded is not None
+    assert (loaded.principal, loaded.created_at, loaded.implicit) == ("alice", clock(), False)
+    clock.advance(5)
+    state.touch()
+    assert await store.touch(state, ttl=TIMEOUT, now=clock())
+    reloaded = await store.load(state.session_id)
+    assert reloaded is not None and reloaded.last_accessed == clock()
+    assert await store.delete(state.session_id)
+    assert not await store.delete(state.session_id)
+    assert await store.load(state.session_id) is None
+    assert not await store.touch(state, ttl=TIMEOUT, now=clock())
+
+
+async def test_counts(new_store: StoreFactory) -> None:
+    store, clock = new_store(), ManualClock()
+    for principal in ("alice", "alice", "bob"):
+        await store.create(session(principal, clock), ttl=TIMEOUT, now=clock(), caps=NO_CAPS)
+    assert await store.count(now=clock()) == 3
+    assert await store.count_for("alice", now=clock()) == 2
+    assert await store.count_for("carol", now=clock()) == 0
+
+
+async def test_per_principal_cap_rejects(new_store: StoreFactory) -> None:
+    store, clock = new_store(), ManualClock()
+    caps = Caps(per_principal=2)
+    for _ in range(2):
+        await store.create(session("alice", clock), ttl=TIMEOUT, now=clock(), caps=caps)
+    with pytest.raises(CapExceeded) as refused:
+        await store.create(session("alice", clock), ttl=TIMEOUT, now=clock(), caps=caps)
+    assert refused.value.scope == "principal"
+    assert (await store.create(session("bob", clock), ttl=TIMEOUT, now=clock(), caps=caps)).created
+
+
+async def test_per_principal_cap_evicts_least_recently_used(new_store: StoreFactory) -> None:
+    store, clock = new_store(), ManualClock()
+    caps = Caps(per_principal=2, evict_oldest=True)
+    first, second = session("alice", clock), session("alice", clock)
+    await store.create(first, ttl=TIMEOUT, now=clock(), caps=caps)
+    clock.advance(1)
+    await store.create(second, ttl=TIMEOUT, now=clock(), caps=caps)
+    clock.advance(1)
+    first.touch()
+    await store.touch(first, ttl=TIMEOUT, now=clock())  # first is now the most recently used
+    third = session("alice", clock)
+    outcome = await store.create(third, ttl=TIMEOUT, now=clock(), caps=caps)
+    assert outcome.created and outcome.evicted == (second.session_id,)
+    assert await store.load(second.session_id) is None
+    assert await store.load(first.session_id) is not None
+
+
+async def test_global_cap(new_store: StoreFactory) -> None:
+    store, clock = new_store(), ManualClock()
+    caps = Caps(global_limit=2)
+    await store.create(session("alice", clock), ttl=TIMEOUT, now=clock(), caps=caps)
+    await store.create(session("bob", clock), ttl=TIMEOUT, now=clock(), caps=caps)
+    with pytest.raises(CapExceeded) as refused:
+        await store.create(session("carol", clock), ttl=TIMEOUT, now=clock(), caps=caps)
+    assert refused.value.scope == "global"
+
+
+def registry(store: SessionStore, clock: ManualClock, **options: Any) -> SessionRegistry:
+    return SessionRegistry(store=store, clock=clock, session_timeout=TIMEOUT, **options)
+
+
+async def test_registry_expiry_by_clock(new_store: StoreFactory) -> None:
+    clock = ManualClock()
+    sessions = registry(new_store(), clock)
+    state = sessions.new_session(ALICE)
+    await sessions.register(state)
+    clock.advance(TIMEOUT - 1)
+    assert await sessions.get(state.session_id, ALICE) is state
+    await sessions.acquire(state)
+    await sessions.release(state)
+    clock.advance(TIMEOUT - 1)
+    assert await sessions.get(state.session_id, ALICE) is not None
+    clock.advance(2)
+    assert await sessions.get(state.session_id, ALICE) is None
+
+
+async def test_registry_hides_other_principals_sessions(new_store: StoreFactory) -> None:
+    clock = ManualClock()
+    sessions = registry(new_store(), clock)
+    state = sessions.new_session(ALICE)
+    await sessions.register(state)
+    assert await sessions.get(state.session_id, BOB) is None
+    assert await sessions.get(state.session_id, ALICE) is state
+
+
+async def test_session_is_shared_between_processes(new_store: StoreFactory) -> None:
+    """Two registries over one store behave like two workers."""
+    clock = ManualClock()
+    worker_a, worker_b = registry(new_store(), clock), registry(new_store(), clock)
+    state = worker_a.new_session(ALICE)
+    await worker_a.register(state)
+    seen_by_b = await worker_b.get(state.session_id, ALICE)
+    assert seen_by_b is not None and seen_by_b.session_id == state.session_id
+    assert seen_by_b.created_at == state.created_at
+    assert await worker_b.remove(state.session_id, reason="deleted")
+    assert await worker_a.get(state.session_id, ALICE) is None
+    assert state.closed  # A released its live objects too
+
+
+async def test_implicit_session_is_one_per_principal_everywhere(new_store: StoreFactory) -> None:
+    clock = ManualClock()
+    worker_a, worker_b = registry(new_store(), clock), registry(new_store(), clock)
+    states = await asyncio.gather(
+        worker_a.implicit_session(ALICE),
+        worker_b.implicit_session(ALICE),
+        worker_a.implicit_session(ALICE),
+    )
+    assert len({s.session_id for s in states}) == 1
+    bob = await worker_b.implicit_session(BOB)
+    assert bob.session_id != states[0].session_id
+    # an implicit session is not reachable as an explicit (handshake-era) session id
+    assert await worker_a.get(states[0].session_id, ALICE) is None
+
+
+async def test_in_flight_session_survives_expiry(new_store: StoreFactory) -> None:
+    clock = ManualClock()
+    sessions = registry(new_store(), clock)
+    state = sessions.new_session(ALICE)
+    await sessions.register(state)
+    await sessions.acquire(state)
+    clock.advance(TIMEOUT * 3)
+    await sessions.sweep()
+    assert await sessions.get(state.session_id, ALICE) is state
+    await sessions.release(state)
+    clock.advance(TIMEOUT - 1)
+    assert await sessions.get(state.session_id, ALICE) is state
+
+
+async def test_redis_touches_are_throttled(redis_server: RedisServer) -> None:
+    clock = ManualClock()
+    store = RedisSessionStore.from_url(redis_server.url, prefix="throttle:", touch_interval=10.0)
+    writes = 0
+    original = store.touch
+
+    async def counting_touch(*args: Any, **kwargs: Any) -> bool:
+        nonlocal writes
+        writes += 1
+        return await original(*args, **kwargs)
+
+    store.touch = counting_touch  # type: ignore[method-assign]
+    sessions = registry(store, clock)
+    state = sessions.new_session(ALICE)
+    await sessions.register(state)
+    for _ in range(9):  # nine requests, one second apart: within one touch interval
+        clock.advance(1)
+        await sessions.acquire(state)
+        await sessions.release(state)
+    assert writes == 0
+    clock.advance(2)
+    await sessions.acquire(state)
+    await sessions.release(state)
+    assert writes == 1
+    await store.aclose()
+
+
+async def test_unreachable_redis_raises_store_unavailable() -> None:
+    store = RedisSessionStore.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
+    with pytest.raises(StoreUnavailable):
+        await store.load("anything")
+    assert not await store.ping()
+    await store.aclose()
