@@ -30,6 +30,7 @@ def banner(settings: Settings) -> str:
         f"  MCP endpoint:    {base}/mcp",
         f"  demo ANP agent:  {base}/agent/ad.json",
         f"  auth mode:       {settings.auth_mode}",
+        f"  session store:   {settings.store_url.split('@')[-1]}",
         f"  sessions:        idle timeout {settings.session_timeout:g}s, "
         f"sweep every {settings.cleanup_interval:g}s",
         "Connect an MCP client (streamable HTTP) to the endpoint, or run the demo client:",

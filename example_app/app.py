@@ -14,6 +14,7 @@ from starlette.routing import Mount, Route
 from mcp2anp_middleware import ANPMiddleware, URLPolicy, session_from_request
 from mcp2anp_middleware.authentication import Authenticator
 from mcp2anp_middleware.dev_identity import ensure_dev_identity
+from mcp2anp_middleware.stores import SessionStore
 
 from .demo_agent import DirectoryDidResolver, create_demo_agent
 from .settings import Settings
@@ -93,4 +94,21 @@ def create_app(settings: Settings) -> ANPMiddleware:
         entry_url=settings.entry_url or f"{base_url}/agent/ad.json",
         session_timeout=settings.session_timeout,
         cleanup_interval=settings.cleanup_interval,
+        max_session_age=settings.max_session_age,
+        store=build_store(settings),
+        per_principal_cap=settings.per_principal_cap,
+        global_cap=settings.global_cap,
+        cap_policy="evict_oldest" if settings.cap_policy == "evict_oldest" else "reject",
+        stats_path=settings.stats_path,
+        stats_token=settings.stats_token,
+        state_file=settings.state_file,
+        allowed_origins=settings.allowed_origins,
     )
+
+
+def build_store(settings: Settings) -> SessionStore | None:
+    if settings.store_url == "memory://":
+        return None
+    from mcp2anp_middleware.stores.redis import RedisSessionStore
+
+    return RedisSessionStore.from_url(settings.store_url)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 AUTH_MODES = ("dev", "static", "remote")
+CAP_POLICIES = ("reject", "evict_oldest")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,15 @@ class Settings:
     auth_url: str | None = None
     entry_url: str | None = None
     allow_private: bool = True
+    store_url: str = "memory://"
+    max_session_age: float | None = None
+    per_principal_cap: int | None = None
+    global_cap: int | None = None
+    cap_policy: str = "reject"
+    stats_path: str | None = None
+    stats_token: str | None = None
+    state_file: Path | None = None
+    allowed_origins: tuple[str, ...] | None = None
 
     @property
     def base_url(self) -> str:
@@ -52,6 +62,28 @@ def _port(text: str) -> int:
     if not 0 < value < 65536:
         raise argparse.ArgumentTypeError(f"port must be 1-65535: {text!r}")
     return value
+
+
+def _optional_positive_float(text: str) -> float | None:
+    return None if text.strip().lower() in ("", "none", "0") else _positive_float(text)
+
+
+def _optional_cap(text: str) -> int | None:
+    if text.strip().lower() in ("", "none", "0"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _store_url(text: str) -> str:
+    if text == "memory://" or text.startswith(("redis://", "rediss://", "unix://")):
+        return text
+    raise argparse.ArgumentTypeError(f"store URL must be memory:// or redis://...: {text!r}")
 
 
 def _boolean(text: str) -> bool:
@@ -133,7 +165,61 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         default=env.get("MCP2ANP_ALLOW_PRIVATE", "true"),
         help="let the tools fetch private/loopback addresses (default true: the demo is local)",
     )
+    parser.add_argument(
+        "--store-url",
+        type=_store_url,
+        default=env.get("MCP2ANP_STORE_URL", defaults.store_url),
+        help="memory:// (default) or redis://host:port/db to share sessions between processes",
+    )
+    parser.add_argument(
+        "--max-session-age",
+        type=_optional_positive_float,
+        default=env.get("MCP2ANP_MAX_SESSION_AGE", "none"),
+        help="absolute session lifetime in seconds (default none)",
+    )
+    parser.add_argument(
+        "--per-principal-cap",
+        type=_optional_cap,
+        default=env.get("MCP2ANP_PER_PRINCIPAL_CAP", "none"),
+        help="most sessions one credential may hold (default none)",
+    )
+    parser.add_argument(
+        "--global-cap",
+        type=_optional_cap,
+        default=env.get("MCP2ANP_GLOBAL_CAP", "none"),
+        help="most sessions in total (default none)",
+    )
+    parser.add_argument(
+        "--cap-policy",
+        default=env.get("MCP2ANP_CAP_POLICY", defaults.cap_policy),
+        help="reject (429, default) or evict_oldest when a credential is at its cap",
+    )
+    parser.add_argument(
+        "--stats-path",
+        default=env.get("MCP2ANP_STATS_PATH"),
+        help="serve read-only session statistics (JSON) at this path (default off)",
+    )
+    parser.add_argument(
+        "--stats-token",
+        default=env.get("MCP2ANP_STATS_TOKEN"),
+        help="bearer token required by the statistics endpoint",
+    )
+    parser.add_argument(
+        "--state-file",
+        type=Path,
+        default=env.get("MCP2ANP_STATE_FILE"),
+        help="with the memory store: save sessions here on shutdown, restore them on start",
+    )
+    parser.add_argument(
+        "--allowed-origins",
+        default=env.get("MCP2ANP_ALLOWED_ORIGINS"),
+        help="comma-separated browser origins allowed on /mcp (default: loopback; * = any)",
+    )
     args = parser.parse_args(argv)
+    if args.cap_policy not in CAP_POLICIES:
+        parser.error(f"--cap-policy must be one of {', '.join(CAP_POLICIES)}")
+    if args.stats_path is not None and not args.stats_path.startswith("/"):
+        parser.error("--stats-path must start with '/'")
     # argparse does not apply ``choices`` to defaults taken from the environment.
     if args.auth_mode not in AUTH_MODES:
         parser.error(f"--auth-mode must be one of {', '.join(AUTH_MODES)} (got {args.auth_mode!r})")
@@ -145,7 +231,19 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         parser.error("--auth-mode remote needs --auth-url")
     if args.auth_mode == "dev" and args.host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
         parser.error("--auth-mode dev (no authentication) only binds to loopback hosts")
+    origins = None
+    if args.allowed_origins:
+        origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
     return Settings(
+        store_url=args.store_url,
+        max_session_age=args.max_session_age,
+        per_principal_cap=args.per_principal_cap,
+        global_cap=args.global_cap,
+        cap_policy=args.cap_policy,
+        stats_path=args.stats_path,
+        stats_token=args.stats_token,
+        state_file=args.state_file,
+        allowed_origins=origins,
         data_dir=args.data_dir,
         auth_mode=args.auth_mode,
         api_keys_file=args.api_keys_file,
