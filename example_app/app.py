@@ -111,4 +111,6 @@ def build_store(settings: Settings) -> SessionStore | None:
         return None
     from mcp2anp_middleware.stores.redis import RedisSessionStore
 
-    return RedisSessionStore.from_url(settings.store_url)
+    if settings.touch_interval is None:
+        return RedisSessionStore.from_url(settings.store_url)
+    return RedisSessionStore.from_url(settings.store_url, touch_interval=settings.touch_interval)

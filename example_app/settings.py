@@ -27,6 +27,7 @@ class Settings:
     entry_url: str | None = None
     allow_private: bool = True
     store_url: str = "memory://"
+    touch_interval: float | None = None
     max_session_age: float | None = None
     per_principal_cap: int | None = None
     global_cap: int | None = None
@@ -172,6 +173,12 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         help="memory:// (default) or redis://host:port/db to share sessions between processes",
     )
     parser.add_argument(
+        "--touch-interval",
+        type=_optional_positive_float,
+        default=env.get("MCP2ANP_TOUCH_INTERVAL", "none"),
+        help="Redis store: seconds between writes of a busy session's last use (default 30)",
+    )
+    parser.add_argument(
         "--max-session-age",
         type=_optional_positive_float,
         default=env.get("MCP2ANP_MAX_SESSION_AGE", "none"),
@@ -236,6 +243,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
     return Settings(
         store_url=args.store_url,
+        touch_interval=args.touch_interval,
         max_session_age=args.max_session_age,
         per_principal_cap=args.per_principal_cap,
         global_cap=args.global_cap,

@@ -25,7 +25,7 @@ import structlog
 from .clock import Clock, system_clock
 from .session_ids import new_session_id, short_id
 from .session_state import SessionConfig, SessionState
-from .stores.base import CapExceeded, Caps, SessionStore, StoredSession
+from .stores.base import Caps, SessionStore, StoredSession
 from .stores.memory import InMemorySessionStore
 
 logger = structlog.get_logger("mcp2anp_middleware.sessions")
@@ -138,13 +138,7 @@ class SessionRegistry:
         """Reserve ``state`` in the store (caps apply); :meth:`commit` or :meth:`discard` it."""
         if not self.accepting:
             raise ShuttingDown("server is shutting down; no new sessions")
-        try:
-            outcome = await self.store.create(
-                state, ttl=self._ttl(), now=self.clock(), caps=self.caps
-            )
-        except CapExceeded as exc:
-            self.stats.rejected[f"cap_{exc.scope}"] += 1
-            raise
+        outcome = await self.store.create(state, ttl=self._ttl(), now=self.clock(), caps=self.caps)
         if not outcome.created:
             raise KeyError("session id already exists")
         state.synced_at = state.last_accessed
@@ -330,9 +324,11 @@ class SessionRegistry:
                 stored.session_id, config, clock=self.clock, implicit=stored.implicit
             )
             state.created_at = stored.created_at
+            state.last_accessed = state.synced_at = stored.last_accessed
             self._live[stored.session_id] = state
-        state.last_accessed = max(state.last_accessed, stored.last_accessed)
-        state.synced_at = max(state.synced_at, stored.last_accessed)
+        else:
+            state.last_accessed = max(state.last_accessed, stored.last_accessed)
+            state.synced_at = max(state.synced_at, stored.last_accessed)
         return state
 
     @property
@@ -367,7 +363,10 @@ class SessionRegistry:
     def _due_reason(self, state: SessionState, now: float) -> str | None:
         if state.in_flight:
             return None
-        if now - state.last_accessed > self.session_timeout:
+        # With a shared store another process may have used the session without writing it yet
+        # (throttled touches), so only idle time beyond that tolerance proves expiry.
+        tolerance = self.touch_interval if self._shared else 0.0
+        if now - state.last_accessed > self.session_timeout + tolerance:
             return "expired"
         if self._past_max_age(state, now):
             return "max_age"

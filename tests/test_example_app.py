@@ -2,15 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -18,10 +10,9 @@ import pytest
 
 from example_app.settings import parse_settings
 
+from .processes import clean_env, launcher, run
 from .servers import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
-STARTUP_DEADLINE = 30.0
 STEPS = (
     "session created",
     "tools listed",
@@ -44,88 +35,6 @@ INIT = {
     },
 }
 MCP_HEADERS = {"Accept": "application/json, text/event-stream"}
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without MCP2ANP_* settings, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MCP2ANP_")}
-    return {**env, **extra}
-
-
-def run(args: list[str], env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, *args],
-        cwd=ROOT,
-        env=dict(env) if env is not None else clean_env(),
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        timeout=60,
-    )
-
-
-@dataclass
-class Launched:
-    process: subprocess.Popen[bytes]
-    port: int
-    stderr_path: Path
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(encoding="utf-8", errors="replace")
-
-    def interrupt(self) -> int:
-        """Ctrl-C: SIGINT, then the exit code (bounded wait)."""
-        self.process.send_signal(signal.SIGINT)
-        return self.process.wait(timeout=20)
-
-
-def wait_until_listening(launched: Launched) -> None:
-    deadline = time.monotonic() + STARTUP_DEADLINE
-    while time.monotonic() < deadline:
-        if launched.process.poll() is not None:
-            pytest.fail(f"launcher exited with {launched.process.returncode}:\n{launched.stderr()}")
-        try:
-            with socket.create_connection(("127.0.0.1", launched.port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    pytest.fail(f"launcher did not listen within {STARTUP_DEADLINE}s:\n{launched.stderr()}")
-
-
-@contextmanager
-def launcher(
-    tmp_path: Path, *flags: str, env: Mapping[str, str] | None = None, port: int | None = None
-) -> Iterator[Launched]:
-    port = port or free_port()
-    args = ["--port", str(port)] if env is None or "MCP2ANP_PORT" not in env else []
-    stdout = (tmp_path / "server.out").open("wb")
-    stderr_path = tmp_path / "server.err"
-    stderr = stderr_path.open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "example_app", *args, "--data-dir", str(tmp_path / "data"), *flags],
-        cwd=ROOT,
-        env=dict(env) if env is not None else clean_env(),
-        stdout=stdout,
-        stderr=stderr,
-    )
-    launched = Launched(process, port, stderr_path)
-    try:
-        wait_until_listening(launched)
-        yield launched
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
-        stdout.close()
-        stderr.close()
 
 
 def test_demo_client_walks_the_whole_session_lifecycle(tmp_path: Path) -> None:
