@@ -46,7 +46,7 @@ class ANPHttpClient:
         transport: httpx.AsyncBaseTransport | None = None,
         max_connections: int = 100,
     ) -> None:
-        self.policy = policy or URLPolicy()
+        self.policy = policy if policy is not None else URLPolicy()
         self._client = httpx.AsyncClient(
             follow_redirects=False,
             trust_env=False,

@@ -174,10 +174,10 @@ class ANPToolkit:
         document_cache_size: int = 32,
         clock: Clock = system_clock,
     ) -> None:
-        self.url_policy = url_policy or URLPolicy()
+        self.url_policy = url_policy if url_policy is not None else URLPolicy()
         self.entry_url = entry_url
-        self.credentials = credentials or CredentialCache()
-        self.http = http_client or ANPHttpClient(self.url_policy)
+        self.credentials = credentials if credentials is not None else CredentialCache()
+        self.http = http_client if http_client is not None else ANPHttpClient(self.url_policy)
         self.document_cache_ttl = document_cache_ttl
         self.document_cache_size = document_cache_size
         self.clock = clock

@@ -39,7 +39,7 @@ class StaticConfigAuthenticator:
     """Gives every request the same :class:`SessionConfig`: development and single-user setups."""
 
     def __init__(self, config: SessionConfig | None = None) -> None:
-        self.config = config or SessionConfig()
+        self.config = config if config is not None else SessionConfig()
 
     async def __call__(self, credentials: Credentials) -> SessionConfig:
         return self.config

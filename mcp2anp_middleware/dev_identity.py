@@ -32,7 +32,8 @@ def ensure_dev_identity(
     key_path = directory / "key-1_private.pem"
     if not (document_path.is_file() and key_path.is_file()):
         tame_anp_logging()  # anp logs document creation on the root logger
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        Path(data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+        directory.mkdir(exist_ok=True, mode=0o700)
         document, keys = create_did_wba_document(
             hostname=hostname, port=port, path_segments=["users", name]
         )

@@ -75,8 +75,12 @@ class ANPMiddleware(MCPSessionMiddleware):
     ) -> None:
         tame_anp_logging()
         clock = session_options.get("clock")
-        self.toolkit = toolkit or ANPToolkit(
-            url_policy=url_policy, entry_url=entry_url, **({"clock": clock} if clock else {})
+        self.toolkit = (
+            toolkit
+            if toolkit is not None
+            else ANPToolkit(
+                url_policy=url_policy, entry_url=entry_url, **({"clock": clock} if clock else {})
+            )
         )
         if server is None:
             server = MCPServer("mcp2anp", instructions=self.toolkit.instructions())

@@ -1,8 +1,10 @@
-"""Keeping the anp library's logging from leaking documents, payloads and key paths.
+"""Keeping libraries' logging from leaking documents, payloads, tokens and key paths.
 
 anp logs whole documents and request details at INFO, some of it straight on the root logger
-(``logging.info(...)`` inside ``anp``). :func:`tame_anp_logging` raises the ``anp`` logger to
-WARNING and drops INFO/DEBUG records that anp code emits through the root logger.
+(``logging.info(...)`` inside ``anp``). httpcore's DEBUG trace logs response headers, which carry
+the bearer tokens ANP agents issue. :func:`tame_anp_logging` raises the ``anp`` logger to WARNING,
+drops INFO/DEBUG records that anp code emits through the root logger, and keeps ``httpcore`` at
+INFO unless the host configured it explicitly.
 """
 
 from __future__ import annotations
@@ -31,3 +33,6 @@ def tame_anp_logging(level: int = logging.WARNING) -> None:
     root = logging.getLogger()
     if _FILTER not in root.filters:
         root.addFilter(_FILTER)
+    httpcore = logging.getLogger("httpcore")
+    if httpcore.level == logging.NOTSET:
+        httpcore.setLevel(logging.INFO)

@@ -12,10 +12,12 @@ and the official client handles by not opening the stream.
 from __future__ import annotations
 
 from contextlib import AbstractAsyncContextManager
+from http import HTTPStatus
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
-from starlette.types import Receive, Scope, Send
+from starlette.datastructures import Headers
+from starlette.types import Message, Receive, Scope, Send
 
 from .jsonrpc_errors import INVALID_REQUEST, send_jsonrpc_error
 
@@ -47,4 +49,40 @@ class MCPEndpoint:
                 headers=[(b"allow", b"POST, DELETE")],
             )
             return
-        await self.session_manager.handle_request(scope, receive, send)
+        await self.session_manager.handle_request(scope, receive, _jsonrpc_errors_only(send))
+
+
+def _jsonrpc_errors_only(send: Send) -> Send:
+    """Rewrites the SDK's few non-JSON error answers (empty 405/406, text/plain 400) so every
+    refusal a client sees carries a JSON-RPC error body."""
+    held: Message | None = None
+    chunks: list[bytes] = []
+
+    async def sending(message: Message) -> None:
+        nonlocal held
+        if message["type"] == "http.response.start":
+            headers = Headers(raw=message.get("headers", []))
+            if message["status"] >= 400 and not headers.get("content-type", "").startswith(
+                "application/json"
+            ):
+                held = message
+                return
+        elif held is not None and message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            status = held["status"]
+            text = b"".join(chunks).decode("utf-8", "replace").strip()[:200]
+            keep = [
+                (name, value)
+                for name, value in held.get("headers", [])
+                if name.lower() in (b"allow", b"retry-after")
+            ]
+            held = None
+            await send_jsonrpc_error(
+                send, status, INVALID_REQUEST, text or HTTPStatus(status).phrase, headers=keep
+            )
+            return
+        await send(message)
+
+    return sending

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import time
@@ -49,6 +50,7 @@ SESSION_HEADER = "mcp-session-id"
 _SESSION_HEADER_B = SESSION_HEADER.encode()
 _PROTOCOL_HEADER_B = b"mcp-protocol-version"
 DEFAULT_MAX_BODY_SIZE = 4 * 1024 * 1024
+_MAX_HELD_INITIALIZE = 1024 * 1024
 
 
 class _Refusal(Exception):
@@ -105,7 +107,9 @@ class MCPSessionMiddleware:
         self.path_prefix = path_prefix
         self._prefix_slash = path_prefix.rstrip("/") + "/"
         self.max_body_size = max_body_size
-        self.authenticator: Authenticator = authenticator or StaticConfigAuthenticator()
+        self.authenticator: Authenticator = (
+            authenticator if authenticator is not None else StaticConfigAuthenticator()
+        )
         self.registry = (
             registry
             if registry is not None
@@ -136,10 +140,12 @@ class MCPSessionMiddleware:
         scope_type = scope["type"]
         if scope_type == "http":
             path: str = scope["path"]
-            if path == self.path_prefix or path.startswith(self._prefix_slash):
+            if path.startswith(self.path_prefix) and (
+                len(path) == len(self.path_prefix) or path.startswith(self._prefix_slash)
+            ):
                 await self._handle_mcp(scope, receive, send)
                 return
-            if path == self.stats_path:
+            if self.stats_path is not None and path == self.stats_path:
                 await self._handle_stats(scope, send)
                 return
         elif scope_type == "lifespan":
@@ -181,15 +187,24 @@ class MCPSessionMiddleware:
             await self.startup()  # servers without lifespan events (httpx.ASGITransport, ...)
         method: str = scope["method"]
         session_ids: list[bytes] = []
-        protocol_version: str | None = None
+        versions: list[str] = []
         origin: str | None = None
+        header_names_ok = True
         for name, value in scope["headers"]:
             if name == _SESSION_HEADER_B:
                 session_ids.append(value)
             elif name == _PROTOCOL_HEADER_B:
-                protocol_version = value.decode("latin-1")
+                versions.append(value.decode("latin-1"))
             elif name == b"origin":
                 origin = value.decode("latin-1")
+            elif not name.isascii():
+                header_names_ok = False
+        header_problem = None
+        if not header_names_ok:
+            header_problem = "Header names must be ASCII"
+        elif len(versions) > 1:
+            header_problem = "Multiple MCP-Protocol-Version headers"
+        protocol_version = versions[0] if versions else None
 
         if not self.origins.allows(origin):
             self.registry.stats.rejected["origin"] += 1
@@ -213,6 +228,8 @@ class MCPSessionMiddleware:
             receive = replay(body, receive)
 
         try:
+            if header_problem is not None:
+                raise _Refusal(400, INVALID_REQUEST, header_problem, "malformed")
             await self._route(scope, receive, send, method, session_ids, protocol_version, body)
         except _Refusal as refusal:
             self.registry.stats.rejected[refusal.reason] += 1
@@ -244,7 +261,10 @@ class MCPSessionMiddleware:
         registry = self.registry
 
         if is_sessionless_version(protocol_version):
-            state = await _store_call(registry.implicit_session(config))
+            try:
+                state = await _store_call(registry.implicit_session(config))
+            except (CapExceeded, ShuttingDown) as exc:
+                raise _creation_refusal(exc) from None
             if session_ids:  # the spec says to ignore it in this era
                 scope = dict(scope)
                 scope["headers"] = [h for h in scope["headers"] if h[0] != _SESSION_HEADER_B]
@@ -275,23 +295,13 @@ class MCPSessionMiddleware:
         message = parse_json(body)
         if message is None:
             raise _Refusal(400, PARSE_ERROR, "Parse error: body is not JSON", "malformed")
-        if not (isinstance(message, dict) and message.get("method") == "initialize"):
+        if not _is_initialize_request(message):
             raise _Refusal(400, INVALID_REQUEST, "Missing Mcp-Session-Id header", "missing_session")
         state = registry.new_session(config)
         try:
             await _store_call(registry.register(state))
-        except CapExceeded as exc:
-            if exc.scope == "principal":
-                text = (
-                    f"Too many sessions for this credential (limit {exc.limit}); close one with "
-                    "DELETE or wait for one to expire"
-                )
-                raise _Refusal(429, SERVER_ERROR, text, "cap_principal") from None
-            text = f"Server session limit reached ({exc.limit}); retry later"
-            raise _Refusal(503, INTERNAL_ERROR, text, "cap_global") from None
-        except ShuttingDown:
-            text = "Server is shutting down; retry on another instance"
-            raise _Refusal(503, INTERNAL_ERROR, text, "shutting_down") from None
+        except (CapExceeded, ShuttingDown) as exc:
+            raise _creation_refusal(exc) from None
         await self._serve(state, scope, receive, send, new=True)
 
     async def _authenticate(self, scope: Scope) -> SessionConfig:
@@ -306,25 +316,54 @@ class MCPSessionMiddleware:
     async def _serve(
         self, state: SessionState, scope: Scope, receive: Receive, send: Send, *, new: bool
     ) -> None:
-        """Run the MCP app with ``state`` in scope; a new session is kept only on a 2xx answer."""
+        """Run the MCP app with ``state`` in scope.
+
+        A new session is kept only when the app answers its ``initialize`` with a JSON-RPC
+        result: that answer (small) is held back until complete, then sent with the new id.
+        """
         scope = dict(scope)
         scope["state"] = {**scope.get("state", {}), SESSION_SCOPE_KEY: state}
         registry = self.registry
         committed = False
+        held_start: Message | None = None
+        held_body: list[bytes] = []
+        held_size = 0
 
         async def send_with_session(message: Message) -> None:
-            nonlocal committed
+            nonlocal committed, held_start, held_size
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
                 del headers[SESSION_HEADER]  # this middleware is the only source of session ids
-                if new and 200 <= message["status"] < 300:
+                if new:
+                    held_start = message
+                    return
+            elif held_start is not None and message["type"] == "http.response.body":
+                chunk = message.get("body", b"")
+                held_body.append(chunk)
+                held_size += len(chunk)
+                more = message.get("more_body", False)
+                if more and held_size <= _MAX_HELD_INITIALIZE:
+                    return
+                start, held_start = held_start, None
+                body = b"".join(held_body)
+                if not more and _initialize_succeeded(start, body):
                     committed = True
                     registry.commit(state)
+                    headers = MutableHeaders(scope=start)
                     headers[SESSION_HEADER] = state.session_id
                     _expose_session_header(headers)
+                await send(start)
+                await send({"type": "http.response.body", "body": body, "more_body": more})
+                return
             await send(message)
 
-        await _store_call(registry.acquire(state))
+        try:
+            await registry.acquire(state)
+        except StoreUnavailable:
+            if new:
+                with contextlib.suppress(StoreUnavailable):
+                    await registry.discard(state)
+            raise _unavailable() from None
         try:
             await self.mcp_app(scope, receive, send_with_session)
         finally:
@@ -369,15 +408,61 @@ class MCPSessionMiddleware:
         }
 
 
+def _initialize_succeeded(start: Message, body: bytes) -> bool:
+    """True when an ``initialize`` answer is 2xx and carries a JSON-RPC result (JSON or SSE)."""
+    if not 200 <= start["status"] < 300:
+        return False
+    content_type = MutableHeaders(scope=start).get("content-type", "")
+    if content_type.startswith("text/event-stream"):
+        payloads = [
+            line[5:].strip()
+            for line in body.decode("utf-8", "replace").splitlines()
+            if line.startswith("data:")
+        ]
+    else:
+        payloads = [body.decode("utf-8", "replace")]
+    for payload in payloads:
+        message = parse_json(payload.encode())
+        if isinstance(message, dict) and "result" in message and "error" not in message:
+            return True
+    return False
+
+
+def _is_initialize_request(message: Any) -> bool:
+    """An ``initialize`` request (with an id: an initialize notification creates nothing)."""
+    return (
+        isinstance(message, dict)
+        and message.get("method") == "initialize"
+        and jsonrpc_id(message) is not None
+    )
+
+
+def _creation_refusal(exc: CapExceeded | ShuttingDown) -> _Refusal:
+    if isinstance(exc, ShuttingDown):
+        text = "Server is shutting down; retry on another instance"
+        return _Refusal(503, INTERNAL_ERROR, text, "shutting_down")
+    if exc.scope == "principal":
+        text = (
+            f"Too many sessions for this credential (limit {exc.limit}); close one with "
+            "DELETE or wait for one to expire"
+        )
+        return _Refusal(429, SERVER_ERROR, text, "cap_principal")
+    text = f"Server session limit reached ({exc.limit}); retry later"
+    return _Refusal(503, INTERNAL_ERROR, text, "cap_global")
+
+
 async def _store_call(awaitable: Any) -> Any:
     """Await a store-backed call, turning an unreachable store into a 503 refusal."""
     try:
         return await awaitable
     except StoreUnavailable:
-        logger.warning("Session store unavailable")
-        raise _Refusal(
-            503, INTERNAL_ERROR, "Session store unavailable; retry shortly", "store_unavailable"
-        ) from None
+        raise _unavailable() from None
+
+
+def _unavailable() -> _Refusal:
+    logger.warning("Session store unavailable")
+    message = "Session store unavailable; retry shortly"
+    return _Refusal(503, INTERNAL_ERROR, message, "store_unavailable")
 
 
 def _expose_session_header(headers: MutableHeaders) -> None:

@@ -58,7 +58,7 @@ def parse_json(body: bytes | None) -> Any:
         return None
     try:
         return json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         return None
 
 

@@ -144,6 +144,8 @@ class SessionRegistry:
         state.synced_at = state.last_accessed
         for victim in outcome.evicted:
             self._release_local(victim, "evicted")
+            self.stats.removed["evicted"] += 1
+            logger.info("Session removed", session_id=short_id(victim), reason="evicted")
         if self._shared:
             self._live[state.session_id] = state
 
@@ -215,23 +217,31 @@ class SessionRegistry:
         if self._shared:
             if state.session_id in self._live:
                 self._live.move_to_end(state.session_id)
-            await self._sync(state)
+            try:
+                await self._sync(state)
+            except BaseException:  # the store failed: this request never started using it
+                self._leave(state)
+                raise
 
     async def release(self, state: SessionState) -> None:
         """A request ends; idle time starts now if it was the session's last one."""
-        state.in_flight -= 1
-        state.touch()
-        if state.in_flight:
-            return
-        self._busy.pop(state.session_id, None)
-        if not self._busy:
-            self._idle_event.set()
-        if state.closed:
+        if not self._leave(state) or state.closed:
             return
         if self._past_max_age(state, self.clock()):
             await self.remove(state.session_id, reason="max_age")
         elif await self._sync(state, force=not self._shared) is False:
             self._release_local(state.session_id, "gone")
+
+    def _leave(self, state: SessionState) -> bool:
+        """Drop one in-flight mark; True when it was the session's last request."""
+        state.in_flight -= 1
+        state.touch()
+        if state.in_flight:
+            return False
+        self._busy.pop(state.session_id, None)
+        if not self._busy:
+            self._idle_event.set()
+        return True
 
     # -- removal --------------------------------------------------------------------------------
 
@@ -271,6 +281,8 @@ class SessionRegistry:
                 total_sessions=len(self),
                 reason=reason,
             )
+            if removed % self.sweep_batch == 0:
+                await asyncio.sleep(0)  # a large sweep must not stall the event loop
         if self._shared:
             await self._sweep_local(now)
         elapsed = time.perf_counter() - started

@@ -23,7 +23,13 @@ async def serve(app: Any, *, port: int | None = None, lifespan: str = "on") -> A
     """Run ``app`` under uvicorn on 127.0.0.1 in this event loop; yield its base URL."""
     port = port or free_port()
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, lifespan=lifespan, log_level="warning", access_log=False
+        app,
+        host="127.0.0.1",
+        port=port,
+        lifespan=lifespan,  # type: ignore[arg-type]
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=10,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

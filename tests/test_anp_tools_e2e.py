@@ -257,18 +257,22 @@ async def test_secrets_never_reach_the_logs(
                     {"endpoint": f"{stack.base_url}/agent/rpc", "method": "whoami"},
                 )
             )
-            session_ids = [s.session_id for s in stack.middleware.registry.store.sessions()]
+            sessions = list(stack.middleware.registry.store.sessions())
+            session_ids = [s.session_id for s in sessions]
+            tokens = [t for s in sessions for t in s.anp_crawler.signer.tokens.values()]
             pem = stack.identities["alice"].private_key_path.read_text()
-    # Client libraries run in this process too and log what they receive (httpcore traces response
-    # headers at DEBUG, the mcp client logs the session id it got); only the server side counts.
-    client_side = ("httpcore", "httpx", "mcp.client")
+    assert tokens  # the demo agent issued a bearer token to the session
+    # The MCP client runs in this process too and logs what it receives (httpcore2 traces
+    # response headers at DEBUG, the client logs the session id it got); only the server side
+    # counts. The server's own outgoing client (httpx/httpcore) is included.
+    client_side = ("httpcore2", "httpx2", "mcp.client")
     server_records = [r for r in caplog.records if not r.name.startswith(client_side)]
     text = "\n".join(r.getMessage() + repr(r.args) for r in server_records)
     text += "\n".join(repr(e) for e in events)
     assert ALICE not in text
     assert pem.strip().splitlines()[1] not in text
-    for session_id in session_ids:
-        assert session_id not in text
+    for secret in session_ids + tokens:
+        assert secret not in text
     assert "Session created" in text
 
 

@@ -251,3 +251,21 @@ async def test_unreachable_redis_raises_store_unavailable() -> None:
         await store.load("anything")
     assert not await store.ping()
     await store.aclose()
+
+
+async def test_redis_store_works_with_a_client_that_returns_bytes(
+    redis_server: RedisServer,
+) -> None:
+    from redis import asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_server.url)  # decode_responses left off
+    store = RedisSessionStore(client, prefix="bytes:")
+    clock = ManualClock()
+    state = session(clock=clock)
+    caps = Caps(per_principal=1)
+    assert (await store.create(state, ttl=TIMEOUT, now=clock(), caps=caps)).created
+    loaded = await store.load(state.session_id)
+    assert loaded is not None and loaded.principal == "alice"
+    with pytest.raises(CapExceeded):
+        await store.create(session(clock=clock), ttl=TIMEOUT, now=clock(), caps=caps)
+    await store.aclose()

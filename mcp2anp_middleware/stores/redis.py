@@ -148,7 +148,9 @@ class RedisSessionStore:
             repr(session.last_accessed),
             "1" if session.implicit else "0",
         ]
-        status, evicted = await _guard(lambda: self._create(keys=keys, args=args))
+        status, evicted = (
+            _text(part) for part in await _guard(lambda: self._create(keys=keys, args=args))
+        )
         if status == "exists":
             return CreateOutcome(created=False)
         if status == "principal":
@@ -159,7 +161,7 @@ class RedisSessionStore:
 
     async def load(self, session_id: str) -> SessionRecord | None:
         raw = await _guard(lambda: self.client.hgetall(self._session_key(session_id)))
-        fields = {str(k): str(v) for k, v in raw.items()}
+        fields = {_text(k): _text(v) for k, v in raw.items()}
         if not fields:
             return None
         try:
@@ -208,6 +210,11 @@ class RedisSessionStore:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+def _text(value: object) -> str:
+    """Redis replies as text whether or not the client was made with ``decode_responses``."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 async def _guard(call: Callable[[], Awaitable[T]]) -> T:
