@@ -137,15 +137,16 @@ class MCPSessionMiddleware:
     # -- ASGI entry point -----------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The common case, a host request outside the prefix, costs two lookups and one compare.
         scope_type = scope["type"]
         if scope_type == "http":
             path: str = scope["path"]
             if path.startswith(self.path_prefix) and (
-                len(path) == len(self.path_prefix) or path.startswith(self._prefix_slash)
+                path == self.path_prefix or path.startswith(self._prefix_slash)
             ):
                 await self._handle_mcp(scope, receive, send)
                 return
-            if self.stats_path is not None and path == self.stats_path:
+            if path == self.stats_path:
                 await self._handle_stats(scope, send)
                 return
         elif scope_type == "lifespan":

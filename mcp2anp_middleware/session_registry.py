@@ -161,9 +161,9 @@ class SessionRegistry:
 
     async def discard(self, state: SessionState) -> None:
         """Undo :meth:`register` for a creating request that failed; leaves no trace."""
-        await self.store.delete(state.session_id)
         self._live.pop(state.session_id, None)
         state.closed = True
+        await self.store.delete(state.session_id)
 
     async def implicit_session(self, config: SessionConfig) -> SessionState:
         """The principal's one session-less-era session, created on first use."""
@@ -222,6 +222,8 @@ class SessionRegistry:
             except BaseException:  # the store failed: this request never started using it
                 self._leave(state)
                 raise
+        else:  # move it behind the idle ones so it cannot hide them from the sweep
+            await self.store.touch(state, ttl=self._ttl(), now=state.last_accessed)
 
     async def release(self, state: SessionState) -> None:
         """A request ends; idle time starts now if it was the session's last one."""

@@ -269,3 +269,23 @@ async def test_redis_store_works_with_a_client_that_returns_bytes(
     with pytest.raises(CapExceeded):
         await store.create(session(clock=clock), ttl=TIMEOUT, now=clock(), caps=caps)
     await store.aclose()
+
+
+async def test_busy_session_does_not_hide_expired_ones_from_the_sweep(
+    new_store: StoreFactory,
+) -> None:
+    clock = ManualClock()
+    sessions = registry(new_store(), clock)
+    busy = sessions.new_session(ALICE)
+    await sessions.register(busy)
+    clock.advance(10)
+    idle = sessions.new_session(BOB)
+    await sessions.register(idle)
+    clock.advance(10)
+    await sessions.acquire(busy)
+    clock.advance(TIMEOUT - 5 + sessions.touch_interval)  # idle: past timeout and tolerance
+    await sessions.sweep()
+    assert idle.session_id not in sessions
+    assert await sessions.get(idle.session_id, BOB) is None
+    assert await sessions.get(busy.session_id, ALICE) is busy
+    await sessions.release(busy)
