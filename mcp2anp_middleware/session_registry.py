@@ -142,10 +142,13 @@ class SessionRegistry:
         if not outcome.created:
             raise KeyError("session id already exists")
         state.synced_at = state.last_accessed
-        for victim in outcome.evicted:
-            self._release_local(victim, "evicted")
+        for evicted in outcome.evicted_sessions:
+            if isinstance(evicted, SessionState):
+                self._close(evicted, "evicted")
+        for victim_id in outcome.evicted:
+            self._release_local(victim_id, "evicted")
             self.stats.removed["evicted"] += 1
-            logger.info("Session removed", session_id=short_id(victim), reason="evicted")
+            logger.info("Session removed", session_id=short_id(victim_id), reason="evicted")
         if self._shared:
             self._live[state.session_id] = state
 
@@ -361,8 +364,6 @@ class SessionRegistry:
 
     def _release_local(self, session_id: str, reason: str) -> None:
         state = self._live.pop(session_id, None) if self._shared else None
-        if state is None and not self._shared and reason == "evicted":
-            return  # the memory store already dropped it; nothing else holds it
         if state is not None:
             self._close(state, reason)
 

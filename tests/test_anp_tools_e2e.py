@@ -17,21 +17,12 @@ from mcp2anp_middleware import SessionConfig
 from mcp2anp_middleware.url_policy import URLPolicy
 
 from .anp_stack import API_KEYS, anp_stack
+from .messages import INITIALIZE as INIT
+from .messages import MCP_HEADERS
 
 pytestmark = pytest.mark.anyio
 
 ALICE, BOB = list(API_KEYS)
-INIT = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-11-25",
-        "capabilities": {},
-        "clientInfo": {"name": "raw", "version": "1"},
-    },
-}
-MCP_HEADERS = {"Accept": "application/json, text/event-stream"}
 
 
 def ok(result: CallToolResult) -> dict[str, Any]:

@@ -10,6 +10,8 @@ import pytest
 
 from example_app.settings import parse_settings
 
+from .messages import INITIALIZE as INIT
+from .messages import MCP_HEADERS
 from .processes import clean_env, launcher, run
 from .servers import free_port
 
@@ -24,17 +26,6 @@ STEPS = (
     "session closed on client exit",
     "DELETE closes session",
 )
-INIT = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-11-25",
-        "capabilities": {},
-        "clientInfo": {"name": "raw", "version": "1"},
-    },
-}
-MCP_HEADERS = {"Accept": "application/json, text/event-stream"}
 
 
 def test_demo_client_walks_the_whole_session_lifecycle(tmp_path: Path) -> None:

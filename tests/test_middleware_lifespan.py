@@ -17,10 +17,9 @@ from starlette.routing import Route
 from mcp2anp_middleware import ManualClock, MCPSessionMiddleware
 
 from .inner_apps import HostApp, RecordingMCPApp
+from .messages import BARE_INITIALIZE as INIT
 
 pytestmark = pytest.mark.anyio
-
-INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}
 
 
 def background_tasks() -> list[asyncio.Task[Any]]:

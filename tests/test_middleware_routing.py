@@ -11,10 +11,10 @@ import structlog
 from mcp2anp_middleware import ManualClock, MCPSessionMiddleware
 
 from .inner_apps import HostApp, RecordingMCPApp
+from .messages import BARE_INITIALIZE as INIT
 
 pytestmark = pytest.mark.anyio
 
-INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}
 CALL = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
 MODERN = {"MCP-Protocol-Version": "2026-07-28"}
 

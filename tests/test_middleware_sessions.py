@@ -25,13 +25,13 @@ from mcp2anp_middleware import (
 from mcp2anp_middleware.stores import InMemorySessionStore
 
 from .inner_apps import HostApp, RecordingMCPApp
+from .messages import BARE_INITIALIZE as INIT
+from .messages import PING
 
 pytestmark = pytest.mark.anyio
 
 TIMEOUT = 60.0
 ANON = SessionConfig()
-INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}
-PING = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
 
 
 def build(

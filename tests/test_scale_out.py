@@ -22,12 +22,11 @@ from mcp2anp_middleware.metrics import SessionMetricsCollector
 from mcp2anp_middleware.stores.redis import RedisSessionStore
 
 from .inner_apps import HostApp, RecordingMCPApp
+from .messages import BARE_INITIALIZE as INIT
+from .messages import PING
 from .redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
-
-INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}
-PING = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
 
 
 async def by_key(credentials: Credentials) -> SessionConfig:
@@ -201,3 +200,13 @@ async def test_redis_outage_is_503_and_service_resumes(tmp_path: Path) -> None:
     finally:
         await middleware.shutdown()
         server.stop()
+
+
+async def test_evicted_session_is_closed_and_counted() -> None:
+    middleware, inner = build(per_principal_cap=1, cap_policy="evict_oldest")
+    async with client_for(middleware) as client:
+        await init(client)
+        await init(client)
+    first, second = inner.seen[0], inner.seen[1]
+    assert first.closed and not second.closed
+    assert middleware.registry.stats.removed["evicted"] == 1

@@ -29,12 +29,11 @@ from mcp2anp_middleware import (
 from mcp2anp_middleware.authenticators import CachingAuthenticator
 
 from .inner_apps import HostApp, RecordingMCPApp
+from .messages import BARE_INITIALIZE as INIT
+from .messages import PING
 from .servers import free_port, serve
 
 pytestmark = pytest.mark.anyio
-
-INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}
-PING = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
 
 
 def client_for(app: Any) -> httpx.AsyncClient:

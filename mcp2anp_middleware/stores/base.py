@@ -58,6 +58,8 @@ class CreateOutcome:
     """False when the id already existed (create-if-absent lost the race)."""
     evicted: tuple[str, ...] = ()
     """Sessions removed to make room (per-principal cap with eviction)."""
+    evicted_sessions: tuple[StoredSession, ...] = ()
+    """The removed sessions themselves, from stores that hold live objects."""
 
 
 @dataclass(frozen=True, slots=True)

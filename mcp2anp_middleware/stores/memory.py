@@ -45,19 +45,23 @@ class InMemorySessionStore:
             return CreateOutcome(created=False)
         if caps.global_limit is not None and len(self._sessions) >= caps.global_limit:
             raise CapExceeded("global", caps.global_limit)
-        evicted: tuple[str, ...] = ()
+        evicted: tuple[StoredSession, ...] = ()
         owned = self._by_principal.get(session.principal)
         if caps.per_principal is not None and owned and len(owned) >= caps.per_principal:
             if not caps.evict_oldest:
                 raise CapExceeded("principal", caps.per_principal)
-            victim = next(iter(owned))  # least recently used
-            self._forget(victim)
+            victim = self._sessions[next(iter(owned))]  # least recently used
+            self._forget(victim.session_id)
             evicted = (victim,)
         self._sessions[session_id] = session
         self._idle[session_id] = None
         self._by_age[session_id] = None
         self._by_principal.setdefault(session.principal, OrderedDict())[session_id] = None
-        return CreateOutcome(created=True, evicted=evicted)
+        return CreateOutcome(
+            created=True,
+            evicted=tuple(s.session_id for s in evicted),
+            evicted_sessions=evicted,
+        )
 
     async def load(self, session_id: str) -> StoredSession | None:
         return self._sessions.get(session_id)
