@@ -15,6 +15,7 @@ ERROR_HINTS: dict[str, str] = {
     "INVALID_RESPONSE": "The agent's answer is not valid JSON-RPC; check the endpoint URL.",
     "JSONRPC_ERROR": "The agent returned a JSON-RPC error; read its code and message.",
     "CREDENTIAL_ERROR": "This session's DID credential is unusable; ask the operator.",
+    "INTERNAL_ERROR": "The server failed unexpectedly; try again, and report it if it persists.",
 }
 
 

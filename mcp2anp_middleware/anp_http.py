@@ -9,6 +9,7 @@ session's own :class:`SessionSigner`, each redirect hop is re-checked against th
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -68,16 +69,23 @@ class ANPHttpClient:
             if json_body is None
             else json.dumps(json_body, separators=(",", ":"), ensure_ascii=False).encode()
         )
-        for _ in range(self.policy.max_redirects + 1):
-            await self.policy.check(url)
-            result = await self._signed_exchange(signer, method, url, body)
-            if result.status not in _REDIRECTS:
-                return result
-            if not result.location:
-                raise ANPToolError("HTTP_ERROR", "redirect without Location", url=url)
-            url = urljoin(url, result.location)
-            if result.status == 303:
-                method, body = "GET", None
+        first_url = url
+        try:
+            # One deadline for the whole exchange, redirects included: httpx's own timeouts
+            # bound each read, so an agent dripping bytes could otherwise hold a call for long.
+            async with asyncio.timeout(self.policy.timeout):
+                for _ in range(self.policy.max_redirects + 1):
+                    await self.policy.check(url)
+                    result = await self._signed_exchange(signer, method, url, body)
+                    if result.status not in _REDIRECTS:
+                        return result
+                    if not result.location:
+                        raise ANPToolError("HTTP_ERROR", "redirect without Location", url=url)
+                    url = urljoin(url, result.location)
+                    if result.status == 303:
+                        method, body = "GET", None
+        except TimeoutError:
+            raise ANPToolError("TIMEOUT", f"no answer from {url} in time", url=first_url) from None
         raise ANPToolError("HTTP_ERROR", f"more than {self.policy.max_redirects} redirects")
 
     async def _signed_exchange(
@@ -97,6 +105,8 @@ class ANPHttpClient:
     ) -> tuple[HttpResult, dict[str, str]]:
         headers = signer.headers_for(url, method, body, fresh=fresh)
         headers.setdefault("Accept", "application/json, text/plain;q=0.9, */*;q=0.5")
+        # Uncompressed, so the size limit bounds what is held in memory (no gzip bombs).
+        headers["Accept-Encoding"] = "identity"
         limit = self.policy.max_response_bytes
         try:
             async with self._client.stream(method, url, headers=headers, content=body) as response:
@@ -120,6 +130,8 @@ class ANPHttpClient:
             raise ANPToolError(
                 "UNREACHABLE", f"cannot reach {url}: {type(exc).__name__}", url=url
             ) from None
+        except (httpx.InvalidURL, UnicodeError, ValueError):
+            raise ANPToolError("URL_REFUSED", "URL cannot be used", url=url) from None
         result = HttpResult(
             url=url,
             status=response.status_code,

@@ -264,7 +264,15 @@ class ANPToolkit:
                 handler = self.handler_for(state)
             except CredentialError as exc:
                 raise ANPToolError("CREDENTIAL_ERROR", str(exc)) from None
-            payload = await call(handler)
+            try:
+                payload = await call(handler)
+            except ANPToolError:
+                raise
+            except Exception as exc:  # a bug or a library surprise: still a tool error, no 500
+                logger.exception("ANP tool crashed", tool=tool)
+                raise ANPToolError(
+                    "INTERNAL_ERROR", f"the tool failed unexpectedly ({type(exc).__name__})"
+                ) from None
         except ANPToolError as exc:
             logger.info("ANP tool failed", tool=tool, code=exc.code, **log_fields)
             body = exc.to_payload()

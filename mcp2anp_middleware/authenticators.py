@@ -300,7 +300,7 @@ class RemoteVerifierAuthenticator:
                 response = await self._client.post(
                     self.url, json={kind: secret}, timeout=self.timeout
                 )
-            except httpx.TransportError as exc:
+            except httpx.HTTPError as exc:  # transport, protocol and decoding failures
                 problem = type(exc).__name__
             else:
                 status = response.status_code

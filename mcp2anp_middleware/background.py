@@ -49,6 +49,18 @@ class BackgroundRunner:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    @property
+    def ready(self) -> bool:
+        """Services started and the loop running (not merely starting)."""
+        ready = self._ready
+        return (
+            self.running
+            and ready is not None
+            and ready.done()
+            and not ready.cancelled()
+            and ready.exception() is None
+        )
+
     async def start(self) -> None:
         """Start services and the cleanup loop; returns once they are ready, raises if they fail."""
         if self._ready is None:

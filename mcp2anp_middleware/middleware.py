@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import anyio
 import structlog
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -133,6 +134,8 @@ class MCPSessionMiddleware:
         self.shutdown_grace = shutdown_grace
         self.state_file = Path(state_file) if state_file is not None else None
         self.started_at = time.time()
+        self._stopped = False
+        self._state_loaded = False
 
     # -- ASGI entry point -----------------------------------------------------------------------
 
@@ -158,10 +161,12 @@ class MCPSessionMiddleware:
 
     async def startup(self) -> None:
         """Restore saved sessions, start the cleanup loop and services (lifespan, or lazily)."""
-        if self.state_file is not None and not self.background.running:
+        if self.state_file is not None and not self._state_loaded:
+            self._state_loaded = True
             restored = await load_state_file(self.registry, self.state_file)
             if restored:
                 logger.info("Sessions restored from state file", count=restored)
+        self._stopped = False
         self.registry.accepting = True
         await self.background.start()
 
@@ -169,6 +174,7 @@ class MCPSessionMiddleware:
         """Stop taking new sessions, let in-flight requests finish (bounded), then stop."""
         registry = self.registry
         registry.accepting = False
+        self._stopped = True
         if not await registry.wait_idle(self.shutdown_grace):
             logger.warning("Shutting down with requests still in flight", count=registry.in_flight)
         await self.background.stop()
@@ -184,7 +190,12 @@ class MCPSessionMiddleware:
     # -- MCP requests ---------------------------------------------------------------------------
 
     async def _handle_mcp(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self.background.running:
+        if not self.background.ready:
+            if self._stopped:
+                await send_jsonrpc_error(
+                    send, 503, INTERNAL_ERROR, "Server is shutting down; retry on another instance"
+                )
+                return
             await self.startup()  # servers without lifespan events (httpx.ASGITransport, ...)
         method: str = scope["method"]
         session_ids: list[bytes] = []
@@ -313,6 +324,10 @@ class MCPSessionMiddleware:
             raise _Refusal(
                 exc.status, UNAUTHORIZED, str(exc) or "Authentication required", reason
             ) from None
+        except Exception:
+            logger.exception("Authenticator failed")
+            message = "Credential check unavailable; retry shortly"
+            raise _Refusal(503, UNAUTHORIZED, message, "auth_unavailable") from None
 
     async def _serve(
         self, state: SessionState, scope: Scope, receive: Receive, send: Send, *, new: bool
@@ -362,16 +377,21 @@ class MCPSessionMiddleware:
             await registry.acquire(state)
         except StoreUnavailable:
             if new:
+                registry.abandon(state)
                 with contextlib.suppress(StoreUnavailable):
-                    await registry.discard(state)
+                    await registry.store.delete(state.session_id)
             raise _unavailable() from None
         try:
             await self.mcp_app(scope, receive, send_with_session)
         finally:
+            abandoned = new and not committed
+            if abandoned:
+                registry.abandon(state)  # no await: bookkeeping survives cancellation
             try:
-                if new and not committed:
-                    await registry.discard(state)
                 await registry.release(state)
+                if abandoned:
+                    with anyio.CancelScope(shield=True):
+                        await registry.store.delete(state.session_id)
             except StoreUnavailable:
                 logger.warning("Session store unavailable while ending a request")
 

@@ -122,6 +122,8 @@ class SessionRegistry:
 
     async def wait_idle(self, grace: float) -> bool:
         """Wait up to ``grace`` seconds for in-flight requests to end; True if they did."""
+        if self._idle_event.is_set():
+            return True
         try:
             await asyncio.wait_for(self._idle_event.wait(), grace)
         except TimeoutError:
@@ -135,7 +137,7 @@ class SessionRegistry:
         return SessionState(new_session_id(), config, clock=self.clock)
 
     async def register(self, state: SessionState) -> None:
-        """Reserve ``state`` in the store (caps apply); :meth:`commit` or :meth:`discard` it."""
+        """Reserve ``state`` in the store (caps apply); :meth:`commit` or :meth:`abandon` it."""
         if not self.accepting:
             raise ShuttingDown("server is shutting down; no new sessions")
         outcome = await self.store.create(state, ttl=self._ttl(), now=self.clock(), caps=self.caps)
@@ -162,11 +164,11 @@ class SessionRegistry:
             implicit=state.implicit,
         )
 
-    async def discard(self, state: SessionState) -> None:
-        """Undo :meth:`register` for a creating request that failed; leaves no trace."""
+    def abandon(self, state: SessionState) -> None:
+        """A creating request failed: forget its reservation here (the caller deletes it from
+        the store). Synchronous so it holds even when the request is being cancelled."""
         self._live.pop(state.session_id, None)
         state.closed = True
-        await self.store.delete(state.session_id)
 
     async def implicit_session(self, config: SessionConfig) -> SessionState:
         """The principal's one session-less-era session, created on first use."""
@@ -202,7 +204,12 @@ class SessionRegistry:
         if stored.principal != config.principal or stored.implicit != implicit:
             return None
         state = self._live_state(stored, config)
-        reason = self._due_reason(state, self.clock())
+        now = self.clock()
+        if self._past_max_age(state, now):  # however busy: its last request removes it
+            if not state.in_flight:
+                await self.remove(session_id, reason="max_age")
+            return None
+        reason = self._due_reason(state, now)
         if reason is not None:
             await self.remove(session_id, reason=reason)
             return None
@@ -336,6 +343,9 @@ class SessionRegistry:
         if isinstance(stored, SessionState):
             return stored
         state = self._live.get(stored.session_id)
+        if state is not None and state.created_at != stored.created_at:
+            self._close(state, "replaced")  # a stale copy of an earlier session with this id
+            state = None
         if state is None:
             state = SessionState(
                 stored.session_id, config, clock=self.clock, implicit=stored.implicit
@@ -383,8 +393,6 @@ class SessionRegistry:
         tolerance = self.touch_interval if self._shared else 0.0
         if now - state.last_accessed > self.session_timeout + tolerance:
             return "expired"
-        if self._past_max_age(state, now):
-            return "max_age"
         return None
 
     def _past_max_age(self, state: SessionState, now: float) -> bool:

@@ -52,6 +52,8 @@ def _write_private(path: Path, payload: str) -> None:
 
 async def load_state_file(registry: SessionRegistry, path: Path) -> int:
     """Restore unexpired sessions from ``path`` (missing or unreadable file: nothing restored)."""
+    from .stores.memory import InMemorySessionStore
+
     try:
         document = json.loads(await asyncio.to_thread(path.read_text, encoding="utf-8"))
     except (OSError, ValueError):
@@ -84,7 +86,8 @@ async def load_state_file(registry: SessionRegistry, path: Path) -> int:
         except Exception:
             continue
         restored += 1
-    await asyncio.to_thread(
-        path.unlink, missing_ok=True
-    )  # restored once; a crash later must not resurrect them
+    if isinstance(registry.store, InMemorySessionStore):
+        registry.store.reindex()  # restored in creation order; the sweep needs use order
+    # Restored once: a crash later must not resurrect them.
+    await asyncio.to_thread(path.unlink, missing_ok=True)
     return restored

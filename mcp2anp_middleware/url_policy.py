@@ -52,20 +52,63 @@ class URLPolicy:
             raise ANPToolError("URL_REFUSED", "URL has no host")
         if parts.username or parts.password:
             raise ANPToolError("URL_REFUSED", "URLs with embedded credentials are not allowed")
-        if any(_host_matches(host, pattern) for pattern in self.denied_hosts):
+        denied_names, denied_nets = _split(self.denied_hosts)
+        if any(_host_matches(host, pattern) for pattern in denied_names):
             raise ANPToolError("URL_REFUSED", f"host {host} is on the deny list")
-        if self.allowed_hosts is not None and not any(
-            _host_matches(host, pattern) for pattern in self.allowed_hosts
-        ):
+        allowed_names, allowed_nets = _split(self.allowed_hosts or ())
+        name_allowed = any(_host_matches(host, pattern) for pattern in allowed_names)
+        if self.allowed_hosts is not None and not name_allowed and not allowed_nets:
             raise ANPToolError("URL_REFUSED", f"host {host} is not on the allow list")
-        if self.allow_private:
-            return
-        for address in await _resolve(host, port or (443 if scheme == "https" else 80)):
-            if not address.is_global:
-                raise ANPToolError(
-                    "URL_REFUSED",
-                    f"host {host} resolves to a non-public address; private ranges are not allowed",
-                )
+        if self.allow_private and not denied_nets and (self.allowed_hosts is None or name_allowed):
+            return  # nothing left that depends on the address
+        addresses = [
+            _embedded_ipv4(a) or a
+            for a in await _resolve(host, port or (443 if scheme == "https" else 80))
+        ]
+        if any(a in net for a in addresses for net in denied_nets):
+            raise ANPToolError("URL_REFUSED", f"host {host} is on the deny list")
+        in_allowed_nets = bool(allowed_nets) and all(
+            any(a in net for net in allowed_nets) for a in addresses
+        )
+        if self.allowed_hosts is not None and not (name_allowed or in_allowed_nets):
+            raise ANPToolError("URL_REFUSED", f"host {host} is not on the allow list")
+        if not self.allow_private and not all(a.is_global for a in addresses):
+            raise ANPToolError(
+                "URL_REFUSED",
+                f"host {host} resolves to a non-public address; private ranges are not allowed",
+            )
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_V4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+
+def _split(entries: Sequence[str]) -> tuple[list[str], list[IPNetwork]]:
+    """Host-list entries: names (``example.com``, ``.example.com``) and IP addresses/networks."""
+    names: list[str] = []
+    networks: list[IPNetwork] = []
+    for entry in entries:
+        try:
+            networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
+        except ValueError:
+            names.append(entry)
+    return names, networks
+
+
+def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries (mapped, 6to4, NAT64, v4-compatible), so that
+    ``[::ffff:127.0.0.1]`` and friends are judged as the IPv4 address they reach."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return None
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in _NAT64 or (address in _V4_COMPATIBLE and int(address) > 1):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
 
 
 def _host_matches(host: str, pattern: str) -> bool:
@@ -75,7 +118,7 @@ def _host_matches(host: str, pattern: str) -> bool:
     return host == pattern
 
 
-async def _resolve(host: str, port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+async def _resolve(host: str, port: int) -> list[IPAddress]:
     try:
         return [ipaddress.ip_address(host.strip("[]"))]
     except ValueError:

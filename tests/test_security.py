@@ -145,7 +145,9 @@ async def test_host_lists_and_private_opt_in() -> None:
     await policy.check("https://agents.example.com/ad.json")
     await policy.check("https://example.com/ad.json")
     with pytest.raises(ANPToolError, match="allow list"):
-        await policy.check("https://example.org/ad.json")
+        await URLPolicy(allowed_hosts=[".example.com"]).check("https://example.org/ad.json")
+    with pytest.raises(ANPToolError, match="allow list"):
+        await policy.check("http://10.0.0.1/")  # an address entry admits only that address
     denied = URLPolicy(allow_private=True, denied_hosts=["blocked.test"])
     with pytest.raises(ANPToolError, match="deny list"):
         await denied.check("http://blocked.test/")
@@ -221,3 +223,24 @@ async def test_oversize_responses_and_private_redirects_are_refused() -> None:
     assert declared["code"] == streamed["code"] == "RESPONSE_TOO_LARGE"
     assert silent["code"] == "TIMEOUT"
     assert redirected["code"] == "URL_REFUSED"  # the redirect hop is checked again
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.1/",  # short form of 127.0.0.1
+        "http://2130706433/",  # decimal form of 127.0.0.1
+        "http://[::ffff:127.0.0.1]/",  # IPv4-mapped
+        "http://[::127.0.0.1]/",  # IPv4-compatible
+        "http://[64:ff9b::a9fe:a9fe]/",  # NAT64 of 169.254.169.254
+        "http://[2002:7f00:1::]/",  # 6to4 of 127.0.0.1
+    ],
+)
+async def test_other_spellings_of_private_addresses_are_refused(url: str) -> None:
+    with pytest.raises(ANPToolError) as refused:
+        await URLPolicy().check(url)
+    assert refused.value.code == "URL_REFUSED"
+    # deny lists match addresses, however they are spelled, also when private ranges are allowed
+    denied = URLPolicy(allow_private=True, denied_hosts=["127.0.0.0/8", "169.254.169.254"])
+    with pytest.raises(ANPToolError, match="deny list"):
+        await denied.check(url)

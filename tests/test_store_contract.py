@@ -289,3 +289,20 @@ async def test_busy_session_does_not_hide_expired_ones_from_the_sweep(
     assert await sessions.get(idle.session_id, BOB) is None
     assert await sessions.get(busy.session_id, ALICE) is busy
     await sessions.release(busy)
+
+
+async def test_a_stale_local_copy_does_not_remove_a_newer_session(new_store: StoreFactory) -> None:
+    """Implicit ids repeat per principal: process A's copy of an old session must not be taken
+    for the new one process B created after it expired."""
+    clock = ManualClock()
+    worker_a = registry(new_store(), clock, max_session_age=TIMEOUT + 5)
+    worker_b = registry(new_store(), clock, max_session_age=TIMEOUT + 5)
+    old = await worker_a.implicit_session(ALICE)
+    clock.advance(TIMEOUT + worker_a.touch_interval + 1)
+    new = await worker_b.implicit_session(ALICE)  # the old one expired: B makes a new one
+    assert new.created_at == clock()
+    clock.advance(1)
+    seen_by_a = await worker_a.implicit_session(ALICE)
+    assert seen_by_a.created_at == new.created_at
+    assert old.closed or old is not seen_by_a
+    assert await worker_b.get(new.session_id, ALICE, implicit=True) is not None

@@ -63,6 +63,17 @@ class InMemorySessionStore:
             evicted_sessions=evicted,
         )
 
+    def reindex(self) -> None:
+        """Re-sort the use-ordered queues by ``last_accessed`` (after a bulk restore, whose
+        sessions arrive in creation order)."""
+        by_use = sorted(self._sessions.values(), key=lambda s: s.last_accessed)
+        self._idle = OrderedDict((s.session_id, None) for s in by_use)
+        self._by_principal = {}
+        for session in by_use:
+            self._by_principal.setdefault(session.principal, OrderedDict())[session.session_id] = (
+                None
+            )
+
     async def load(self, session_id: str) -> StoredSession | None:
         return self._sessions.get(session_id)
 

@@ -1,0 +1,127 @@
+"""Edge cases found in review: lazy start under concurrency, store failures at the end of a
+refused handshake, max age under a long request, slow agents, and state-file restore order."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from mcp.server.mcpserver import MCPServer
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from mcp2anp_middleware import (
+    ANPToolError,
+    ANPToolkit,
+    ManualClock,
+    MCPEndpoint,
+    MCPSessionMiddleware,
+    SessionState,
+    URLPolicy,
+    ensure_dev_identity,
+)
+from mcp2anp_middleware.stores import InMemorySessionStore, StoreUnavailable
+
+from .inner_apps import HostApp, RecordingMCPApp
+from .messages import BARE_INITIALIZE, INITIALIZE, MCP_HEADERS, PING
+from .servers import free_port, serve
+
+pytestmark = pytest.mark.anyio
+
+
+def client_for(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+
+
+async def test_concurrent_first_requests_without_lifespan_all_succeed() -> None:
+    endpoint = MCPEndpoint(MCPServer("lazy"))
+    middleware = MCPSessionMiddleware(HostApp(), mcp_app=endpoint, services=[endpoint.service])
+    async with client_for(middleware) as client:
+        responses = await asyncio.gather(
+            *[client.post("/mcp", json=INITIALIZE, headers=MCP_HEADERS) for _ in range(5)]
+        )
+    assert [r.status_code for r in responses] == [200] * 5
+    await middleware.shutdown()
+
+
+class FlakyDeleteStore(InMemorySessionStore):
+    """An in-memory store whose deletes fail, like a Redis that just went away."""
+
+    async def delete(self, session_id: str) -> bool:
+        raise StoreUnavailable("down")
+
+
+async def test_refused_handshake_releases_in_flight_even_if_the_store_fails() -> None:
+    middleware = MCPSessionMiddleware(
+        HostApp(), mcp_app=RecordingMCPApp(), store=FlakyDeleteStore(), clock=ManualClock()
+    )
+    async with client_for(middleware) as client:
+        response = await client.post("/mcp", json={**BARE_INITIALIZE, "params": {"reject": True}})
+    assert response.status_code == 400
+    assert middleware.registry.in_flight == 0
+    assert await middleware.registry.wait_idle(0)
+
+
+async def test_max_session_age_applies_while_a_long_request_runs() -> None:
+    clock = ManualClock()
+    inner = RecordingMCPApp()
+    middleware = MCPSessionMiddleware(HostApp(), mcp_app=inner, clock=clock, max_session_age=10)
+    async with client_for(middleware) as client:
+        session_id = (await client.post("/mcp", json=BARE_INITIALIZE)).headers["mcp-session-id"]
+        headers = {"Mcp-Session-Id": session_id}
+        long = asyncio.create_task(
+            client.post(
+                "/mcp", json={"jsonrpc": "2.0", "id": 9, "method": "block"}, headers=headers
+            )
+        )
+        await inner.started.wait()
+        clock.advance(11)
+        refused = await client.post("/mcp", json=PING, headers=headers)
+        assert refused.status_code == 404
+        inner.release.set()
+        assert (await long).status_code == 200  # the running request was not cut off
+    assert session_id not in middleware.registry  # removed when it ended
+
+
+async def test_an_agent_dripping_bytes_hits_the_overall_timeout(tmp_path: Path) -> None:
+    async def drip(request: Request) -> Response:
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(200):
+                yield b" "
+                await asyncio.sleep(0.05)
+
+        return StreamingResponse(chunks(), media_type="application/json")
+
+    toolkit = ANPToolkit(url_policy=URLPolicy(allow_private=True, timeout=0.5))
+    state = SessionState("d" * 43, ensure_dev_identity(tmp_path))
+    async with serve(Starlette(routes=[Route("/slow", drip)]), port=free_port()) as base_url:
+        with pytest.raises(ANPToolError) as caught:
+            await toolkit.handler_for(state).fetch_doc(f"{base_url}/slow")
+    await toolkit.http.aclose()
+    assert caught.value.code == "TIMEOUT"
+
+
+async def test_restored_sessions_are_swept_in_order_of_use(tmp_path: Path) -> None:
+    state_file = tmp_path / "state.json"
+    clock = ManualClock()
+    now = clock()
+    sessions = [  # created in this order; the first was used most recently
+        {"id": "a" * 43, "principal": "p", "created_at": now - 100, "last_accessed": now - 1},
+        {"id": "b" * 43, "principal": "p", "created_at": now - 90, "last_accessed": now - 50},
+    ]
+    state_file.write_text(json.dumps({"version": 1, "sessions": sessions}))
+    middleware = MCPSessionMiddleware(
+        HostApp(), mcp_app=RecordingMCPApp(), clock=clock, session_timeout=60, state_file=state_file
+    )
+    await middleware.startup()
+    clock.advance(20)  # b idle 70 s: expired; a idle 21 s
+    assert await middleware.registry.sweep() == 1
+    assert "a" * 43 in middleware.registry and "b" * 43 not in middleware.registry
+    await middleware.shutdown()
