@@ -100,8 +100,7 @@ class SessionRegistry:
         self._busy: dict[str, SessionState] = {}
         self.stats = RegistryStats()
         self.accepting = True
-        self._idle_event = asyncio.Event()
-        self._idle_event.set()
+        self._idle_waiters: list[asyncio.Future[None]] = []
 
     # -- local view -----------------------------------------------------------------------------
 
@@ -122,8 +121,19 @@ class SessionRegistry:
 
     async def wait_idle(self, grace: float) -> bool:
         """Wait up to ``grace`` seconds for in-flight requests to end; True if they did."""
-        if self._idle_event.is_set():
+        if not self._busy:
             return True
+        # A future on the running loop (not an Event), so one middleware can serve several loops.
+        waiter = asyncio.get_running_loop().create_future()
+        self._idle_waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, grace)
+        except TimeoutError:
+            return False
+        finally:
+            if waiter in self._idle_waiters:
+                self._idle_waiters.remove(waiter)
+        return True
         try:
             await asyncio.wait_for(self._idle_event.wait(), grace)
         except TimeoutError:
@@ -223,7 +233,6 @@ class SessionRegistry:
         state.in_flight += 1
         state.touch()
         self._busy[state.session_id] = state
-        self._idle_event.clear()
         if self._shared:
             if state.session_id in self._live:
                 self._live.move_to_end(state.session_id)
@@ -252,7 +261,9 @@ class SessionRegistry:
             return False
         self._busy.pop(state.session_id, None)
         if not self._busy:
-            self._idle_event.set()
+            for waiter in self._idle_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
         return True
 
     # -- removal --------------------------------------------------------------------------------

@@ -306,3 +306,20 @@ async def test_a_stale_local_copy_does_not_remove_a_newer_session(new_store: Sto
     assert seen_by_a.created_at == new.created_at
     assert old.closed or old is not seen_by_a
     assert await worker_b.get(new.session_id, ALICE, implicit=True) is not None
+
+
+async def test_eviction_and_global_cap_agree(new_store: StoreFactory) -> None:
+    """At both caps with eviction on, the new session replaces the principal's oldest; a
+    principal not at its cap is refused at the global cap and nothing is evicted for it."""
+    store, clock = new_store(), ManualClock()
+    caps = Caps(per_principal=1, global_limit=2, evict_oldest=True)
+    alice, bob = session("alice", clock), session("bob", clock)
+    await store.create(alice, ttl=TIMEOUT, now=clock(), caps=caps)
+    await store.create(bob, ttl=TIMEOUT, now=clock(), caps=caps)
+    replacement = await store.create(session("alice", clock), ttl=TIMEOUT, now=clock(), caps=caps)
+    assert replacement.created and replacement.evicted == (alice.session_id,)
+    with pytest.raises(CapExceeded) as refused:
+        await store.create(session("carol", clock), ttl=TIMEOUT, now=clock(), caps=caps)
+    assert refused.value.scope == "global"
+    assert await store.load(bob.session_id) is not None
+    assert await store.count(now=clock()) == 2

@@ -43,13 +43,17 @@ class InMemorySessionStore:
         session_id = session.session_id
         if session_id in self._sessions:
             return CreateOutcome(created=False)
-        if caps.global_limit is not None and len(self._sessions) >= caps.global_limit:
-            raise CapExceeded("global", caps.global_limit)
         evicted: tuple[StoredSession, ...] = ()
         owned = self._by_principal.get(session.principal)
-        if caps.per_principal is not None and owned and len(owned) >= caps.per_principal:
-            if not caps.evict_oldest:
-                raise CapExceeded("principal", caps.per_principal)
+        at_cap = caps.per_principal is not None and owned and len(owned) >= caps.per_principal
+        if at_cap and not caps.evict_oldest:
+            raise CapExceeded("principal", caps.per_principal or 0)
+        # An eviction frees a place, so count it before refusing at the global cap (and never
+        # evict for a request that is refused anyway).
+        total_after = len(self._sessions) - (1 if at_cap else 0)
+        if caps.global_limit is not None and total_after >= caps.global_limit:
+            raise CapExceeded("global", caps.global_limit)
+        if at_cap and owned:
             victim = self._sessions[next(iter(owned))]  # least recently used
             self._forget(victim.session_id)
             evicted = (victim,)

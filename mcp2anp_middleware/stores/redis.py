@@ -39,14 +39,17 @@ if redis.call('EXISTS', skey) == 1 then return {'exists', ''} end
 redis.call('ZREMRANGEBYSCORE', allkey, '-inf', now)
 redis.call('ZREMRANGEBYSCORE', pkey, '-inf', now)
 local evicted = ''
-if principal_cap > 0 and redis.call('ZCARD', pkey) >= principal_cap then
-  if evict ~= '1' then return {'principal', ''} end
+local at_cap = principal_cap > 0 and redis.call('ZCARD', pkey) >= principal_cap
+if at_cap and evict ~= '1' then return {'principal', ''} end
+local total_after = redis.call('ZCARD', allkey)
+if at_cap then total_after = total_after - 1 end
+if global_cap > 0 and total_after >= global_cap then return {'global', ''} end
+if at_cap then
   evicted = redis.call('ZRANGE', pkey, 0, 0)[1]
   redis.call('DEL', session_prefix .. evicted)
   redis.call('ZREM', allkey, evicted)
   redis.call('ZREM', pkey, evicted)
 end
-if global_cap > 0 and redis.call('ZCARD', allkey) >= global_cap then return {'global', ''} end
 redis.call('HSET', skey, 'principal', ARGV[8], 'created_at', ARGV[9],
            'last_accessed', ARGV[10], 'implicit', ARGV[11], 'pkey', pkey)
 redis.call('PEXPIRE', skey, ttl_ms)
@@ -65,9 +68,9 @@ local pkey = redis.call('HGET', skey, 'pkey')
 redis.call('HSET', skey, 'last_accessed', ARGV[2])
 redis.call('PEXPIRE', skey, ttl_ms)
 local expires = now + ttl_ms / 1000
-redis.call('ZADD', allkey, 'XX', expires, sid)
+redis.call('ZADD', allkey, expires, sid)
 if pkey then
-  redis.call('ZADD', pkey, 'XX', expires, sid)
+  redis.call('ZADD', pkey, expires, sid)
   if redis.call('PTTL', pkey) < ttl_ms then redis.call('PEXPIRE', pkey, ttl_ms) end
 end
 return 1
