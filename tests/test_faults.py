@@ -281,7 +281,7 @@ async def test_requests_ending_without_an_answer_release_their_in_flight_marks()
     assert ex.status == 200
 
     assert registry.in_flight == 0 and not registry._busy
-    assert registry._idle_event.is_set()  # a graceful shutdown would not wait for them
+    assert await registry.wait_idle(0)  # a graceful shutdown would not wait for them
     assert session_id in registry  # idle time starts at the end of the last request
     assert await registry.sweep() == 0
     assert (await drive(middleware, rpc("ping", 5), session_id=session_id)).status == 200
