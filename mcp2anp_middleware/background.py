@@ -63,8 +63,8 @@ class BackgroundRunner:
 
     async def start(self) -> None:
         """Start services and the cleanup loop; returns once they are ready, raises if they fail."""
-        if self._ready is None:
-            loop = asyncio.get_running_loop()
+        if self._ready is None or (self._task is not None and self._task.done()):
+            loop = asyncio.get_running_loop()  # first start, or the task died: start again
             self._ready = loop.create_future()
             self._stop = asyncio.Event()
             self._task = loop.create_task(self._main(), name="mcp2anp-middleware-background")

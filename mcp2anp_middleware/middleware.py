@@ -196,7 +196,14 @@ class MCPSessionMiddleware:
                     send, 503, INTERNAL_ERROR, "Server is shutting down; retry on another instance"
                 )
                 return
-            await self.startup()  # servers without lifespan events (httpx.ASGITransport, ...)
+            try:
+                await self.startup()  # servers without lifespan events (httpx.ASGITransport...)
+            except Exception:
+                logger.exception("Middleware startup failed")
+                await send_jsonrpc_error(
+                    send, 503, INTERNAL_ERROR, "Server is not ready; retry shortly"
+                )
+                return
         method: str = scope["method"]
         session_ids: list[bytes] = []
         versions: list[str] = []

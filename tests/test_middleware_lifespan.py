@@ -159,3 +159,18 @@ async def test_services_run_for_the_servers_lifetime() -> None:
     async with LifespanManager(middleware):
         assert log == ["enter"]
     assert log == ["enter", "exit"]
+
+
+async def test_failed_lazy_start_is_503_not_500() -> None:
+    @asynccontextmanager
+    async def broken() -> AsyncIterator[None]:
+        raise RuntimeError("service could not start")
+        yield  # pragma: no cover
+
+    middleware = MCPSessionMiddleware(HostApp(), mcp_app=RecordingMCPApp(), services=[broken])
+    transport = httpx.ASGITransport(app=middleware)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        response = await client.post("/mcp", json=INIT)
+    assert response.status_code == 503
+    assert response.json()["error"]["message"] == "Server is not ready; retry shortly"
+    assert background_tasks() == []
