@@ -36,6 +36,9 @@ from mcp2anp_middleware.stores.redis import RedisSessionStore
 
 from .anp_stack import API_KEYS, anp_stack
 from .inner_apps import HostApp
+from .messages import INITIALIZE as INIT
+from .messages import MCP_HEADERS as ACCEPT
+from .messages import PROTOCOL
 from .processes import launcher
 from .redis_server import RedisServer
 
@@ -43,18 +46,6 @@ pytestmark = pytest.mark.anyio
 
 TIMEOUT = 60.0  # session idle timeout (seconds of the manual clock)
 WAIT = 20.0  # upper bound of any single wait in these tests (real seconds)
-PROTOCOL = "2025-11-25"
-ACCEPT = {"Accept": "application/json, text/event-stream"}
-INIT = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": PROTOCOL,
-        "capabilities": {},
-        "clientInfo": {"name": "faults", "version": "1"},
-    },
-}
 ALICE, BOB = list(API_KEYS)
 
 
