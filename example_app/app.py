@@ -11,7 +11,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
-from mcp2anp_middleware import ANPMiddleware, URLPolicy, session_from_request
+from mcp2anp_middleware import (
+    ANPMiddleware,
+    CachingAuthenticator,
+    NoAuthAuthenticator,
+    RemoteVerifierAuthenticator,
+    SessionConfig,
+    StaticKeyAuthenticator,
+    URLPolicy,
+    session_from_request,
+)
 from mcp2anp_middleware.authentication import Authenticator
 from mcp2anp_middleware.dev_identity import ensure_dev_identity
 from mcp2anp_middleware.stores import SessionStore
@@ -33,30 +42,23 @@ class _CombinedResolver:
         return await self.directory(did)
 
 
-def _documents_of_keys_file(path: Path | None) -> dict[str, dict[str, Any]]:
-    if path is None:
-        return {}
-    entries = json.loads(path.read_text(encoding="utf-8")).get("keys", [])
+def _did_documents(configs: list[SessionConfig]) -> dict[str, dict[str, Any]]:
+    """The DID documents of the configured API keys, so the demo agent can resolve them."""
     documents = {}
-    for entry in entries:
-        doc_path = entry.get("did_document_path")
-        if doc_path:
-            document = json.loads((path.parent / doc_path).read_text(encoding="utf-8"))
+    for config in configs:
+        if config.did_document_path is not None:
+            document = json.loads(config.did_document_path.read_text(encoding="utf-8"))
             documents[document["id"]] = document
     return documents
 
 
-def build_authenticator(settings: Settings) -> Authenticator:
-    from mcp2anp_middleware.authenticators import (
-        CachingAuthenticator,
-        NoAuthAuthenticator,
-        RemoteVerifierAuthenticator,
-        StaticKeyAuthenticator,
-    )
-
+def build_authenticator(
+    settings: Settings, static_keys: StaticKeyAuthenticator | None = None
+) -> Authenticator:
     if settings.auth_mode == "static":
         assert settings.api_keys_file is not None
-        return CachingAuthenticator(StaticKeyAuthenticator.from_file(settings.api_keys_file))
+        keys = static_keys or StaticKeyAuthenticator.from_file(settings.api_keys_file)
+        return CachingAuthenticator(keys)
     if settings.auth_mode == "remote":
         assert settings.auth_url is not None
         return CachingAuthenticator(RemoteVerifierAuthenticator(settings.auth_url))
@@ -80,16 +82,18 @@ async def index(request: Request) -> JSONResponse:
 
 def create_app(settings: Settings) -> ANPMiddleware:
     base_url = settings.base_url
+    static_keys = None
+    if settings.auth_mode == "static" and settings.api_keys_file is not None:
+        static_keys = StaticKeyAuthenticator.from_file(settings.api_keys_file)
+    known = _did_documents(static_keys.configs if static_keys else [])
     agent = create_demo_agent(
         base_url=f"{base_url}/agent",
-        did_resolver=_CombinedResolver(
-            Path(settings.data_dir), _documents_of_keys_file(settings.api_keys_file)
-        ),
+        did_resolver=_CombinedResolver(Path(settings.data_dir), known),
     )
     host = Starlette(routes=[Route("/", index, name="index"), Mount("/agent", app=agent)])
     return ANPMiddleware(
         host,
-        authenticator=build_authenticator(settings),
+        authenticator=build_authenticator(settings, static_keys),
         url_policy=URLPolicy(allow_private=settings.allow_private),
         entry_url=settings.entry_url or f"{base_url}/agent/ad.json",
         session_timeout=settings.session_timeout,

@@ -117,6 +117,11 @@ class StaticKeyAuthenticator:
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def configs(self) -> list[SessionConfig]:
+        """The credentials the keys map to (never the keys): e.g. to publish their DIDs."""
+        return [config for _, config in self._entries]
+
     async def __call__(self, credentials: Credentials) -> SessionConfig:
         picked = _pick_credential(credentials)
         if picked is None:
