@@ -23,26 +23,20 @@ from mcp.server.mcpserver import MCPServer
 
 from mcp2anp_middleware import MCPEndpoint, MCPSessionMiddleware
 
-from .common import Result, call_asgi, cost_of, http_scope, log, paired_async, run_module, spread
+from .common import (
+    INITIALIZE,
+    MCP_HEADERS,
+    Result,
+    call_asgi,
+    cost_of,
+    http_scope,
+    log,
+    paired_async,
+    run_module,
+    spread,
+)
 
-HEADERS = [
-    (b"host", b"127.0.0.1:8000"),
-    (b"content-type", b"application/json"),
-    (b"accept", b"application/json, text/event-stream"),
-    (b"mcp-protocol-version", b"2025-11-25"),
-]
-INITIALIZE = json.dumps(
-    {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": "2025-11-25",
-            "capabilities": {},
-            "clientInfo": {"name": "bench", "version": "1"},
-        },
-    }
-).encode()
+HEADERS = [*MCP_HEADERS, (b"mcp-protocol-version", b"2025-11-25")]
 TOOL_CALL = json.dumps(
     {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "ping", "arguments": {}}}
 ).encode()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import logging
 import tempfile
 import time
@@ -31,7 +30,7 @@ from mcp.server.transport_security import TransportSecuritySettings
 from example_app.demo_agent import create_demo_identity
 from mcp2anp_middleware import ANPToolkit, ManualClock, SessionConfig, SessionRegistry
 
-from .common import Result, call_asgi, http_scope, log, run_module
+from .common import INITIALIZE, MCP_HEADERS, Result, call_asgi, http_scope, log, run_module
 
 LIMIT = 1024
 
@@ -88,24 +87,8 @@ async def sdk_stateful_sessions(count: int) -> float:
         json_response=True,
         transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
     )
-    headers = [
-        (b"host", b"127.0.0.1:8000"),
-        (b"content-type", b"application/json"),
-        (b"accept", b"application/json, text/event-stream"),
-    ]
-    body = json.dumps(
-        {
-            "jsonrpc": "2.0",
-            "id": 1,
-            "method": "initialize",
-            "params": {
-                "protocolVersion": "2025-11-25",
-                "capabilities": {},
-                "clientInfo": {"name": "bench", "version": "1"},
-            },
-        }
-    ).encode()
-    scope = http_scope("POST", "/mcp", headers)
+    body = INITIALIZE
+    scope = http_scope("POST", "/mcp", MCP_HEADERS)
     async with server.session_manager.run():
         for _ in range(20):  # warm up lazily created module state before measuring
             await call_asgi(app, scope, body)

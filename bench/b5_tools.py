@@ -68,6 +68,7 @@ from mcp2anp_middleware.anp_errors import ANPToolError
 from mcp2anp_middleware.anp_http import ANPHttpClient, HttpResult
 from mcp2anp_middleware.anp_signing import SessionSigner
 from mcp2anp_middleware.hosting import ANPMiddleware
+from tests.servers import free_port
 
 from .common import Result, log, median, run_module, spread
 
@@ -79,15 +80,6 @@ MCP_HEADERS = {
 
 
 # -- servers ------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @asynccontextmanager

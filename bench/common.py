@@ -43,6 +43,26 @@ class Result:
         return "PASS" if ok else "MISS"
 
 
+MCP_HEADERS = [
+    (b"host", b"127.0.0.1:8000"),
+    (b"content-type", b"application/json"),
+    (b"accept", b"application/json, text/event-stream"),
+]
+INITIALIZE = json.dumps(
+    {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "clientInfo": {"name": "bench", "version": "1"},
+        },
+    }
+).encode()
+"""Raw ASGI headers and body of a complete ``initialize``, shared by the in-process benchmarks."""
+
+
 def quiet_logs() -> None:
     """Drop the package's structlog events below WARNING (production-like; stdout stays clean)."""
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
