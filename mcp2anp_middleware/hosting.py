@@ -82,6 +82,8 @@ class ANPMiddleware(MCPSessionMiddleware):
                 url_policy=url_policy, entry_url=entry_url, **({"clock": clock} if clock else {})
             )
         )
+        # Drain on shutdown for longer than a tool call may take, so calls in flight can finish.
+        session_options.setdefault("shutdown_grace", self.toolkit.url_policy.timeout + 5.0)
         if server is None:
             server = MCPServer("mcp2anp", instructions=self.toolkit.instructions())
         self.toolkit.register(server)

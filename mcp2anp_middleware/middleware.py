@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import hmac
 import json
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,18 +53,66 @@ SESSION_HEADER = "mcp-session-id"
 _SESSION_HEADER_B = SESSION_HEADER.encode()
 _PROTOCOL_HEADER_B = b"mcp-protocol-version"
 DEFAULT_MAX_BODY_SIZE = 4 * 1024 * 1024
+DEFAULT_BODY_TIMEOUT = 30.0
+"""Seconds a client has to deliver a whole request body before it is answered 408."""
+HANDSHAKE_RESERVATION = 30.0
+"""Seconds a new session's store record lives before its ``initialize`` answer commits it."""
+_CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key"})
 _MAX_HELD_INITIALIZE = 1024 * 1024
 
 
 class _Refusal(Exception):
     """A request answered with a JSON-RPC error instead of reaching the MCP app."""
 
-    def __init__(self, status: int, code: int, message: str, reason: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: int,
+        message: str,
+        reason: str,
+        *,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.reason = reason
+        self.headers = headers
+
+
+class _Creation(enum.Enum):
+    """How a request may create its session, and so what makes the creation stick."""
+
+    HANDSHAKE = "handshake"
+    """``initialize``: kept when the app answers with a JSON-RPC result."""
+    IMPLICIT = "implicit"
+    """A session-less-era request: kept when the app answers below 400."""
+
+
+class _Call:
+    """One MCP request as it moves through the middleware; lives in the request's own frame."""
+
+    __slots__ = ("finished", "message", "method", "receive", "replaced", "scope", "send", "started")
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.method: str = scope["method"]
+        self.message: Any = None
+        self.started = False
+        self.finished = False
+        self.replaced = False
+        """The app's answer was replaced by a refusal; what it still sends is dropped."""
+
+    async def send_tracked(self, message: Message) -> None:
+        """Send, remembering how far the answer got (for a request cut short)."""
+        if message["type"] == "http.response.start":
+            self.started = True
+        elif not message.get("more_body", False):
+            self.finished = True
+        await self.send(message)
 
 
 class MCPSessionMiddleware:
@@ -84,6 +134,7 @@ class MCPSessionMiddleware:
         max_session_age: float | None = None,
         authenticator: Authenticator | None = None,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
         store: SessionStore | None = None,
         touch_interval: float | None = None,
         per_principal_cap: int | None = None,
@@ -108,6 +159,11 @@ class MCPSessionMiddleware:
         self.path_prefix = path_prefix
         self._prefix_slash = path_prefix.rstrip("/") + "/"
         self.max_body_size = max_body_size
+        if not (math.isfinite(body_timeout) and body_timeout > 0):
+            raise ValueError(
+                f"body_timeout must be a finite number of seconds above 0, got {body_timeout!r}"
+            )
+        self.body_timeout = body_timeout
         self.authenticator: Authenticator = (
             authenticator if authenticator is not None else StaticConfigAuthenticator()
         )
@@ -178,6 +234,8 @@ class MCPSessionMiddleware:
         if not await registry.wait_idle(self.shutdown_grace):
             logger.warning("Shutting down with requests still in flight", count=registry.in_flight)
         await self.background.stop()
+        if not await registry.settle(self.shutdown_grace):
+            logger.warning("Shutting down before refused sessions could be removed from the store")
         if self.state_file is not None:
             saved = await save_state_file(registry, self.state_file)
             logger.info("Sessions saved to state file", count=saved)
@@ -190,6 +248,9 @@ class MCPSessionMiddleware:
     # -- MCP requests ---------------------------------------------------------------------------
 
     async def _handle_mcp(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Check headers and credentials, then the body, then route; every refusal is a JSON-RPC
+        error. Whatever can be refused from the headers is refused before the body is read, so a
+        refusal costs the same for a 4 MiB body as for an empty one."""
         if not self.background.ready:
             if self._stopped:
                 await send_jsonrpc_error(
@@ -204,124 +265,132 @@ class MCPSessionMiddleware:
                     send, 503, INTERNAL_ERROR, "Server is not ready; retry shortly"
                 )
                 return
-        method: str = scope["method"]
+        call = _Call(scope, receive, send)
+        try:
+            await self._checked(call)
+        except _Refusal as refusal:
+            await self._refuse(call, refusal)
+        except ClientGone:
+            return  # nobody is left to answer
+        except asyncio.CancelledError:
+            # The server gave up on this request (uvicorn past its graceful-shutdown timeout,
+            # a host timeout): answer it rather than leave the server to send a plain-text 500.
+            await self._cut_short(call)
+
+    async def _checked(self, call: _Call) -> None:
+        scope = call.scope
         session_ids: list[bytes] = []
-        versions: list[str] = []
-        origin: str | None = None
+        versions: list[bytes] = []
+        origins: list[bytes] = []
+        credentials = 0
         header_names_ok = True
         for name, value in scope["headers"]:
             if name == _SESSION_HEADER_B:
                 session_ids.append(value)
             elif name == _PROTOCOL_HEADER_B:
-                versions.append(value.decode("latin-1"))
+                versions.append(value)
             elif name == b"origin":
-                origin = value.decode("latin-1")
+                origins.append(value)
+            elif name in _CREDENTIAL_HEADERS:
+                credentials += 1
             elif not name.isascii():
                 header_names_ok = False
-        header_problem = None
-        if not header_names_ok:
-            header_problem = "Header names must be ASCII"
-        elif len(versions) > 1:
-            header_problem = "Multiple MCP-Protocol-Version headers"
-        protocol_version = versions[0] if versions else None
-
+        origin = origins[0].decode("latin-1") if origins else None
+        if len(origins) > 1:
+            raise _Refusal(400, INVALID_REQUEST, "Multiple Origin headers", "malformed")
         if not self.origins.allows(origin):
-            self.registry.stats.rejected["origin"] += 1
-            await send_jsonrpc_error(send, 403, INVALID_REQUEST, "Forbidden: Origin not allowed")
+            raise _Refusal(403, INVALID_REQUEST, "Forbidden: Origin not allowed", "origin")
+        if call.method == "OPTIONS":  # CORS preflight carries no credentials or session
+            await self.mcp_app(scope, call.receive, call.send_tracked)
             return
-        if method == "OPTIONS":  # CORS preflight carries no credentials or session
-            await self.mcp_app(scope, receive, send)
-            return
-
-        body: bytes | None = None
-        if method == "POST":
-            try:
-                body = await read_body(scope, receive, self.max_body_size)
-            except BodyTooLarge:
-                self.registry.stats.rejected["too_large"] += 1
-                message = f"Request body exceeds {self.max_body_size} bytes"
-                await send_jsonrpc_error(send, 413, INVALID_REQUEST, message)
-                return
-            except ClientGone:
-                return
-            receive = replay(body, receive)
-
-        try:
-            if header_problem is not None:
-                raise _Refusal(400, INVALID_REQUEST, header_problem, "malformed")
-            await self._route(scope, receive, send, method, session_ids, protocol_version, body)
-        except _Refusal as refusal:
-            self.registry.stats.rejected[refusal.reason] += 1
-            headers: list[tuple[bytes, bytes]] = []
-            if refusal.status == 401:
-                headers.append((b"www-authenticate", b'Bearer realm="mcp"'))
-            elif refusal.status in (429, 503):
-                headers.append((b"retry-after", b"5"))
-            await send_jsonrpc_error(
-                send,
-                refusal.status,
-                refusal.code,
-                refusal.message,
-                request_id=jsonrpc_id(parse_json(body)),
-                headers=headers,
+        if not header_names_ok:
+            raise _Refusal(400, INVALID_REQUEST, "Header names must be ASCII", "malformed")
+        if len(versions) > 1:
+            raise _Refusal(
+                400, INVALID_REQUEST, "Multiple MCP-Protocol-Version headers", "malformed"
             )
-
-    async def _route(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        method: str,
-        session_ids: list[bytes],
-        protocol_version: str | None,
-        body: bytes | None,
-    ) -> None:
-        config = await self._authenticate(scope)
-        registry = self.registry
-
-        if is_sessionless_version(protocol_version):
-            try:
-                state = await _store_call(registry.implicit_session(config))
-            except (CapExceeded, ShuttingDown) as exc:
-                raise _creation_refusal(exc) from None
-            if session_ids:  # the spec says to ignore it in this era
-                scope = dict(scope)
-                scope["headers"] = [h for h in scope["headers"] if h[0] != _SESSION_HEADER_B]
-            await self._serve(state, scope, receive, send, new=False)
-            return
-
+        if credentials > 1:
+            text = "Send one credential: a single Authorization or X-API-Key header"
+            raise _Refusal(400, INVALID_REQUEST, text, "malformed")
         if len(session_ids) > 1:
             raise _Refusal(400, INVALID_REQUEST, "Multiple Mcp-Session-Id headers", "malformed")
-        if session_ids:
-            raw = session_ids[0].decode("latin-1")
-            if not is_well_formed_session_id(raw):
-                raise _Refusal(400, INVALID_REQUEST, "Malformed Mcp-Session-Id header", "malformed")
-            found = await _store_call(registry.get(raw, config))
-            if found is None:
-                raise _Refusal(404, INVALID_REQUEST, "Session not found", "unknown_session")
-            if method == "DELETE":
-                await _store_call(registry.remove(raw, reason="deleted"))
-                logger.info("Session closed by client DELETE request", session_id=short_id(raw))
-                await send({"type": "http.response.start", "status": 204, "headers": []})
-                await send({"type": "http.response.body", "body": b""})
-                return
-            logger.debug("Using existing session", session_id=short_id(raw))
-            await self._serve(found, scope, receive, send, new=False)
-            return
+        config = await self._authenticate(scope)
+        version = versions[0].decode("latin-1") if versions else None
+        if is_sessionless_version(version):
+            await self._sessionless(call, config, bool(session_ids))
+        elif session_ids:
+            await self._with_session(call, config, session_ids[0].decode("latin-1"))
+        else:
+            await self._handshake(call, config)
 
-        if body is None:
-            raise _Refusal(400, INVALID_REQUEST, "Missing Mcp-Session-Id header", "missing_session")
-        message = parse_json(body)
-        if message is None:
-            raise _Refusal(400, PARSE_ERROR, "Parse error: body is not JSON", "malformed")
-        if not _is_initialize_request(message):
-            raise _Refusal(400, INVALID_REQUEST, "Missing Mcp-Session-Id header", "missing_session")
-        state = registry.new_session(config)
+    async def _sessionless(self, call: _Call, config: SessionConfig, had_id: bool) -> None:
+        """2026-07-28: the principal's implicit session, created only for a request the app
+        serves; the era has no GET stream and no DELETE."""
+        if call.method != "POST":
+            text = f"{call.method} is not supported by this protocol version; use POST"
+            raise _Refusal(405, INVALID_REQUEST, text, "method", headers=[(b"allow", b"POST")])
+        message = await self._read_message(call)
+        if not _is_jsonrpc_message(message):
+            raise _Refusal(400, INVALID_REQUEST, "Body is not a JSON-RPC message", "malformed")
         try:
-            await _store_call(registry.register(state))
+            state, created = await _store_call(self.registry.implicit_session(config))
         except (CapExceeded, ShuttingDown) as exc:
             raise _creation_refusal(exc) from None
-        await self._serve(state, scope, receive, send, new=True)
+        scope = call.scope
+        if had_id:  # the spec says to ignore it in this era
+            scope = dict(scope)
+            scope["headers"] = [h for h in scope["headers"] if h[0] != _SESSION_HEADER_B]
+        await self._serve(call, state, scope, created=_Creation.IMPLICIT if created else None)
+
+    async def _with_session(self, call: _Call, config: SessionConfig, raw: str) -> None:
+        if call.method == "POST":  # authenticated: read it so a refusal can echo the id
+            await self._read_message(call)
+        if not is_well_formed_session_id(raw):
+            raise _Refusal(400, INVALID_REQUEST, "Malformed Mcp-Session-Id header", "malformed")
+        registry = self.registry
+        found = await _store_call(registry.get(raw, config))
+        if found is None:
+            raise _Refusal(404, INVALID_REQUEST, "Session not found", "unknown_session")
+        if call.method == "DELETE":
+            await _store_call(registry.remove(raw, reason="deleted"))
+            logger.info("Session closed by client DELETE request", session_id=short_id(raw))
+            await call.send_tracked({"type": "http.response.start", "status": 204, "headers": []})
+            await call.send_tracked({"type": "http.response.body", "body": b""})
+            return
+        logger.debug("Using existing session", session_id=short_id(raw))
+        await self._serve(call, found, call.scope, created=None)
+
+    async def _handshake(self, call: _Call, config: SessionConfig) -> None:
+        """No session id: only an ``initialize`` request may come, and it creates one."""
+        if call.method != "POST":
+            raise _Refusal(400, INVALID_REQUEST, "Missing Mcp-Session-Id header", "missing_session")
+        message = await self._read_message(call)
+        if not _is_initialize_request(message):
+            raise _Refusal(400, INVALID_REQUEST, "Missing Mcp-Session-Id header", "missing_session")
+        registry = self.registry
+        state = registry.new_session(config)
+        try:
+            await _store_call(registry.register(state, reservation=HANDSHAKE_RESERVATION))
+        except (CapExceeded, ShuttingDown) as exc:
+            raise _creation_refusal(exc) from None
+        await self._serve(call, state, call.scope, created=_Creation.HANDSHAKE)
+
+    async def _read_message(self, call: _Call) -> Any:
+        """Read the body (bounded in size and time), hand it on to the app, and parse it."""
+        try:
+            with anyio.fail_after(self.body_timeout):
+                body = await read_body(call.scope, call.receive, self.max_body_size)
+        except BodyTooLarge:
+            message = f"Request body exceeds {self.max_body_size} bytes"
+            raise _Refusal(413, INVALID_REQUEST, message, "too_large") from None
+        except TimeoutError:
+            message = f"Request body not received within {self.body_timeout:g} seconds"
+            raise _Refusal(408, INVALID_REQUEST, message, "body_timeout") from None
+        call.receive = replay(body, call.receive)
+        call.message = parse_json(body)
+        if call.message is None:
+            raise _Refusal(400, PARSE_ERROR, "Parse error: body is not JSON", "malformed")
+        return call.message
 
     async def _authenticate(self, scope: Scope) -> SessionConfig:
         try:
@@ -336,29 +405,104 @@ class MCPSessionMiddleware:
             message = "Credential check unavailable; retry shortly"
             raise _Refusal(503, UNAUTHORIZED, message, "auth_unavailable") from None
 
+    async def _refuse(self, call: _Call, refusal: _Refusal) -> None:
+        self.registry.stats.rejected[refusal.reason] += 1
+        if call.started:
+            return  # the app had begun its answer (a failed commit after that is logged)
+        headers = list(refusal.headers)
+        if refusal.status == 401:
+            headers.append((b"www-authenticate", b'Bearer realm="mcp"'))
+        elif refusal.status in (429, 503):
+            headers.append((b"retry-after", b"5"))
+        elif refusal.status == 408:
+            headers.append((b"connection", b"close"))
+        await send_jsonrpc_error(
+            call.send,
+            refusal.status,
+            refusal.code,
+            refusal.message,
+            request_id=jsonrpc_id(call.message),
+            headers=headers,
+        )
+
+    async def _cut_short(self, call: _Call) -> None:
+        """Finish a request the server cancelled: a JSON-RPC 503 if no answer had started, else
+        end the stream. Shielded so the answer goes out; the cancellation is not re-raised, the
+        request simply ends (no traceback in the log, no plain-text 500 from the server)."""
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        self.registry.stats.rejected["cut_short"] += 1
+        logger.warning("Request cut short by the server", answered=not call.started)
+        with (
+            anyio.CancelScope(shield=True),
+            anyio.move_on_after(1.0),
+            contextlib.suppress(Exception),
+        ):
+            if not call.started:
+                text = "Request cut short: the server is shutting down; retry on another instance"
+                await send_jsonrpc_error(
+                    call.send,
+                    503,
+                    INTERNAL_ERROR,
+                    text,
+                    request_id=jsonrpc_id(call.message),
+                    headers=[(b"retry-after", b"1"), (b"connection", b"close")],
+                )
+            elif not call.finished:
+                await call.send({"type": "http.response.body", "body": b"", "more_body": False})
+
     async def _serve(
-        self, state: SessionState, scope: Scope, receive: Receive, send: Send, *, new: bool
+        self, call: _Call, state: SessionState, scope: Scope, *, created: _Creation | None
     ) -> None:
         """Run the MCP app with ``state`` in scope.
 
-        A new session is kept only when the app answers its ``initialize`` with a JSON-RPC
-        result: that answer (small) is held back until complete, then sent with the new id.
+        A session created by this request is kept only if the app serves the request: an
+        ``initialize`` needs a JSON-RPC result (that small answer is held back until complete,
+        then sent with the new id); an implicit session needs a status below 400. Otherwise the
+        creation is discarded, so a refused request leaves the store as it found it.
         """
         scope = dict(scope)
         scope["state"] = {**scope.get("state", {}), SESSION_SCOPE_KEY: state}
         registry = self.registry
-        committed = False
+        committed = created is None
         held_start: Message | None = None
         held_body: list[bytes] = []
         held_size = 0
+        send = call.send
+
+        async def commit_or_refuse() -> bool:
+            """Commit the creation; on a store failure, a 503 replaces the app's answer."""
+            nonlocal committed
+            try:
+                await registry.commit(state)
+            except StoreUnavailable:
+                logger.warning("Session store unavailable while committing a new session")
+                call.replaced = True
+                await send_jsonrpc_error(
+                    send,
+                    503,
+                    INTERNAL_ERROR,
+                    "Session store unavailable; retry shortly",
+                    request_id=jsonrpc_id(call.message),
+                    headers=[(b"retry-after", b"5")],
+                )
+                return False
+            committed = True
+            return True
 
         async def send_with_session(message: Message) -> None:
-            nonlocal committed, held_start, held_size
+            nonlocal held_start, held_size
+            if call.replaced:
+                return
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
                 del headers[SESSION_HEADER]  # this middleware is the only source of session ids
-                if new:
+                if created is _Creation.HANDSHAKE:
                     held_start = message
+                    return
+                serving = created is _Creation.IMPLICIT and message["status"] < 400
+                if serving and not await commit_or_refuse():
                     return
             elif held_start is not None and message["type"] == "http.response.body":
                 chunk = message.get("body", b"")
@@ -370,37 +514,36 @@ class MCPSessionMiddleware:
                 start, held_start = held_start, None
                 body = b"".join(held_body)
                 if not more and _initialize_succeeded(start, body):
-                    committed = True
-                    registry.commit(state)
+                    if not await commit_or_refuse():
+                        return
                     headers = MutableHeaders(scope=start)
                     headers[SESSION_HEADER] = state.session_id
                     _expose_session_header(headers)
-                await send(start)
-                await send({"type": "http.response.body", "body": body, "more_body": more})
+                await call.send_tracked(start)
+                await call.send_tracked(
+                    {"type": "http.response.body", "body": body, "more_body": more}
+                )
                 return
-            await send(message)
+            await call.send_tracked(message)
 
         try:
             await registry.acquire(state)
         except StoreUnavailable:
-            if new:
-                registry.abandon(state)
-                with contextlib.suppress(StoreUnavailable):
-                    await registry.store.delete(state.session_id)
+            if created is not None:
+                await registry.discard(state)
             raise _unavailable() from None
         try:
-            await self.mcp_app(scope, receive, send_with_session)
+            await self.mcp_app(scope, call.receive, send_with_session)
         finally:
-            abandoned = new and not committed
-            if abandoned:
-                registry.abandon(state)  # no await: bookkeeping survives cancellation
-            try:
-                await registry.release(state)
-                if abandoned:
+            if committed:
+                try:
                     with anyio.CancelScope(shield=True):
-                        await registry.store.delete(state.session_id)
-            except StoreUnavailable:
-                logger.warning("Session store unavailable while ending a request")
+                        await registry.release(state)
+                except StoreUnavailable:
+                    logger.warning("Session store unavailable while ending a request")
+            else:
+                registry.leave(state)  # no await: bookkeeping survives cancellation
+                await registry.discard(state)
 
     # -- statistics -----------------------------------------------------------------------------
 
@@ -454,6 +597,15 @@ def _initialize_succeeded(start: Message, body: bytes) -> bool:
         if isinstance(message, dict) and "result" in message and "error" not in message:
             return True
     return False
+
+
+def _is_jsonrpc_message(message: Any) -> bool:
+    """A JSON-RPC 2.0 request, notification or response object (no batches in this era)."""
+    if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
+        return False
+    if "method" in message:
+        return isinstance(message["method"], str)
+    return "id" in message and ("result" in message) != ("error" in message)
 
 
 def _is_initialize_request(message: Any) -> bool:

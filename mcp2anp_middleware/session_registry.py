@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import structlog
 
 from .clock import Clock, system_clock
 from .session_ids import new_session_id, short_id
 from .session_state import SessionConfig, SessionState
-from .stores.base import Caps, SessionStore, StoredSession
+from .stores.base import Caps, SessionStore, StoredSession, StoreUnavailable
 from .stores.memory import InMemorySessionStore
 
 logger = structlog.get_logger("mcp2anp_middleware.sessions")
@@ -59,6 +61,22 @@ class RegistryStats:
         }
 
 
+_RETRY_FIRST = 0.1
+_RETRY_MAX = 2.0
+_RETRY_SETTLE = 1.0
+MAX_DURATION = 10 * 365 * 86400.0
+"""Longest timeout or age accepted (ten years): stores turn them into integer TTLs."""
+
+
+def _check_duration(name: str, value: float, *, allow_zero: bool = False) -> None:
+    """Refuse NaN, infinities and out-of-range durations at construction, not at first use."""
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        expected = "a finite number of seconds" + ("" if allow_zero else " above 0")
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    if value > MAX_DURATION:
+        raise ValueError(f"{name} must be at most {MAX_DURATION:g} seconds, got {value!r}")
+
+
 def implicit_session_id(principal: str) -> str:
     """The id of a principal's session-less-era session; internal, never sent on the wire."""
     return "implicit-" + hashlib.sha256(principal.encode()).hexdigest()[:40]
@@ -79,10 +97,11 @@ class SessionRegistry:
         sweep_batch: int = 1000,
         on_removed: RemovalHook | None = None,
     ) -> None:
-        if session_timeout <= 0:
-            raise ValueError("session_timeout must be positive")
-        if max_session_age is not None and max_session_age <= 0:
-            raise ValueError("max_session_age must be positive")
+        _check_duration("session_timeout", session_timeout)
+        if max_session_age is not None:
+            _check_duration("max_session_age", max_session_age)
+        if touch_interval is not None:
+            _check_duration("touch_interval", touch_interval, allow_zero=True)
         self.store: SessionStore = (
             store if store is not None else InMemorySessionStore(batch=sweep_batch)
         )
@@ -101,6 +120,7 @@ class SessionRegistry:
         self.stats = RegistryStats()
         self.accepting = True
         self._idle_waiters: list[asyncio.Future[None]] = []
+        self._compensations: set[asyncio.Task[None]] = set()
 
     # -- local view -----------------------------------------------------------------------------
 
@@ -134,11 +154,6 @@ class SessionRegistry:
             if waiter in self._idle_waiters:
                 self._idle_waiters.remove(waiter)
         return True
-        try:
-            await asyncio.wait_for(self._idle_event.wait(), grace)
-        except TimeoutError:
-            return False
-        return True
 
     # -- creation -------------------------------------------------------------------------------
 
@@ -146,14 +161,26 @@ class SessionRegistry:
         """A session not yet in the store; :meth:`register` reserves it."""
         return SessionState(new_session_id(), config, clock=self.clock)
 
-    async def register(self, state: SessionState) -> None:
-        """Reserve ``state`` in the store (caps apply); :meth:`commit` or :meth:`abandon` it."""
+    async def register(self, state: SessionState, *, reservation: float | None = None) -> None:
+        """Reserve ``state`` in the store (caps apply); :meth:`commit` or :meth:`discard` it.
+
+        With ``reservation`` the store keeps the record only that long unless :meth:`commit`
+        extends it, so a creation the store carries out after its request was refused (a stalled
+        Redis running the script late) lapses by itself instead of counting against the caps for
+        a whole idle timeout.
+        """
         if not self.accepting:
             raise ShuttingDown("server is shutting down; no new sessions")
-        outcome = await self.store.create(state, ttl=self._ttl(), now=self.clock(), caps=self.caps)
+        ttl = self._ttl() if reservation is None else min(reservation, self._ttl())
+        try:
+            outcome = await self.store.create(state, ttl=ttl, now=self.clock(), caps=self.caps)
+        except StoreUnavailable:
+            await self.discard(state)  # the store may still carry the creation out later
+            raise
         if not outcome.created:
             raise KeyError("session id already exists")
         state.synced_at = state.last_accessed
+        state.reserved = reservation is not None
         for evicted in outcome.evicted_sessions:
             if isinstance(evicted, SessionState):
                 self._close(evicted, "evicted")
@@ -164,8 +191,18 @@ class SessionRegistry:
         if self._shared:
             self._live[state.session_id] = state
 
-    def commit(self, state: SessionState) -> None:
-        """The session's creating request succeeded: it now counts, and its id may be shown."""
+    async def commit(self, state: SessionState) -> None:
+        """The session's creating request succeeded: it now counts, and its id may be shown.
+
+        A reservation is first extended to the full lifetime; if the store cannot confirm that
+        (unreachable, or the reservation lapsed) this raises :class:`StoreUnavailable` and the
+        caller refuses the request instead of handing out an id the store may not keep.
+        """
+        if state.reserved:
+            if not await self.store.touch(state, ttl=self._ttl(), now=state.last_accessed):
+                raise StoreUnavailable("session reservation lapsed before its commit")
+            state.reserved = False
+            state.synced_at = state.last_accessed
         self.stats.created += 1
         logger.info(
             "Session created",
@@ -175,17 +212,75 @@ class SessionRegistry:
         )
 
     def abandon(self, state: SessionState) -> None:
-        """A creating request failed: forget its reservation here (the caller deletes it from
-        the store). Synchronous so it holds even when the request is being cancelled."""
+        """A creating request failed: forget its reservation here; :meth:`discard` removes it
+        from the store. Synchronous so it holds even when the request is being cancelled."""
         self._live.pop(state.session_id, None)
         state.closed = True
 
-    async def implicit_session(self, config: SessionConfig) -> SessionState:
-        """The principal's one session-less-era session, created on first use."""
+    async def discard(self, state: SessionState) -> None:
+        """Remove a refused creation from the store, leaving no trace of the request.
+
+        The delete is fenced to this very record (``created_at``), so it never removes a later
+        session with the same id. If the store is unreachable the delete is retried in the
+        background until it lands: a stalled store may still carry out the creation after the
+        client had its answer, and that record must not outlive the stall.
+        """
+        if state.in_flight:  # an implicit session another request of its principal now uses
+            return
+        self.abandon(state)
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.store.delete(state.session_id, created_at=state.created_at)
+        except StoreUnavailable:
+            self._retry_in_background(state.session_id, state.created_at)
+
+    async def settle(self, grace: float) -> bool:
+        """Wait up to ``grace`` seconds for background compensations, then cancel the rest (the
+        reservation or the TTL removes what they could not); True when all finished."""
+        pending = set(self._compensations)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=grace)
+            for task in pending:
+                task.cancel()
+        return not pending
+
+    def _retry_in_background(self, session_id: str, created_at: float) -> None:
+        task = asyncio.get_running_loop().create_task(self._retry_delete(session_id, created_at))
+        self._compensations.add(task)
+        task.add_done_callback(self._compensations.discard)
+
+    async def _retry_delete(self, session_id: str, created_at: float) -> None:
+        """Delete until the store answers, then once more after a pause: a creation still queued
+        behind the stall runs before a later request of ours, but not always before the first."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._ttl()
+        delay, confirmations = _RETRY_FIRST, 0
+        while confirmations < 2 and loop.time() < give_up:
+            await asyncio.sleep(delay)
+            try:
+                deleted = await self.store.delete(session_id, created_at=created_at)
+            except StoreUnavailable:
+                delay = min(delay * 2, _RETRY_MAX)
+                continue
+            if deleted:
+                logger.info(
+                    "Refused session removed after the store recovered",
+                    session_id=short_id(session_id),
+                )
+                return
+            confirmations += 1
+            delay = _RETRY_SETTLE
+
+    async def implicit_session(self, config: SessionConfig) -> tuple[SessionState, bool]:
+        """The principal's one session-less-era session, and whether this call created it.
+
+        A created session is the caller's to :meth:`commit` (its request was served) or
+        :meth:`discard` (its request was refused).
+        """
         session_id = implicit_session_id(config.principal)
         state = await self.get(session_id, config, implicit=True)
         if state is not None:
-            return state
+            return state, False
         state = SessionState(session_id, config, clock=self.clock, implicit=True)
         try:
             await self.register(state)
@@ -193,9 +288,8 @@ class SessionRegistry:
             existing = await self.get(session_id, config, implicit=True)
             if existing is None:
                 raise
-            return existing
-        self.commit(state)
-        return state
+            return existing, False
+        return state, True
 
     # -- lookup and use -------------------------------------------------------------------------
 
@@ -252,6 +346,10 @@ class SessionRegistry:
             await self.remove(state.session_id, reason="max_age")
         elif await self._sync(state, force=not self._shared) is False:
             self._release_local(state.session_id, "gone")
+
+    def leave(self, state: SessionState) -> None:
+        """A refused creating request ends: drop its in-flight mark; :meth:`discard` follows."""
+        self._leave(state)
 
     def _leave(self, state: SessionState) -> bool:
         """Drop one in-flight mark; True when it was the session's last request."""
@@ -344,6 +442,8 @@ class SessionRegistry:
 
     async def _sync(self, state: SessionState, *, force: bool = False) -> bool | None:
         """Write the session's use to the store unless written within ``touch_interval``."""
+        if state.reserved:  # only a commit turns a reservation into a full lifetime
+            return None
         if not force and state.last_accessed - state.synced_at < self.touch_interval:
             return None
         alive = await self.store.touch(state, ttl=self._ttl(), now=state.last_accessed)

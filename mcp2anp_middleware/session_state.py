@@ -48,6 +48,7 @@ class SessionState:
         "implicit",
         "in_flight",
         "last_accessed",
+        "reserved",
         "session_id",
         "synced_at",
     )
@@ -72,6 +73,7 @@ class SessionState:
         self.in_flight = 0
         self.implicit = implicit
         self.closed = False
+        self.reserved = False
 
     @property
     def principal(self) -> str:

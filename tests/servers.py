@@ -21,6 +21,15 @@ def free_port() -> int:
 @asynccontextmanager
 async def serve(app: Any, *, port: int | None = None, lifespan: str = "on") -> AsyncIterator[str]:
     """Run ``app`` under uvicorn on 127.0.0.1 in this event loop; yield its base URL."""
+    async with uvicorn_server(app, port=port, lifespan=lifespan) as (base_url, _):
+        yield base_url
+
+
+@asynccontextmanager
+async def uvicorn_server(
+    app: Any, *, port: int | None = None, lifespan: str = "on", graceful_timeout: float = 10
+) -> AsyncIterator[tuple[str, uvicorn.Server]]:
+    """Like :func:`serve`, also yielding the server (a test may start its shutdown)."""
     port = port or free_port()
     config = uvicorn.Config(
         app,
@@ -29,7 +38,7 @@ async def serve(app: Any, *, port: int | None = None, lifespan: str = "on") -> A
         lifespan=lifespan,  # type: ignore[arg-type]
         log_level="warning",
         access_log=False,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=graceful_timeout,  # type: ignore[arg-type]
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
@@ -39,7 +48,7 @@ async def serve(app: Any, *, port: int | None = None, lifespan: str = "on") -> A
                 task.result()
                 raise RuntimeError("uvicorn exited before it started")
             await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", server
     finally:
         server.should_exit = True
         await task

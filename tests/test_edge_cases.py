@@ -54,7 +54,7 @@ async def test_concurrent_first_requests_without_lifespan_all_succeed() -> None:
 class FlakyDeleteStore(InMemorySessionStore):
     """An in-memory store whose deletes fail, like a Redis that just went away."""
 
-    async def delete(self, session_id: str) -> bool:
+    async def delete(self, session_id: str, *, created_at: float | None = None) -> bool:
         raise StoreUnavailable("down")
 
 

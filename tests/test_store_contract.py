@@ -192,13 +192,15 @@ async def test_session_is_shared_between_processes(new_store: StoreFactory) -> N
 async def test_implicit_session_is_one_per_principal_everywhere(new_store: StoreFactory) -> None:
     clock = ManualClock()
     worker_a, worker_b = registry(new_store(), clock), registry(new_store(), clock)
-    states = await asyncio.gather(
+    found = await asyncio.gather(
         worker_a.implicit_session(ALICE),
         worker_b.implicit_session(ALICE),
         worker_a.implicit_session(ALICE),
     )
+    states = [state for state, _ in found]
     assert len({s.session_id for s in states}) == 1
-    bob = await worker_b.implicit_session(BOB)
+    assert [created for _, created in found].count(True) == 1  # one creator commits or discards
+    bob, _ = await worker_b.implicit_session(BOB)
     assert bob.session_id != states[0].session_id
     # an implicit session is not reachable as an explicit (handshake-era) session id
     assert await worker_a.get(states[0].session_id, ALICE) is None
@@ -297,12 +299,12 @@ async def test_a_stale_local_copy_does_not_remove_a_newer_session(new_store: Sto
     clock = ManualClock()
     worker_a = registry(new_store(), clock, max_session_age=TIMEOUT + 5)
     worker_b = registry(new_store(), clock, max_session_age=TIMEOUT + 5)
-    old = await worker_a.implicit_session(ALICE)
+    old, _ = await worker_a.implicit_session(ALICE)
     clock.advance(TIMEOUT + worker_a.touch_interval + 1)
-    new = await worker_b.implicit_session(ALICE)  # the old one expired: B makes a new one
+    new, _ = await worker_b.implicit_session(ALICE)  # the old one expired: B makes a new one
     assert new.created_at == clock()
     clock.advance(1)
-    seen_by_a = await worker_a.implicit_session(ALICE)
+    seen_by_a, _ = await worker_a.implicit_session(ALICE)
     assert seen_by_a.created_at == new.created_at
     assert old.closed or old is not seen_by_a
     assert await worker_b.get(new.session_id, ALICE, implicit=True) is not None

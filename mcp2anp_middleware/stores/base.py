@@ -85,7 +85,10 @@ class SessionStore(Protocol):
         """Record use at ``now``, push the expiry to ``now + ttl``; False if the session is gone."""
         ...
 
-    async def delete(self, session_id: str) -> bool: ...
+    async def delete(self, session_id: str, *, created_at: float | None = None) -> bool:
+        """Remove the session; with ``created_at``, only if it is that very session (a fenced
+        delete: compensation for a refused creation never removes a later session with the id)."""
+        ...
 
     async def expire(
         self,

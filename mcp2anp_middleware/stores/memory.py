@@ -92,7 +92,10 @@ class InMemorySessionStore:
             owned.move_to_end(session_id)
         return True
 
-    async def delete(self, session_id: str) -> bool:
+    async def delete(self, session_id: str, *, created_at: float | None = None) -> bool:
+        session = self._sessions.get(session_id)
+        if session is None or (created_at is not None and session.created_at != created_at):
+            return False
         return self._forget(session_id)
 
     async def expire(

@@ -78,7 +78,8 @@ return 1
 
 _DELETE = """
 local skey, allkey = KEYS[1], KEYS[2]
-local sid = ARGV[1]
+local sid, fence = ARGV[1], ARGV[2]
+if fence ~= '' and redis.call('HGET', skey, 'created_at') ~= fence then return 0 end
 local pkey = redis.call('HGET', skey, 'pkey')
 local deleted = redis.call('DEL', skey)
 redis.call('ZREM', allkey, sid)
@@ -183,9 +184,10 @@ class RedisSessionStore:
         args: list[str | int] = [session.session_id, repr(now), int(ttl * 1000)]
         return bool(await _guard(lambda: self._touch(keys=keys, args=args)))
 
-    async def delete(self, session_id: str) -> bool:
+    async def delete(self, session_id: str, *, created_at: float | None = None) -> bool:
         keys = [self._session_key(session_id), self._all_key]
-        return bool(await _guard(lambda: self._delete(keys=keys, args=[session_id])))
+        args = [session_id, "" if created_at is None else repr(created_at)]
+        return bool(await _guard(lambda: self._delete(keys=keys, args=args)))
 
     async def expire(
         self,
