@@ -11,6 +11,7 @@ ERROR_HINTS: dict[str, str] = {
     "UNREACHABLE": "The agent could not be reached; check the URL or try again later.",
     "TIMEOUT": "The agent did not answer in time; try again later.",
     "RESPONSE_TOO_LARGE": "The document is larger than this server accepts.",
+    "RESPONSE_TOO_DEEP": "The agent's JSON nests deeper than this server accepts (see 'limit').",
     "HTTP_ERROR": "The agent answered with an HTTP error; check the URL and your access.",
     "INVALID_RESPONSE": "The agent's answer is not valid JSON-RPC; check the endpoint URL.",
     "JSONRPC_ERROR": "The agent returned a JSON-RPC error; read its code and message.",

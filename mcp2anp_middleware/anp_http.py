@@ -5,6 +5,11 @@ no size limit and redirects followed blindly. Here all sessions share one pooled
 (keep-alive connections are reused across calls and sessions), every request is signed with the
 session's own :class:`SessionSigner`, each redirect hop is re-checked against the
 :class:`URLPolicy`, and response bodies are read up to the policy's size limit.
+
+The URL signed and sent is exactly the one the policy returned: it goes to aiohttp as an already
+encoded ``yarl.URL`` (nothing re-encodes it), and a URL that yarl would read with another host or
+port than the policy checked is refused. JSON bodies are parsed only through
+:func:`~.anp_documents.parse_json`, and header values that reach a tool result are made valid text.
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ import json
 import ssl as ssl_module
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 from yarl import URL
 
+from .anp_documents import parse_json
 from .anp_errors import ANPToolError
 from .anp_signing import SessionSigner
 from .url_policy import URLPolicy
@@ -38,7 +44,9 @@ class HttpResult:
         return self.body.decode("utf-8", errors="replace")
 
     def json(self) -> Any:
-        return json.loads(self.body)
+        """The body as JSON: ``ValueError`` if it is not JSON, ``ANPToolError``
+        (``RESPONSE_TOO_DEEP``) if it nests too deep; see :func:`parse_json`."""
+        return parse_json(self.body, url=self.url)
 
 
 class ANPHttpClient:
@@ -92,18 +100,14 @@ class ANPHttpClient:
     async def request(
         self, signer: SessionSigner, method: str, url: str, *, json_body: Any = None
     ) -> HttpResult:
-        body = (
-            None
-            if json_body is None
-            else json.dumps(json_body, separators=(",", ":"), ensure_ascii=False).encode()
-        )
+        body = None if json_body is None else _json_bytes(json_body)
         first_url = url
         try:
             # One deadline for the whole exchange, redirects included: the client's own timeouts
             # bound each read, so an agent dripping bytes could otherwise hold a call for long.
             async with asyncio.timeout(self.policy.timeout):
                 for _ in range(self.policy.max_redirects + 1):
-                    await self.policy.check(url)
+                    url = await self.policy.check(url)  # from here on, the URL as sent
                     result = await self._signed_exchange(signer, method, url, body)
                     if result.status not in _REDIRECTS:
                         return result
@@ -137,7 +141,7 @@ class ANPHttpClient:
         headers["Accept-Encoding"] = "identity"
         limit = self.policy.max_response_bytes
         try:
-            target = URL(url, encoded=True)  # exactly the URL that was signed
+            target = _exact_target(url)  # exactly the URL that was checked and signed
             async with self._http().request(
                 method, target, headers=headers, data=body, allow_redirects=False
             ) as response:
@@ -168,8 +172,46 @@ class ANPHttpClient:
         result = HttpResult(
             url=url,
             status=status,
-            content_type=response_headers.get("content-type", ""),
+            content_type=_header_text(response_headers.get("content-type", "")),
             body=b"".join(chunks),
-            location=response_headers.get("location", ""),
+            location=_header_text(response_headers.get("location", "")),
         )
         return result, response_headers
+
+
+def _json_bytes(value: Any) -> bytes:
+    """``value`` as compact UTF-8 JSON; a string that is not valid Unicode (a lone surrogate) is
+    the caller's bad argument, not a crash."""
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise ANPToolError(
+            "INVALID_ARGUMENT", "params hold a string that is not valid Unicode"
+        ) from None
+
+
+def _exact_target(url: str) -> URL:
+    """``url`` as a yarl URL that aiohttp sends byte for byte (``encoded=True``: no re-encoding,
+    so no character the policy refused or encoded can come back).
+
+    yarl parses the authority itself; should it ever read another host or port than
+    ``urlsplit`` (which the policy checked), the URL is refused rather than sent elsewhere.
+    """
+    target = URL(url, encoded=True)
+    checked = urlsplit(url)
+    if (target.raw_host or "").lower() != (checked.hostname or "").lower() or (
+        target.explicit_port != checked.port
+    ):
+        raise ANPToolError("URL_REFUSED", "URL is read differently by the HTTP client", url=url)
+    return target
+
+
+def _header_text(value: str) -> str:
+    """A response header value as valid text.
+
+    aiohttp keeps header bytes that are not UTF-8 as lone surrogates (``surrogateescape``), which
+    cannot be encoded into a tool result; they become U+FFFD like undecodable body bytes do.
+    """
+    if value.isascii():
+        return value
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -21,12 +20,19 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.types import CallToolResult, TextContent
 from pydantic import Field
 
-from .anp_documents import analyse_document
+from .anp_documents import (
+    DEFAULT_SESSION_CACHE_BYTES,
+    PROCESS_CACHE_BUDGET,
+    CacheBudget,
+    DocumentCache,
+    analyse_document,
+)
 from .anp_errors import ANPToolError
-from .anp_http import ANPHttpClient
+from .anp_http import ANPHttpClient, HttpResult
 from .anp_signing import SessionSigner
 from .clock import Clock, system_clock
 from .did_credentials import CredentialCache, CredentialError
+from .log_redaction import redact_urls
 from .middleware import SESSION_SCOPE_KEY
 from .session_state import SessionState
 from .url_policy import URLPolicy
@@ -48,37 +54,83 @@ INVOKE_DESCRIPTION = (
 )
 
 
-class SessionCrawler:
-    """Per-session ANP client state: the signer (with agent-issued tokens) and a document cache."""
+CACHE_ENTRY_OVERHEAD = 1024
+"""Bytes charged per cached document on top of its body and strings: the entry, the response
+object, the dictionary slots and the process budget's index (measured under 500 on CPython
+3.11; charged twice that so that the byte budgets are not underestimates)."""
 
-    __slots__ = ("_cache", "cache_size", "cache_ttl", "clock", "signer")
+
+class SessionCrawler:
+    """Per-session ANP client state: the signer (with agent-issued tokens) and a document cache.
+
+    The cache holds the raw responses of ``anp_fetchDoc`` (parsed again on a hit): at most
+    ``cache_size`` documents and ``cache_bytes`` bytes for ``cache_ttl`` seconds, charged to the
+    process-wide ``cache_budget``. It is created on the first document stored.
+    """
+
+    __slots__ = (
+        "_cache",
+        "cache_budget",
+        "cache_bytes",
+        "cache_size",
+        "cache_ttl",
+        "clock",
+        "signer",
+    )
 
     def __init__(
-        self, signer: SessionSigner, *, cache_ttl: float, cache_size: int, clock: Clock
+        self,
+        signer: SessionSigner,
+        *,
+        cache_ttl: float,
+        cache_size: int,
+        clock: Clock,
+        cache_bytes: int = DEFAULT_SESSION_CACHE_BYTES,
+        cache_budget: CacheBudget | None = None,
     ) -> None:
         self.signer = signer
         self.cache_ttl = cache_ttl
         self.cache_size = cache_size
+        self.cache_bytes = cache_bytes
+        self.cache_budget = cache_budget if cache_budget is not None else PROCESS_CACHE_BUDGET
         self.clock = clock
-        self._cache: OrderedDict[str, tuple[float, dict[str, Any]]] | None = None
+        self._cache: DocumentCache[HttpResult] | None = None
 
-    def cached(self, url: str) -> dict[str, Any] | None:
+    @property
+    def cache(self) -> DocumentCache[HttpResult] | None:
+        """The session's document cache, None until a first document was stored."""
+        return self._cache
+
+    def cached(self, url: str) -> HttpResult | None:
         if self._cache is None:
             return None
-        entry = self._cache.get(url)
-        if entry is None or self.clock() - entry[0] > self.cache_ttl:
-            return None
-        return entry[1]
+        return self._cache.get(url)
 
-    def remember(self, url: str, result: dict[str, Any]) -> None:
-        if self.cache_size <= 0:
+    def remember(self, url: str, result: HttpResult) -> None:
+        if self.cache_size <= 0 or self.cache_bytes <= 0:
             return
         if self._cache is None:
-            self._cache = OrderedDict()
-        self._cache[url] = (self.clock(), result)
-        self._cache.move_to_end(url)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+            self._cache = DocumentCache(
+                ttl=self.cache_ttl,
+                max_entries=self.cache_size,
+                max_bytes=self.cache_bytes,
+                budget=self.cache_budget,
+                clock=self.clock,
+            )
+        self._cache.put(url, result, cache_weight(url, result))
+
+    def close(self) -> None:
+        """Release the cached documents now. Optional: dropping the crawler releases them too
+        (the cache's finalizer), this only makes it independent of when that happens."""
+        if self._cache is not None:
+            self._cache.clear()
+
+
+def cache_weight(url: str, result: HttpResult) -> int:
+    """Bytes a cached response is charged: its body and strings (what it holds, exactly, for
+    ASCII text) plus a fixed overhead per entry."""
+    strings = (url, result.url, result.content_type, result.location)
+    return len(result.body) + sum(len(text) for text in strings) + CACHE_ENTRY_OVERHEAD
 
 
 class ANPToolHandler:
@@ -92,8 +144,8 @@ class ANPToolHandler:
 
     async def fetch_doc(self, url: str) -> dict[str, Any]:
         cached = self.crawler.cached(url)
-        if cached is not None:
-            return {**cached, "cached": True}
+        if cached is not None:  # raw bytes are cached: parsed (and checked) again
+            return {**_document_payload(cached), "cached": True}
         result = await self.http.request(self.crawler.signer, "GET", url)
         if not 200 <= result.status < 300:
             raise ANPToolError(
@@ -103,22 +155,8 @@ class ANPToolHandler:
                 url=result.url,
                 body=result.text()[:500],
             )
-        document: Any
-        try:
-            document = result.json()
-            is_json = True
-        except ValueError:
-            document, is_json = result.text(), False
-        links, methods = analyse_document(result.url, document) if is_json else ([], [])
-        payload = {
-            "url": result.url,
-            "status": result.status,
-            "content_type": result.content_type,
-            "document": document,
-            "links": links,
-            "methods": methods,
-        }
-        self.crawler.remember(url, payload)
+        payload = _document_payload(result)
+        self.crawler.remember(url, result)
         return payload
 
     async def invoke_openrpc(
@@ -160,6 +198,25 @@ class ANPToolHandler:
         }
 
 
+def _document_payload(result: HttpResult) -> dict[str, Any]:
+    """``anp_fetchDoc``'s result for a 2xx response: the document, parsed when it is JSON."""
+    document: Any
+    try:
+        document = result.json()
+        is_json = True
+    except ValueError:
+        document, is_json = result.text(), False
+    links, methods = analyse_document(result.url, document) if is_json else ([], [])
+    return {
+        "url": result.url,
+        "status": result.status,
+        "content_type": result.content_type,
+        "document": document,
+        "links": links,
+        "methods": methods,
+    }
+
+
 class ANPToolkit:
     """Shared pieces of the ANP tools in one process: policy, pooled HTTP client, credentials."""
 
@@ -172,6 +229,8 @@ class ANPToolkit:
         http_client: ANPHttpClient | None = None,
         document_cache_ttl: float = 60.0,
         document_cache_size: int = 32,
+        document_cache_bytes: int = DEFAULT_SESSION_CACHE_BYTES,
+        document_cache_budget: CacheBudget | None = None,
         clock: Clock = system_clock,
     ) -> None:
         self.url_policy = url_policy if url_policy is not None else URLPolicy()
@@ -180,6 +239,10 @@ class ANPToolkit:
         self.http = http_client if http_client is not None else ANPHttpClient(self.url_policy)
         self.document_cache_ttl = document_cache_ttl
         self.document_cache_size = document_cache_size
+        self.document_cache_bytes = document_cache_bytes
+        self.document_cache_budget = (
+            document_cache_budget if document_cache_budget is not None else PROCESS_CACHE_BUDGET
+        )
         self.clock = clock
 
     def instructions(self) -> str:
@@ -203,6 +266,8 @@ class ANPToolkit:
             cache_ttl=self.document_cache_ttl,
             cache_size=self.document_cache_size,
             clock=self.clock,
+            cache_bytes=self.document_cache_bytes,
+            cache_budget=self.document_cache_budget,
         )
         handler = ANPToolHandler(crawler, self.http)
         state.anp_crawler = crawler
@@ -255,7 +320,9 @@ class ANPToolkit:
         server.add_tool(anp_fetchDoc, name="anp_fetchDoc", description=FETCH_DOC_DESCRIPTION)
         server.add_tool(anp_invokeOpenRPC, name="anp_invokeOpenRPC", description=INVOKE_DESCRIPTION)
 
-    async def _run(self, ctx: Context, tool: str, call: Any, **log_fields: Any) -> CallToolResult:
+    async def _run(self, ctx: Context, tool: str, call: Any, **log_fields: str) -> CallToolResult:
+        # URLs come from the client and may carry secrets in their query: host and path only.
+        log_fields = {name: redact_urls(value) for name, value in log_fields.items()}
         state = _session_of(ctx)
         try:
             if state is None:
@@ -266,6 +333,7 @@ class ANPToolkit:
                 raise ANPToolError("CREDENTIAL_ERROR", str(exc)) from None
             try:
                 payload = await call(handler)
+                text = json.dumps(payload, ensure_ascii=False)
             except ANPToolError:
                 raise
             except Exception as exc:  # a bug or a library surprise: still a tool error, no 500
@@ -283,8 +351,7 @@ class ANPToolkit:
             )
         logger.debug("ANP tool succeeded", tool=tool, **log_fields)
         return CallToolResult(
-            content=[TextContent(type="text", text=json.dumps(payload, ensure_ascii=False))],
-            structured_content=payload,
+            content=[TextContent(type="text", text=text)], structured_content=payload
         )
 
 

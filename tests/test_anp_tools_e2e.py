@@ -235,6 +235,9 @@ async def test_crawler_created_lazily_and_once(tmp_path: Path) -> None:
     assert state.closed and state.anp_handler is None  # released with the session (DELETE)
 
 
+QUERY_SECRET = "q7-query-secret-e41"
+
+
 async def test_secrets_never_reach_the_logs(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -248,6 +251,10 @@ async def test_secrets_never_reach_the_logs(
                     {"endpoint": f"{stack.base_url}/agent/rpc", "method": "whoami"},
                 )
             )
+            # A secret in a URL's query: a failed call logs the URL, as host and path only.
+            missing = f"{stack.base_url}/agent/missing.json?token={QUERY_SECRET}"
+            failed = await client.call_tool("anp_fetchDoc", {"url": missing})
+            assert failed.is_error
             sessions = list(stack.middleware.registry.store.sessions())
             session_ids = [s.session_id for s in sessions]
             tokens = [t for s in sessions for t in s.anp_crawler.signer.tokens.values()]
@@ -262,7 +269,7 @@ async def test_secrets_never_reach_the_logs(
     text += "\n".join(repr(e) for e in events)
     assert ALICE not in text
     assert pem.strip().splitlines()[1] not in text
-    for secret in session_ids + tokens:
+    for secret in [*session_ids, *tokens, QUERY_SECRET]:
         assert secret not in text
     assert "Session created" in text
 
