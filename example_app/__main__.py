@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Sequence
 
@@ -10,7 +11,9 @@ import structlog
 import uvicorn
 
 from .app import create_app
-from .settings import Settings, parse_settings
+from .settings import FETCH_DEADLINE, Settings, parse_settings, startup_warnings
+
+PROG = "python -m example_app"
 
 
 def configure_logging(level_name: str) -> None:
@@ -33,6 +36,14 @@ def banner(settings: Settings) -> str:
         f"  session store:   {settings.store_url.split('@')[-1]}",
         f"  sessions:        idle timeout {settings.session_timeout:g}s, "
         f"sweep every {settings.cleanup_interval:g}s",
+        f"  shutdown grace:  {settings.shutdown_grace:g}s "
+        f"(tool fetch deadline {FETCH_DEADLINE:g}s)",
+        "  tools may reach: "
+        + (
+            "any address, private ranges included"
+            if settings.allow_private
+            else "public addresses and the demo agent"
+        ),
         "Connect an MCP client (streamable HTTP) to the endpoint, or run the demo client:",
         f"  python -m example_app.client {base}/mcp",
     ]
@@ -42,7 +53,15 @@ def banner(settings: Settings) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(argv)
     configure_logging(settings.log_level)
-    app = create_app(settings)
+    for warning in startup_warnings(settings):
+        print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
+    try:
+        app = create_app(settings)
+    except (ValueError, OSError) as exc:
+        # The library refuses what it cannot run (a bad keys file, an unusable data directory,
+        # an option out of range): one line, like a bad flag, not a traceback.
+        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     print(banner(settings), file=sys.stderr, flush=True)
     uvicorn.run(
         app,
@@ -50,7 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=settings.port,
         log_level=settings.log_level.lower(),
         lifespan="on",
-        timeout_graceful_shutdown=10,
+        # The same grace as the middleware's drain (uvicorn takes whole seconds): both outlast
+        # the tools' fetch deadline unless the operator chose otherwise.
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace),
     )
     return 0
 

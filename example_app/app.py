@@ -26,7 +26,7 @@ from mcp2anp_middleware.dev_identity import ensure_dev_identity
 from mcp2anp_middleware.stores import SessionStore
 
 from .demo_agent import DirectoryDidResolver, create_demo_agent
-from .settings import Settings
+from .settings import FETCH_DEADLINE, Settings
 
 
 class _CombinedResolver:
@@ -50,6 +50,13 @@ def _did_documents(configs: list[SessionConfig]) -> dict[str, dict[str, Any]]:
             document = json.loads(config.did_document_path.read_text(encoding="utf-8"))
             documents[document["id"]] = document
     return documents
+
+
+def build_url_policy(settings: Settings) -> URLPolicy:
+    """Public addresses, plus the demo agent only, unless private ranges are allowed outright."""
+    if settings.allow_private:
+        return URLPolicy(allow_private=True, timeout=FETCH_DEADLINE)
+    return URLPolicy(timeout=FETCH_DEADLINE, private_origins=(f"{settings.base_url}/agent/",))
 
 
 def build_authenticator(
@@ -94,7 +101,7 @@ def create_app(settings: Settings) -> ANPMiddleware:
     return ANPMiddleware(
         host,
         authenticator=build_authenticator(settings, static_keys),
-        url_policy=URLPolicy(allow_private=settings.allow_private),
+        url_policy=build_url_policy(settings),
         entry_url=settings.entry_url or f"{base_url}/agent/ad.json",
         session_timeout=settings.session_timeout,
         cleanup_interval=settings.cleanup_interval,
@@ -107,6 +114,7 @@ def create_app(settings: Settings) -> ANPMiddleware:
         stats_token=settings.stats_token,
         state_file=settings.state_file,
         allowed_origins=settings.allowed_origins,
+        shutdown_grace=settings.shutdown_grace,
     )
 
 

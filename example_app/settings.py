@@ -1,16 +1,39 @@
-"""Launcher settings: command-line flags, each also readable from an environment variable."""
+"""Launcher settings: command-line flags, each also readable from an environment variable.
+
+Every value is checked here, before anything is built: a bad one (from a flag or from its
+``MCP2ANP_*`` variable) ends the launcher with exit status 2 and one line naming where it came
+from, never a traceback and never a server that starts and then fails on every request.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Final, NoReturn
+
+from mcp2anp_middleware import URLPolicy
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 AUTH_MODES = ("dev", "static", "remote")
 CAP_POLICIES = ("reject", "evict_oldest")
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+FETCH_DEADLINE: Final = URLPolicy().timeout
+"""The tools' deadline for one outgoing request, redirects included (``URLPolicy.timeout``).
+
+The launcher builds its policy with this value, and the shutdown grace defaults to it plus
+:data:`SHUTDOWN_MARGIN`, so a tool call in flight when the server is told to stop can finish.
+"""
+SHUTDOWN_MARGIN: Final = 5.0
+"""Seconds on top of the fetch deadline for the rest of a call: authentication, the answer."""
+MAX_SECONDS: Final = 10 * 365 * 86400.0
+"""Longest duration accepted (ten years, the session registry's own bound): stores turn
+durations into integer TTLs, and nothing longer is meant seriously."""
 
 
 @dataclass(frozen=True)
@@ -25,7 +48,7 @@ class Settings:
     api_keys_file: Path | None = None
     auth_url: str | None = None
     entry_url: str | None = None
-    allow_private: bool = True
+    allow_private: bool = False
     store_url: str = "memory://"
     touch_interval: float | None = None
     max_session_age: float | None = None
@@ -36,6 +59,7 @@ class Settings:
     stats_token: str | None = None
     state_file: Path | None = None
     allowed_origins: tuple[str, ...] | None = None
+    shutdown_grace: float = FETCH_DEADLINE + SHUTDOWN_MARGIN
 
     @property
     def base_url(self) -> str:
@@ -45,14 +69,48 @@ class Settings:
         return f"http://{host}:{self.port}"
 
 
-def _positive_float(text: str) -> float:
+def startup_warnings(settings: Settings) -> list[str]:
+    """Settings that are allowed but probably not meant; the launcher prints them at start."""
+    warnings = []
+    if settings.shutdown_grace <= FETCH_DEADLINE:
+        warnings.append(
+            f"--shutdown-grace (MCP2ANP_SHUTDOWN_GRACE) is {settings.shutdown_grace:g}s, not more "
+            f"than the tools' fetch deadline of {FETCH_DEADLINE:g}s: a tool call in flight at "
+            "shutdown may be cut short"
+        )
+    return warnings
+
+
+# -- value parsers: each raises ArgumentTypeError with a message that stands on its own ----------
+
+
+def _seconds(text: str) -> float:
+    """A duration: finite, above 0, at most :data:`MAX_SECONDS`."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
+    if value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_SECONDS:g} seconds: {text!r}")
     return value
+
+
+def _optional_seconds(text: str) -> float | None:
+    """A duration, or ``none``/``0``/empty for "not set"."""
+    if text.strip().lower() in ("", "none"):
+        return None
+    try:
+        if float(text) == 0:
+            return None
+        return _seconds(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (or 0/none for not set)") from None
 
 
 def _port(text: str) -> int:
@@ -63,10 +121,6 @@ def _port(text: str) -> int:
     if not 0 < value < 65536:
         raise argparse.ArgumentTypeError(f"port must be 1-65535: {text!r}")
     return value
-
-
-def _optional_positive_float(text: str) -> float | None:
-    return None if text.strip().lower() in ("", "none", "0") else _positive_float(text)
 
 
 def _optional_cap(text: str) -> int | None:
@@ -103,164 +157,210 @@ def _log_level(text: str) -> str:
     return level
 
 
-def parse_settings(argv: Sequence[str] | None = None) -> Settings:
+def _one_of(choices: Sequence[str]) -> Callable[[str], str]:
+    """A parser for ``choices`` that, unlike argparse's ``choices``, also checks env values."""
+
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)} (got {text!r})")
+        return text
+
+    return parse
+
+
+def _stats_path(text: str) -> str:
+    if not text.startswith("/"):
+        raise argparse.ArgumentTypeError(f"must start with '/': {text!r}")
+    return text
+
+
+def _origins(text: str) -> tuple[str, ...] | None:
+    origins = tuple(o.strip() for o in text.split(",") if o.strip())
+    return origins or None
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors are one line (no usage block) and exit with status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+_UNSET: Final = object()
+"""Default of every flag: tells "not on the command line" from any value a flag can take."""
+
+
+@dataclass(frozen=True)
+class _Option:
+    flag: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+
+    @property
+    def dest(self) -> str:
+        return self.flag[2:].replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return "MCP2ANP_" + self.dest.upper()
+
+
+def _options(defaults: Settings) -> list[_Option]:
+    d = defaults
+    return [
+        _Option("--host", str, d.host, "interface to bind (default 127.0.0.1)"),
+        _Option("--port", _port, d.port, "port to listen on (default 9880)"),
+        _Option(
+            "--session-timeout",
+            _seconds,
+            d.session_timeout,
+            "idle seconds before a session is removed (default 1800)",
+        ),
+        _Option(
+            "--cleanup-interval",
+            _seconds,
+            d.cleanup_interval,
+            "seconds between cleanup sweeps (default 300)",
+        ),
+        _Option(
+            "--log-level", _log_level, d.log_level, "DEBUG, INFO, WARNING or ERROR (default INFO)"
+        ),
+        _Option(
+            "--data-dir",
+            Path,
+            d.data_dir,
+            "where the development DID is generated (default .mcp2anp-data)",
+        ),
+        _Option(
+            "--auth-mode",
+            _one_of(AUTH_MODES),
+            d.auth_mode,
+            "dev: no authentication, local DID (default); static: API keys file; "
+            "remote: verifier URL",
+        ),
+        _Option(
+            "--api-keys-file",
+            Path,
+            None,
+            "JSON file mapping API keys to DID credentials (auth mode static)",
+        ),
+        _Option(
+            "--auth-url", str, None, "URL of the remote credential verifier (auth mode remote)"
+        ),
+        _Option(
+            "--entry-url",
+            str,
+            None,
+            "ANP URL the server instructions point agents to (default: the demo agent)",
+        ),
+        _Option(
+            "--allow-private",
+            _boolean,
+            d.allow_private,
+            "let the tools fetch any private/loopback address (default false: public addresses "
+            "and this launcher's own demo agent only)",
+        ),
+        _Option(
+            "--store-url",
+            _store_url,
+            d.store_url,
+            "memory:// (default) or redis://host:port/db to share sessions between processes",
+        ),
+        _Option(
+            "--touch-interval",
+            _optional_seconds,
+            None,
+            "Redis store: seconds between writes of a busy session's last use (default 30)",
+        ),
+        _Option(
+            "--max-session-age",
+            _optional_seconds,
+            None,
+            "absolute session lifetime in seconds (default none)",
+        ),
+        _Option(
+            "--per-principal-cap",
+            _optional_cap,
+            None,
+            "most sessions one credential may hold (default none)",
+        ),
+        _Option("--global-cap", _optional_cap, None, "most sessions in total (default none)"),
+        _Option(
+            "--cap-policy",
+            _one_of(CAP_POLICIES),
+            d.cap_policy,
+            "reject (429, default) or evict_oldest when a credential is at its cap",
+        ),
+        _Option(
+            "--stats-path",
+            _stats_path,
+            None,
+            "serve read-only session statistics (JSON) at this path (default off)",
+        ),
+        _Option("--stats-token", str, None, "bearer token required by the statistics endpoint"),
+        _Option(
+            "--state-file",
+            Path,
+            None,
+            "with the memory store: save sessions here on shutdown, restore them on start",
+        ),
+        _Option(
+            "--allowed-origins",
+            _origins,
+            None,
+            "comma-separated browser origins allowed on /mcp (default: loopback; * = any)",
+        ),
+        _Option(
+            "--shutdown-grace",
+            _seconds,
+            d.shutdown_grace,
+            "seconds a stopping server waits for requests in flight: uvicorn's graceful "
+            f"timeout and the middleware's drain (default {d.shutdown_grace:g}: the tools' "
+            f"fetch deadline of {FETCH_DEADLINE:g}s plus {SHUTDOWN_MARGIN:g})",
+        ),
+    ]
+
+
+def _resolve(parser: _Parser, option: _Option, given: Any, env: Mapping[str, str]) -> Any:
+    """The flag's value if given, else its environment variable's (empty = unset), else the
+    default. A bad environment value is reported with the variable's name."""
+    if given is not _UNSET:
+        return given
+    raw = env.get(option.env, "")
+    if not raw:
+        return option.default
+    try:
+        return option.parse(raw)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"argument {option.flag}: {exc} (from environment variable {option.env})")
+
+
+def parse_settings(
+    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
     """Flags win over environment variables (``MCP2ANP_<FLAG>``), which win over defaults."""
-    defaults = Settings()
-    env = os.environ
-    parser = argparse.ArgumentParser(
+    env = os.environ if env is None else env
+    options = _options(Settings())
+    parser = _Parser(
         prog="python -m example_app",
-        description="Serve the mcp2anp-middleware demo (MCP endpoint and demo ANP agent).",
+        description="Serve the mcp2anp-middleware demo (MCP endpoint and demo ANP agent). "
+        "Each flag can also be set by its environment variable, MCP2ANP_<FLAG>.",
     )
-    parser.add_argument("--host", default=env.get("MCP2ANP_HOST", defaults.host))
-    parser.add_argument("--port", type=_port, default=env.get("MCP2ANP_PORT", str(defaults.port)))
-    parser.add_argument(
-        "--session-timeout",
-        type=_positive_float,
-        default=env.get("MCP2ANP_SESSION_TIMEOUT", str(defaults.session_timeout)),
-        help="idle seconds before a session is removed (default 1800)",
-    )
-    parser.add_argument(
-        "--cleanup-interval",
-        type=_positive_float,
-        default=env.get("MCP2ANP_CLEANUP_INTERVAL", str(defaults.cleanup_interval)),
-        help="seconds between cleanup sweeps (default 300)",
-    )
-    parser.add_argument(
-        "--log-level",
-        type=_log_level,
-        default=env.get("MCP2ANP_LOG_LEVEL", defaults.log_level),
-        help="DEBUG, INFO, WARNING or ERROR (default INFO)",
-    )
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=env.get("MCP2ANP_DATA_DIR", str(defaults.data_dir)),
-        help="where the development DID is generated (default .mcp2anp-data)",
-    )
-    parser.add_argument(
-        "--auth-mode",
-        choices=AUTH_MODES,
-        default=env.get("MCP2ANP_AUTH_MODE", defaults.auth_mode),
-        help="dev: no authentication, local DID (default); static: API keys file; "
-        "remote: verifier URL",
-    )
-    parser.add_argument(
-        "--api-keys-file",
-        type=Path,
-        default=env.get("MCP2ANP_API_KEYS_FILE"),
-        help="JSON file mapping API keys to DID credentials (auth mode static)",
-    )
-    parser.add_argument(
-        "--auth-url",
-        default=env.get("MCP2ANP_AUTH_URL"),
-        help="URL of the remote credential verifier (auth mode remote)",
-    )
-    parser.add_argument(
-        "--entry-url",
-        default=env.get("MCP2ANP_ENTRY_URL"),
-        help="ANP URL the server instructions point agents to (default: the demo agent)",
-    )
-    parser.add_argument(
-        "--allow-private",
-        type=_boolean,
-        default=env.get("MCP2ANP_ALLOW_PRIVATE", "true"),
-        help="let the tools fetch private/loopback addresses (default true: the demo is local)",
-    )
-    parser.add_argument(
-        "--store-url",
-        type=_store_url,
-        default=env.get("MCP2ANP_STORE_URL", defaults.store_url),
-        help="memory:// (default) or redis://host:port/db to share sessions between processes",
-    )
-    parser.add_argument(
-        "--touch-interval",
-        type=_optional_positive_float,
-        default=env.get("MCP2ANP_TOUCH_INTERVAL", "none"),
-        help="Redis store: seconds between writes of a busy session's last use (default 30)",
-    )
-    parser.add_argument(
-        "--max-session-age",
-        type=_optional_positive_float,
-        default=env.get("MCP2ANP_MAX_SESSION_AGE", "none"),
-        help="absolute session lifetime in seconds (default none)",
-    )
-    parser.add_argument(
-        "--per-principal-cap",
-        type=_optional_cap,
-        default=env.get("MCP2ANP_PER_PRINCIPAL_CAP", "none"),
-        help="most sessions one credential may hold (default none)",
-    )
-    parser.add_argument(
-        "--global-cap",
-        type=_optional_cap,
-        default=env.get("MCP2ANP_GLOBAL_CAP", "none"),
-        help="most sessions in total (default none)",
-    )
-    parser.add_argument(
-        "--cap-policy",
-        default=env.get("MCP2ANP_CAP_POLICY", defaults.cap_policy),
-        help="reject (429, default) or evict_oldest when a credential is at its cap",
-    )
-    parser.add_argument(
-        "--stats-path",
-        default=env.get("MCP2ANP_STATS_PATH"),
-        help="serve read-only session statistics (JSON) at this path (default off)",
-    )
-    parser.add_argument(
-        "--stats-token",
-        default=env.get("MCP2ANP_STATS_TOKEN"),
-        help="bearer token required by the statistics endpoint",
-    )
-    parser.add_argument(
-        "--state-file",
-        type=Path,
-        default=env.get("MCP2ANP_STATE_FILE"),
-        help="with the memory store: save sessions here on shutdown, restore them on start",
-    )
-    parser.add_argument(
-        "--allowed-origins",
-        default=env.get("MCP2ANP_ALLOWED_ORIGINS"),
-        help="comma-separated browser origins allowed on /mcp (default: loopback; * = any)",
-    )
-    args = parser.parse_args(argv)
-    if args.cap_policy not in CAP_POLICIES:
-        parser.error(f"--cap-policy must be one of {', '.join(CAP_POLICIES)}")
-    if args.stats_path is not None and not args.stats_path.startswith("/"):
-        parser.error("--stats-path must start with '/'")
-    # argparse does not apply ``choices`` to defaults taken from the environment.
-    if args.auth_mode not in AUTH_MODES:
-        parser.error(f"--auth-mode must be one of {', '.join(AUTH_MODES)} (got {args.auth_mode!r})")
-    if args.auth_mode == "static" and args.api_keys_file is None:
+    for option in options:
+        parser.add_argument(
+            option.flag, type=option.parse, default=_UNSET, help=f"{option.help} [{option.env}]"
+        )
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    values = {o.dest: _resolve(parser, o, getattr(args, o.dest), env) for o in options}
+    settings = Settings(**values)
+    keys_file = settings.api_keys_file
+    if settings.auth_mode == "static" and keys_file is None:
         parser.error("--auth-mode static needs --api-keys-file")
-    if args.auth_mode == "static" and not args.api_keys_file.is_file():
-        parser.error(f"--api-keys-file {args.api_keys_file} does not exist")
-    if args.auth_mode == "remote" and not args.auth_url:
+    if settings.auth_mode == "static" and keys_file is not None and not keys_file.is_file():
+        parser.error(f"--api-keys-file {keys_file} does not exist")
+    if settings.auth_mode == "remote" and not settings.auth_url:
         parser.error("--auth-mode remote needs --auth-url")
-    if args.auth_mode == "dev" and args.host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
+    if settings.auth_mode == "dev" and settings.host not in _LOOPBACK_HOSTS:
         parser.error("--auth-mode dev (no authentication) only binds to loopback hosts")
-    origins = None
-    if args.allowed_origins:
-        origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
-    return Settings(
-        store_url=args.store_url,
-        touch_interval=args.touch_interval,
-        max_session_age=args.max_session_age,
-        per_principal_cap=args.per_principal_cap,
-        global_cap=args.global_cap,
-        cap_policy=args.cap_policy,
-        stats_path=args.stats_path,
-        stats_token=args.stats_token,
-        state_file=args.state_file,
-        allowed_origins=origins,
-        data_dir=args.data_dir,
-        auth_mode=args.auth_mode,
-        api_keys_file=args.api_keys_file,
-        auth_url=args.auth_url,
-        entry_url=args.entry_url,
-        allow_private=args.allow_private,
-        host=args.host,
-        port=args.port,
-        session_timeout=args.session_timeout,
-        cleanup_interval=args.cleanup_interval,
-        log_level=args.log_level,
-    )
+    return settings

@@ -87,7 +87,9 @@ def create_app(*, data_dir: Path | str | None = None, port: int | None = None) -
         ANPMiddleware,
         server=host_mcp_server("fastapi-host"),
         data_dir=directory,
-        url_policy=URLPolicy(allow_private=True),  # the demo agent lives on loopback
+        url_policy=URLPolicy(
+            private_origins=(f"{base_url}/agent/",)
+        ),  # the demo agent, and only it
         entry_url=f"{base_url}/agent/ad.json",
     )
     return app

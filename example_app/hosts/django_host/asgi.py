@@ -65,7 +65,9 @@ def create_application(
         django_app,
         server=host_mcp_server("django-host"),
         data_dir=directory,
-        url_policy=URLPolicy(allow_private=True),  # the demo agent lives on loopback
+        url_policy=URLPolicy(
+            private_origins=(f"{base_url}/agent/",)
+        ),  # the demo agent, and only it
         entry_url=f"{base_url}/agent/ad.json",
     )
     return application
