@@ -115,6 +115,7 @@ def create_app(settings: Settings) -> ANPMiddleware:
         state_file=settings.state_file,
         allowed_origins=settings.allowed_origins,
         shutdown_grace=settings.shutdown_grace,
+        body_timeout=settings.body_timeout,
     )
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Final, NoReturn
 
 from mcp2anp_middleware import URLPolicy
+from mcp2anp_middleware.middleware import DEFAULT_BODY_TIMEOUT
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 AUTH_MODES = ("dev", "static", "remote")
@@ -60,6 +61,7 @@ class Settings:
     state_file: Path | None = None
     allowed_origins: tuple[str, ...] | None = None
     shutdown_grace: float = FETCH_DEADLINE + SHUTDOWN_MARGIN
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
 
     @property
     def base_url(self) -> str:
@@ -318,6 +320,13 @@ def _options(defaults: Settings) -> list[_Option]:
             "seconds a stopping server waits for requests in flight: uvicorn's graceful "
             f"timeout and the middleware's drain (default {d.shutdown_grace:g}: the tools' "
             f"fetch deadline of {FETCH_DEADLINE:g}s plus {SHUTDOWN_MARGIN:g})",
+        ),
+        _Option(
+            "--body-timeout",
+            _seconds,
+            d.body_timeout,
+            f"seconds a client has to send a whole request body before it is answered 408 "
+            f"(default {d.body_timeout:g})",
         ),
     ]
 

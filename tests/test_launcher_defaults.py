@@ -125,7 +125,7 @@ def test_a_library_refusal_at_build_time_is_one_line(
 # Numeric flags and environment variables
 # ---------------------------------------------------------------------------------------------
 
-DURATIONS = ("--session-timeout", "--cleanup-interval", "--shutdown-grace")
+DURATIONS = ("--session-timeout", "--cleanup-interval", "--shutdown-grace", "--body-timeout")
 OPTIONAL_DURATIONS = ("--touch-interval", "--max-session-age")
 CAPS = ("--per-principal-cap", "--global-cap")
 BAD_DURATIONS = ("nan", "inf", "-inf", "Infinity", "-1", "0", "1e300", "soon")
