@@ -27,7 +27,6 @@ import psutil
 import structlog
 
 from mcp2anp_middleware import ManualClock, SessionConfig, SessionRegistry
-from mcp2anp_middleware.session_ids import short_id
 
 from .common import Result, log, median, run_module, spread
 
@@ -40,36 +39,8 @@ def rss_mb() -> float:
     return psutil.Process(os.getpid()).memory_info().rss / 2**20
 
 
-class BatchedFollowUpRegistry(SessionRegistry):
-    """What-if (bench only, not package code): ``sweep()`` with its per-session follow-up loop
-    (close + "Session removed" log) yielding to the event loop every ``sweep_batch`` sessions,
-    the way the in-memory store's own ``expire()`` already does. In-memory store only."""
-
-    async def sweep(self) -> int:
-        expired = await self.store.expire(
-            now=self.clock(),
-            idle_timeout=self.session_timeout,
-            max_age=self.max_session_age,
-            is_busy=self._busy.__contains__,
-        )
-        for done, (stored, reason) in enumerate(expired, 1):
-            self.stats.removed[reason] += 1
-            self._close(stored, reason)  # type: ignore[arg-type]
-            logger.info(
-                "Session removed",
-                session_id=short_id(stored.session_id),
-                total_sessions=len(self),
-                reason=reason,
-            )
-            if done % self.sweep_batch == 0:
-                await asyncio.sleep(0)
-        return len(expired)
-
-
-async def populate(
-    count: int, clock: ManualClock, cls: type[SessionRegistry] = SessionRegistry
-) -> SessionRegistry:
-    registry = cls(session_timeout=TIMEOUT, clock=clock)
+async def populate(count: int, clock: ManualClock) -> SessionRegistry:
+    registry = SessionRegistry(session_timeout=TIMEOUT, clock=clock)
     config = SessionConfig(principal="bench")
     gc.disable()
     try:
@@ -90,10 +61,11 @@ async def sweep_cost(registry: SessionRegistry, repeats: int) -> float:
 
 
 def seed_scan_cost(registry: SessionRegistry) -> float:
-    """The seed's cleanup: look at every session (``is_expired``), collect the expired ones."""
-    sessions = list(registry.store.sessions())  # type: ignore[attr-defined]
+    """The seed's cleanup: look at every session's idle time, collect the expired ones."""
+    sessions = registry.live_sessions()
+    now = registry.clock()
     start = time.perf_counter()
-    expired = [s.session_id for s in sessions if s.is_expired(TIMEOUT)]
+    expired = [s.session_id for s in sessions if now - s.last_accessed > TIMEOUT]
     elapsed = time.perf_counter() - start
     assert not expired
     return elapsed
@@ -200,7 +172,6 @@ async def part_b(count: int, quick: bool) -> Result:
         del registry
         gc.collect()
     store_stall, store_seconds = await store_only(count)
-    what_if = await batched_follow_up(count)
     worst = max(stalls)
     log(
         f"  sweep of {count:,} expired: total {median(sweep_seconds) * 1e3:.0f} ms, longest "
@@ -214,27 +185,8 @@ async def part_b(count: int, quick: bool) -> Result:
         f"worst stall {worst * 1e3:.1f} ms over {len(stalls)} runs (medians: stall "
         f"{median(stalls) * 1e3:.1f} ms, sweep {median(sweep_seconds) * 1e3:.0f} ms total; "
         f"idle ticker {max(floors) * 1e3:.2f} ms); the store's expire() alone: stall "
-        f"{store_stall * 1e3:.1f} ms, {store_seconds * 1e3:.0f} ms total; what-if sweep() "
-        f"yielding every 1000 in its follow-up loop too: stall {what_if * 1e3:.1f} ms",
+        f"{store_stall * 1e3:.1f} ms, {store_seconds * 1e3:.0f} ms total",
     )
-
-
-async def batched_follow_up(count: int) -> float:
-    clock = ManualClock()
-    registry = await populate(count, clock, BatchedFollowUpRegistry)
-    gc.collect()
-    gc.freeze()
-    clock.advance(TIMEOUT + 1)
-    stall = await max_stall(registry.sweep())
-    assert len(registry) == 0
-    gc.unfreeze()
-    del registry
-    gc.collect()
-    log(
-        f"  what-if (bench subclass, not package code): sweep() whose follow-up loop also "
-        f"yields every 1000 sessions: longest stall {stall * 1e3:.1f} ms"
-    )
-    return stall
 
 
 async def store_only(count: int) -> tuple[float, float]:
@@ -244,9 +196,7 @@ async def store_only(count: int) -> tuple[float, float]:
     gc.collect()
     gc.freeze()
     clock.advance(TIMEOUT + 1)
-    work = registry.store.expire(
-        now=clock(), idle_timeout=TIMEOUT, max_age=None, is_busy=lambda _: False
-    )
+    work = registry.store.expire(now=clock())
     started = time.perf_counter()
     stall = await max_stall(work)
     elapsed = time.perf_counter() - started
@@ -255,8 +205,7 @@ async def store_only(count: int) -> tuple[float, float]:
     gc.collect()
     log(
         f"  diagnosis: store.expire() alone on {count:,} expired: longest stall "
-        f"{stall * 1e3:.1f} ms, total {elapsed * 1e3:.0f} ms; the rest of sweep() (per-session "
-        "close + 'Session removed' log call + len()) runs in one stretch without yielding"
+        f"{stall * 1e3:.1f} ms, total {elapsed * 1e3:.0f} ms"
     )
     return stall, elapsed
 

@@ -223,10 +223,19 @@ class AnpStyleHttpClient(ANPHttpClient):
         return result, {k.lower(): v for k, v in response_headers.items()}
 
 
+class NewConnectionHttpClient(ANPHttpClient):
+    """The package's client with a connection per request (what-if, bench only)."""
+
+    def _connector(self) -> aiohttp.TCPConnector:
+        return aiohttp.TCPConnector(ssl=self._ssl, force_close=True)
+
+
 def http_client(kind: str, policy: URLPolicy, verify: ssl.SSLContext) -> ANPHttpClient:
     if kind == "anp":
         return AnpStyleHttpClient(policy, verify)
-    return ANPHttpClient(policy, ssl=verify, keepalive=kind == "pooled")
+    if kind == "pooled":
+        return ANPHttpClient(policy, ssl=verify)
+    return NewConnectionHttpClient(policy, ssl=verify)
 
 
 def mcp_stack(config: SessionConfig, verify: ssl.SSLContext, kind: str) -> ANPMiddleware:

@@ -112,6 +112,7 @@ def create_app(settings: Settings) -> ANPMiddleware:
         cap_policy="evict_oldest" if settings.cap_policy == "evict_oldest" else "reject",
         stats_path=settings.stats_path,
         stats_token=settings.stats_token,
+        admin_token=settings.admin_token,
         state_file=settings.state_file,
         allowed_origins=settings.allowed_origins,
         shutdown_grace=settings.shutdown_grace,

@@ -62,6 +62,7 @@ class Settings:
     allowed_origins: tuple[str, ...] | None = None
     shutdown_grace: float = FETCH_DEADLINE + SHUTDOWN_MARGIN
     body_timeout: float = DEFAULT_BODY_TIMEOUT
+    admin_token: str | None = None
 
     @property
     def base_url(self) -> str:
@@ -301,6 +302,13 @@ def _options(defaults: Settings) -> list[_Option]:
             "serve read-only session statistics (JSON) at this path (default off)",
         ),
         _Option("--stats-token", str, None, "bearer token required by the statistics endpoint"),
+        _Option(
+            "--admin-token",
+            str,
+            None,
+            "serve the session admin API at /mcp-admin/sessions (list, revoke) to requests "
+            "bearing this token (default off)",
+        ),
         _Option(
             "--state-file",
             Path,

@@ -55,7 +55,7 @@ class ANPHttpClient:
     aiohttp rather than httpx: its per-request cost on a kept-alive connection is about a third of
     httpx's here, which is most of a tool call's HTTP time. The session is created on first use,
     on the loop that serves requests, and closed by :meth:`aclose` (the toolkit's service does it
-    at shutdown). ``keepalive=False`` opens a new connection per request (benchmarks only).
+    at shutdown).
     """
 
     def __init__(
@@ -64,24 +64,16 @@ class ANPHttpClient:
         *,
         ssl: ssl_module.SSLContext | bool = True,
         max_connections: int = 100,
-        keepalive: bool = True,
     ) -> None:
         self.policy = policy if policy is not None else URLPolicy()
         self._ssl = ssl
         self._max_connections = max_connections
-        self._keepalive = keepalive
         self._session: aiohttp.ClientSession | None = None
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(
-                limit=self._max_connections,
-                ssl=self._ssl,
-                force_close=not self._keepalive,
-                ttl_dns_cache=60,
-            )
             self._session = aiohttp.ClientSession(
-                connector=connector,
+                connector=self._connector(),
                 timeout=aiohttp.ClientTimeout(
                     total=None,
                     sock_connect=self.policy.connect_timeout,
@@ -91,6 +83,10 @@ class ANPHttpClient:
                 trust_env=False,
             )
         return self._session
+
+    def _connector(self) -> aiohttp.TCPConnector:
+        """The connection pool: kept-alive connections shared by every session's calls."""
+        return aiohttp.TCPConnector(limit=self._max_connections, ssl=self._ssl, ttl_dns_cache=60)
 
     async def aclose(self) -> None:
         if self._session is not None:

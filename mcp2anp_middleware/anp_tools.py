@@ -1,10 +1,12 @@
 """The two ANP tools, ``anp_fetchDoc`` and ``anp_invokeOpenRPC``, bound to each MCP session.
 
 Each session signs with its own DID: the tool finds the session's :class:`SessionState` in the
-request scope and uses its ``anp_crawler`` (the session's signer and document cache) and
-``anp_handler`` (this module's :class:`ANPToolHandler`). Both are created on the session's first
-tool call, so idle sessions stay small; creation has no ``await`` in it, so concurrent first calls
-cannot create two. Failures are returned as tool errors (``isError: true``) with a stable code.
+request scope and uses the :class:`ANPToolHandler` attached to it under ``"anp"`` (with the
+session's :class:`SessionCrawler`: its signer and document cache). It is created on the session's
+first tool call, so idle sessions stay small; creation has no ``await`` in it, so concurrent first
+calls cannot create two. :meth:`ANPToolkit.release`, subscribed to the registry's session events,
+drops it when the session ends. Failures are returned as tool errors (``isError: true``) with
+a stable code.
 """
 
 from __future__ import annotations
@@ -34,8 +36,12 @@ from .clock import Clock, system_clock
 from .did_credentials import CredentialCache, CredentialError
 from .log_redaction import redact_urls
 from .middleware import SESSION_SCOPE_KEY
-from .session_state import SessionState
+from .session_events import SessionEvent
+from .session_state import SessionConfig, SessionState
 from .url_policy import URLPolicy
+
+ATTACHMENT = "anp"
+"""Key of the session's :class:`ANPToolHandler` in :attr:`SessionState.attachments`."""
 
 logger = structlog.get_logger("mcp2anp_middleware.tools")
 
@@ -136,11 +142,16 @@ def cache_weight(url: str, result: HttpResult) -> int:
 class ANPToolHandler:
     """Implements the two tools for one session."""
 
-    __slots__ = ("crawler", "http")
+    __slots__ = ("config", "crawler", "http")
 
-    def __init__(self, crawler: SessionCrawler, http: ANPHttpClient) -> None:
+    def __init__(
+        self, crawler: SessionCrawler, http: ANPHttpClient, config: SessionConfig | None = None
+    ) -> None:
         self.crawler = crawler
         self.http = http
+        self.config = config
+        """The credential the crawler signs with; a session whose credential changed gets a new
+        handler."""
 
     async def fetch_doc(self, url: str) -> dict[str, Any]:
         cached = self.crawler.cached(url)
@@ -256,9 +267,10 @@ class ANPToolkit:
         return text
 
     def handler_for(self, state: SessionState) -> ANPToolHandler:
-        """The session's handler, created on first use (no await: exactly once per session)."""
-        handler = state.anp_handler
-        if isinstance(handler, ANPToolHandler):
+        """The session's handler, created on first use (no await: exactly once per session), and
+        again when the session's credential changed (a rotated key signs from its next call)."""
+        handler = state.attachment(ATTACHMENT)
+        if isinstance(handler, ANPToolHandler) and handler.config == state.config:
             return handler
         credential = self.credentials.get(state.config)
         crawler = SessionCrawler(
@@ -269,10 +281,18 @@ class ANPToolkit:
             cache_bytes=self.document_cache_bytes,
             cache_budget=self.document_cache_budget,
         )
-        handler = ANPToolHandler(crawler, self.http)
-        state.anp_crawler = crawler
-        state.anp_handler = handler
+        if isinstance(handler, ANPToolHandler):
+            handler.crawler.close()
+        handler = ANPToolHandler(crawler, self.http, state.config)
+        state.attach(ATTACHMENT, handler)
         return handler
+
+    def release(self, event: SessionEvent) -> None:
+        """Session event subscriber: a session that ended drops its crawler (documents, tokens)."""
+        if event.kind.ends_session and event.state is not None:
+            handler = event.state.detach(ATTACHMENT)
+            if isinstance(handler, ANPToolHandler):
+                handler.crawler.close()
 
     @asynccontextmanager
     async def service(self) -> AsyncIterator[None]:

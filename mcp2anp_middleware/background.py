@@ -43,7 +43,6 @@ class BackgroundRunner:
         self._task: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[None] | None = None
         self._stop: asyncio.Event | None = None
-        self.sweeps = 0
 
     @property
     def running(self) -> bool:
@@ -117,4 +116,3 @@ class BackgroundRunner:
                 await self.registry.sweep()
             except Exception:
                 logger.exception("Session cleanup failed; will retry at the next interval")
-            self.sweeps += 1

@@ -125,7 +125,3 @@ class CredentialCache:
     def peek(self, config: SessionConfig) -> DidCredential | None:
         """The credential if already loaded (no I/O)."""
         return self._entries.get(config)
-
-    def forget(self, config: SessionConfig) -> None:
-        with self._lock:
-            self._entries.pop(config, None)

@@ -102,3 +102,4 @@ class ANPMiddleware(MCPSessionMiddleware):
             services=[self.endpoint.service, self.toolkit.service, *services],
             **session_options,
         )
+        self.registry.subscribe(self.toolkit.release)

@@ -18,10 +18,8 @@ SERVER_ERROR = -32000
 UNAUTHORIZED = -32001
 
 
-def error_body(code: int, message: str, *, request_id: Any = None, data: Any = None) -> bytes:
+def error_body(code: int, message: str, *, request_id: Any = None) -> bytes:
     error: dict[str, Any] = {"code": code, "message": message}
-    if data is not None:
-        error["data"] = data
     payload = {"jsonrpc": "2.0", "id": request_id, "error": error}
     return json.dumps(payload, separators=(",", ":")).encode()
 
@@ -33,10 +31,9 @@ async def send_jsonrpc_error(
     message: str,
     *,
     request_id: Any = None,
-    data: Any = None,
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    body = error_body(code, message, request_id=request_id, data=data)
+    body = error_body(code, message, request_id=request_id)
     raw_headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

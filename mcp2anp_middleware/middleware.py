@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import hmac
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -18,6 +16,7 @@ import structlog
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .admin import SessionAdminApp
 from .authentication import (
     AuthenticationError,
     Authenticator,
@@ -42,6 +41,7 @@ from .session_ids import is_well_formed_session_id, short_id
 from .session_registry import SessionRegistry, ShuttingDown
 from .session_state import SessionConfig, SessionState
 from .state_file import load_state_file, save_state_file
+from .stats import SessionStatsApp, session_statistics
 from .stores.base import CapExceeded, SessionStore, StoreUnavailable
 
 logger = structlog.get_logger("mcp2anp_middleware.middleware")
@@ -143,6 +143,8 @@ class MCPSessionMiddleware:
         allowed_origins: Sequence[str] | None = None,
         stats_path: str | None = None,
         stats_token: str | None = None,
+        admin_token: str | None = None,
+        admin_path: str = "/mcp-admin",
         shutdown_grace: float = 10.0,
         state_file: Path | str | None = None,
         clock: Clock = system_clock,
@@ -182,11 +184,20 @@ class MCPSessionMiddleware:
             )
         )
         self.background = BackgroundRunner(
-            self.registry, cleanup_interval=cleanup_interval, services=services, sleep=sleep
+            self.registry,
+            cleanup_interval=cleanup_interval,
+            services=[self.registry.follow_other_processes, *services],
+            sleep=sleep,
         )
         self.origins = OriginPolicy(allowed_origins)
         self.stats_path = stats_path
-        self.stats_token = stats_token
+        # Statistics and administration are small apps of their own, routed here by exact path.
+        self._side_apps: dict[str, ASGIApp] = {}
+        if stats_path is not None:
+            self._side_apps[stats_path] = SessionStatsApp(self.registry, token=stats_token)
+        if admin_token is not None:
+            admin = SessionAdminApp(self.registry, token=admin_token, path=admin_path)
+            self._side_apps[f"{admin.path}/sessions"] = admin
         self.shutdown_grace = shutdown_grace
         self.state_file = Path(state_file) if state_file is not None else None
         self.started_at = time.time()
@@ -205,8 +216,9 @@ class MCPSessionMiddleware:
             ):
                 await self._handle_mcp(scope, receive, send)
                 return
-            if path == self.stats_path:
-                await self._handle_stats(scope, send)
+            side_app = self._side_apps.get(path) if self._side_apps else None
+            if side_app is not None:
+                await side_app(scope, receive, send)
                 return
         elif scope_type == "lifespan":
             await run_lifespan(
@@ -545,38 +557,9 @@ class MCPSessionMiddleware:
                 registry.leave(state)  # no await: bookkeeping survives cancellation
                 await registry.discard(state)
 
-    # -- statistics -----------------------------------------------------------------------------
-
-    async def _handle_stats(self, scope: Scope, send: Send) -> None:
-        if self.stats_token is not None:
-            supplied = credentials_from_headers(scope["headers"]).bearer_token or ""
-            if not hmac.compare_digest(supplied.encode(), self.stats_token.encode()):
-                await send_jsonrpc_error(send, 401, UNAUTHORIZED, "Statistics need a valid token")
-                return
-        payload = await self.statistics()
-        body = json.dumps(payload).encode()
-        headers = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
     async def statistics(self) -> dict[str, Any]:
         """Counters and gauges for monitoring (also served at ``stats_path`` when enabled)."""
-        registry = self.registry
-        now = registry.clock()
-        try:
-            active: int | None = await registry.store.count(now=now)
-            healthy = await registry.store.ping()
-        except Exception:
-            active, healthy = None, False
-        return {
-            "active_sessions": active,
-            "local_sessions": len(registry),
-            "in_flight_requests": registry.in_flight,
-            "accepting_sessions": registry.accepting,
-            "store": {"type": type(registry.store).__name__, "healthy": healthy},
-            "uptime_seconds": round(time.time() - self.started_at, 3),
-            **registry.stats.as_dict(),
-        }
+        return await session_statistics(self.registry, started_at=self.started_at)
 
 
 def _initialize_succeeded(start: Message, body: bytes) -> bool:

@@ -1,13 +1,18 @@
-"""This process's view of the sessions: live objects over a (possibly shared) metadata store.
+"""This process's sessions: live objects over a store of records, one code path for every store.
 
-With the in-memory store the live :class:`SessionState` objects are the store's records. With a
-shared store (Redis) they are a per-process cache in front of it: a session arriving here for the
-first time is rebuilt from its metadata, one deleted or expired elsewhere is gone here at its next
-request, and the sweep only evicts idle entries from the cache (the store expires by TTL).
+The store (memory or Redis) holds records only. In front of it the registry keeps:
 
-A session with a request in flight is never expired under it; idle time counts from the end of its
-last request. Expiry is also checked on every lookup, so a session is refused at its timeout even
-if the sweep has not run yet.
+- a bounded cache of live :class:`SessionState` objects, least recently used first; an entry
+  evicted from it is rebuilt from its record at the session's next request;
+- an in-flight map: a session with a request in flight never expires (the sweep pushes its
+  deadline on), and its idle time counts from the end of the last request;
+- the expiry rule, written once in :meth:`SessionRegistry.deadline`: the earlier of last use plus
+  the idle timeout and creation plus the maximum age.
+
+A shared store is written at most once per ``touch_interval`` per session, so another process's
+copy of ``last_used`` may lag by that much: a session counts as expired only ``touch_interval``
+after its deadline (zero with the memory store). Every change is reported as a
+:class:`~.session_events.SessionEvent`.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import hashlib
 import math
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,18 +31,48 @@ import anyio
 import structlog
 
 from .clock import Clock, system_clock
+from .session_events import SessionEvent, SessionEventKind, SessionEvents, SessionListener
 from .session_ids import new_session_id, short_id
 from .session_state import SessionConfig, SessionState
-from .stores.base import Caps, SessionStore, StoredSession, StoreUnavailable
+from .stores.base import Caps, SessionRecord, SessionStore, StoreUnavailable
 from .stores.memory import InMemorySessionStore
 
 logger = structlog.get_logger("mcp2anp_middleware.sessions")
 
-RemovalHook = Callable[[SessionState, str], None]
+_SWEEP_BATCH = 1000
+_RETRY_FIRST = 0.1
+_RETRY_MAX = 2.0
+_RETRY_SETTLE = 1.0
+DEFAULT_LIVE_CACHE = 100_000
+"""Live objects kept per process (least recently used beyond it are rebuilt when used again)."""
+MAX_DURATION = 10 * 365 * 86400.0
+"""Longest timeout or age accepted (ten years): stores turn them into integer TTLs."""
 
 
 class ShuttingDown(Exception):
     """New sessions are refused while the server drains (answered 503)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """One session as the admin API lists it: never the whole id."""
+
+    short_id: str
+    principal: str
+    created_at: float
+    last_used: float
+    expires_at: float
+    implicit: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.short_id,
+            "principal": self.principal,
+            "created_at": self.created_at,
+            "last_used": self.last_used,
+            "expires_at": self.expires_at,
+            "implicit": self.implicit,
+        }
 
 
 @dataclass
@@ -59,13 +95,6 @@ class RegistryStats:
             "max_sweep_seconds": self.max_sweep_seconds,
             "total_sweep_seconds": self.total_sweep_seconds,
         }
-
-
-_RETRY_FIRST = 0.1
-_RETRY_MAX = 2.0
-_RETRY_SETTLE = 1.0
-MAX_DURATION = 10 * 365 * 86400.0
-"""Longest timeout or age accepted (ten years): stores turn them into integer TTLs."""
 
 
 def _check_duration(name: str, value: float, *, allow_zero: bool = False) -> None:
@@ -94,17 +123,14 @@ class SessionRegistry:
         per_principal_cap: int | None = None,
         global_cap: int | None = None,
         evict_oldest: bool = False,
-        sweep_batch: int = 1000,
-        on_removed: RemovalHook | None = None,
+        live_cache: int = DEFAULT_LIVE_CACHE,
     ) -> None:
         _check_duration("session_timeout", session_timeout)
         if max_session_age is not None:
             _check_duration("max_session_age", max_session_age)
         if touch_interval is not None:
             _check_duration("touch_interval", touch_interval, allow_zero=True)
-        self.store: SessionStore = (
-            store if store is not None else InMemorySessionStore(batch=sweep_batch)
-        )
+        self.store: SessionStore = store if store is not None else InMemorySessionStore()
         self.session_timeout = session_timeout
         self.max_session_age = max_session_age
         self.clock = clock
@@ -112,28 +138,74 @@ class SessionRegistry:
             self.store.default_touch_interval if touch_interval is None else touch_interval
         )
         self.caps = Caps(per_principal_cap, global_cap, evict_oldest)
-        self.sweep_batch = max(1, sweep_batch)
-        self._on_removed = on_removed
-        self._shared = not self.store.holds_live_objects
-        self._live: OrderedDict[str, SessionState] = OrderedDict()  # shared stores only
-        self._busy: dict[str, SessionState] = {}
+        self.live_cache = max(1, live_cache)
+        self.events = SessionEvents()
         self.stats = RegistryStats()
         self.accepting = True
+        self._live: OrderedDict[str, SessionState] = OrderedDict()
+        self._busy: dict[str, SessionState] = {}
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._compensations: set[asyncio.Task[None]] = set()
+
+    # -- the expiry rule ------------------------------------------------------------------------
+
+    def deadline(self, state: SessionState | SessionRecord) -> float:
+        """When the session expires if nothing uses it again: the one expiry rule."""
+        last = state.last_accessed if isinstance(state, SessionState) else state.last_used
+        deadline = last + self.session_timeout
+        if self.max_session_age is not None:
+            deadline = min(deadline, state.created_at + self.max_session_age)
+        return deadline
+
+    def _expired(self, state: SessionState, now: float) -> str | None:
+        """Why ``state`` is over at ``now`` (``"expired"``, ``"max_age"``), or None.
+
+        An idle session is over past its deadline plus the write tolerance; a busy one only past
+        its maximum age, and then only for new requests (its running ones finish)."""
+        if self.max_session_age is not None and now > state.created_at + self.max_session_age:
+            return "max_age"
+        if not state.in_flight and now > self.deadline(state) + self.touch_interval:
+            return "expired"
+        return None
+
+    def _keep_until(self, state: SessionState, now: float) -> float:
+        """The latest moment the store must still hold the session: its deadline (a busy one's
+        lease: an idle timeout from now, renewed by the sweep; past its maximum age it is refused
+        to new requests and removed when the last running one ends) plus the write tolerance."""
+        until = self.deadline(state)
+        if state.in_flight:
+            until = max(until, now + self.session_timeout)
+        return until + self.touch_interval
+
+    def _record(self, state: SessionState, now: float) -> tuple[SessionRecord, float]:
+        """The record to write for ``state`` and its TTL in seconds from ``now``."""
+        keep_until = self._keep_until(state, now)
+        record = SessionRecord(
+            session_id=state.session_id,
+            principal=state.principal,
+            created_at=state.created_at,
+            last_used=state.last_accessed,
+            expires_at=keep_until,
+            implicit=state.implicit,
+        )
+        return record, max(keep_until - now, 0.001)
 
     # -- local view -----------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        """Sessions known to this process (all of them with the in-memory store)."""
-        if self._shared:
-            return len(self._live)
-        return len(self._memory)
+        """Live objects this process holds."""
+        return len(self._live)
 
     def __contains__(self, session_id: object) -> bool:
-        if self._shared:
-            return session_id in self._live
-        return isinstance(session_id, str) and self._memory.peek(session_id) is not None
+        return session_id in self._live
+
+    def live_sessions(self) -> list[SessionState]:
+        """The live objects this process holds, least recently used first."""
+        return list(self._live.values())
+
+    def subscribe(self, listener: SessionListener) -> Callable[[], None]:
+        """Call ``listener`` with every :class:`SessionEvent`; returns the unsubscribe function."""
+        return self.events.subscribe(listener)
 
     @property
     def in_flight(self) -> int:
@@ -159,7 +231,7 @@ class SessionRegistry:
 
     def new_session(self, config: SessionConfig) -> SessionState:
         """A session not yet in the store; :meth:`register` reserves it."""
-        return SessionState(new_session_id(), config, clock=self.clock)
+        return SessionState(new_session_id(), config, created_at=self.clock())
 
     async def register(self, state: SessionState, *, reservation: float | None = None) -> None:
         """Reserve ``state`` in the store (caps apply); :meth:`commit` or :meth:`discard` it.
@@ -171,9 +243,12 @@ class SessionRegistry:
         """
         if not self.accepting:
             raise ShuttingDown("server is shutting down; no new sessions")
-        ttl = self._ttl() if reservation is None else min(reservation, self._ttl())
+        now = self.clock()
+        record, ttl = self._record(state, now)
+        if reservation is not None:
+            ttl = min(ttl, reservation)
         try:
-            outcome = await self.store.create(state, ttl=ttl, now=self.clock(), caps=self.caps)
+            outcome = await self.store.create(record, ttl=ttl, now=now, caps=self.caps)
         except StoreUnavailable:
             await self.discard(state)  # the store may still carry the creation out later
             raise
@@ -181,15 +256,12 @@ class SessionRegistry:
             raise KeyError("session id already exists")
         state.synced_at = state.last_accessed
         state.reserved = reservation is not None
-        for evicted in outcome.evicted_sessions:
-            if isinstance(evicted, SessionState):
-                self._close(evicted, "evicted")
-        for victim_id in outcome.evicted:
-            self._release_local(victim_id, "evicted")
+        for victim in outcome.evicted:
             self.stats.removed["evicted"] += 1
-            logger.info("Session removed", session_id=short_id(victim_id), reason="evicted")
-        if self._shared:
-            self._live[state.session_id] = state
+            logger.info("Session removed", session_id=short_id(victim.session_id), reason="evicted")
+            self._ended(victim.session_id, SessionEventKind.EVICTED, victim)
+            await self._announce(victim.session_id)
+        self._cache(state)
 
     async def commit(self, state: SessionState) -> None:
         """The session's creating request succeeded: it now counts, and its id may be shown.
@@ -199,7 +271,9 @@ class SessionRegistry:
         caller refuses the request instead of handing out an id the store may not keep.
         """
         if state.reserved:
-            if not await self.store.touch(state, ttl=self._ttl(), now=state.last_accessed):
+            now = self.clock()
+            record, ttl = self._record(state, now)
+            if not await self.store.write(record, ttl=ttl, now=now):
                 raise StoreUnavailable("session reservation lapsed before its commit")
             state.reserved = False
             state.synced_at = state.last_accessed
@@ -210,11 +284,13 @@ class SessionRegistry:
             total_sessions=len(self),
             implicit=state.implicit,
         )
+        self._emit(SessionEventKind.CREATED, state.session_id, state.principal, state)
 
     def abandon(self, state: SessionState) -> None:
-        """A creating request failed: forget its reservation here; :meth:`discard` removes it
-        from the store. Synchronous so it holds even when the request is being cancelled."""
-        self._live.pop(state.session_id, None)
+        """A creating request failed: forget it here; :meth:`discard` removes it from the store.
+        Synchronous so it holds even when the request is being cancelled."""
+        if self._live.get(state.session_id) is state:
+            del self._live[state.session_id]
         state.closed = True
 
     async def discard(self, state: SessionState) -> None:
@@ -230,7 +306,7 @@ class SessionRegistry:
         self.abandon(state)
         try:
             with anyio.CancelScope(shield=True):
-                await self.store.delete(state.session_id, created_at=state.created_at)
+                await self.store.remove(state.session_id, created_at=state.created_at)
         except StoreUnavailable:
             self._retry_in_background(state.session_id, state.created_at)
 
@@ -253,12 +329,12 @@ class SessionRegistry:
         """Delete until the store answers, then once more after a pause: a creation still queued
         behind the stall runs before a later request of ours, but not always before the first."""
         loop = asyncio.get_running_loop()
-        give_up = loop.time() + self._ttl()
+        give_up = loop.time() + self.session_timeout + self.touch_interval
         delay, confirmations = _RETRY_FIRST, 0
         while confirmations < 2 and loop.time() < give_up:
             await asyncio.sleep(delay)
             try:
-                deleted = await self.store.delete(session_id, created_at=created_at)
+                deleted = await self.store.remove(session_id, created_at=created_at)
             except StoreUnavailable:
                 delay = min(delay * 2, _RETRY_MAX)
                 continue
@@ -281,7 +357,7 @@ class SessionRegistry:
         state = await self.get(session_id, config, implicit=True)
         if state is not None:
             return state, False
-        state = SessionState(session_id, config, clock=self.clock, implicit=True)
+        state = SessionState(session_id, config, created_at=self.clock(), implicit=True)
         try:
             await self.register(state)
         except KeyError:  # another request or process created it first
@@ -301,51 +377,44 @@ class SessionRegistry:
         None covers unknown, deleted, expired and another principal's sessions alike, so a caller
         cannot tell them apart.
         """
-        stored = await self.store.load(session_id)
-        if stored is None:
-            self._release_local(session_id, "gone")
+        record = await self.store.read(session_id)
+        if record is None:
+            self._ended(session_id, SessionEventKind.EXPIRED)
             return None
-        if stored.principal != config.principal or stored.implicit != implicit:
+        if record.principal != config.principal or record.implicit != implicit:
             return None
-        state = self._live_state(stored, config)
-        now = self.clock()
-        if self._past_max_age(state, now):  # however busy: its last request removes it
-            if not state.in_flight:
-                await self.remove(session_id, reason="max_age")
-            return None
-        reason = self._due_reason(state, now)
+        state = self._live_state(record, config)
+        reason = self._expired(state, self.clock())
         if reason is not None:
-            await self.remove(session_id, reason=reason)
+            if not state.in_flight:
+                await self.remove(session_id, reason=reason)
             return None
         if state.config != config:  # credential rotated or restored session: use the latest
             state.config = config
-            state.anp_crawler = state.anp_handler = None
         return state
 
     async def acquire(self, state: SessionState) -> None:
         """A request starts using ``state``: it cannot expire until :meth:`release`."""
         state.in_flight += 1
-        state.touch()
+        state.last_accessed = self.clock()
         self._busy[state.session_id] = state
-        if self._shared:
-            if state.session_id in self._live:
-                self._live.move_to_end(state.session_id)
-            try:
-                await self._sync(state)
-            except BaseException:  # the store failed: this request never started using it
-                self._leave(state)
-                raise
-        else:  # move it behind the idle ones so it cannot hide them from the sweep
-            await self.store.touch(state, ttl=self._ttl(), now=state.last_accessed)
+        if self._live.get(state.session_id) is state:
+            self._live.move_to_end(state.session_id)
+        try:
+            await self._sync(state)
+        except BaseException:  # the store failed: this request never started using it
+            self._leave(state)
+            raise
 
     async def release(self, state: SessionState) -> None:
         """A request ends; idle time starts now if it was the session's last one."""
         if not self._leave(state) or state.closed:
             return
-        if self._past_max_age(state, self.clock()):
+        now = self.clock()
+        if self._expired(state, now) == "max_age":
             await self.remove(state.session_id, reason="max_age")
-        elif await self._sync(state, force=not self._shared) is False:
-            self._release_local(state.session_id, "gone")
+        elif await self._sync(state, force=self.touch_interval == 0) is False:
+            self._ended(state.session_id, SessionEventKind.EXPIRED)
 
     def leave(self, state: SessionState) -> None:
         """A refused creating request ends: drop its in-flight mark; :meth:`discard` follows."""
@@ -354,7 +423,7 @@ class SessionRegistry:
     def _leave(self, state: SessionState) -> bool:
         """Drop one in-flight mark; True when it was the session's last request."""
         state.in_flight -= 1
-        state.touch()
+        state.last_accessed = self.clock()
         if state.in_flight:
             return False
         self._busy.pop(state.session_id, None)
@@ -364,13 +433,13 @@ class SessionRegistry:
                     waiter.set_result(None)
         return True
 
-    # -- removal --------------------------------------------------------------------------------
+    # -- removal and management -----------------------------------------------------------------
 
     async def remove(self, session_id: str, *, reason: str) -> bool:
-        local = self._local(session_id)
-        deleted = await self.store.delete(session_id)
-        if local is not None:
-            self._close(local, reason)
+        """Remove the session everywhere (store, this process, and other processes' caches)."""
+        deleted = await self.store.remove(session_id)
+        kind = _KINDS.get(reason, SessionEventKind.EXPIRED)
+        self._ended(session_id, kind)
         if deleted:
             self.stats.removed[reason] += 1
             logger.info(
@@ -379,33 +448,68 @@ class SessionRegistry:
                 total_sessions=len(self),
                 reason=reason,
             )
+            if kind is not SessionEventKind.EXPIRED:
+                await self._announce(session_id)
         return deleted
 
+    async def sessions_of(
+        self, principal: str | None, *, limit: int | None = None
+    ) -> list[SessionInfo]:
+        """The principal's sessions (least recently used first; None: everyone's), as the admin
+        API shows them: short ids only."""
+        records = await self.store.principal_sessions(principal, now=self.clock(), limit=limit)
+        return [
+            SessionInfo(
+                short_id=short_id(r.session_id),
+                principal=r.principal,
+                created_at=r.created_at,
+                last_used=r.last_used,
+                expires_at=self.deadline(r),
+                implicit=r.implicit,
+            )
+            for r in records
+        ]
+
+    async def revoke(self, session_id: str) -> bool:
+        """End one session now, on every worker: its next request gets 404."""
+        return await self.remove(session_id, reason="revoked")
+
+    async def revoke_short(self, principal: str, short: str) -> int:
+        """Revoke the principal's session shown as ``short`` (its short id); 0 or 1."""
+        records = await self.store.principal_sessions(principal, now=self.clock())
+        matches = [r for r in records if short_id(r.session_id) == short]
+        if len(matches) != 1:  # unknown, or (vanishingly unlikely) ambiguous: revoke nothing
+            return 0
+        return int(await self.revoke(matches[0].session_id))
+
+    async def revoke_principal(self, principal: str) -> int:
+        """End every session of ``principal`` ("log out everywhere"); the number ended."""
+        records = await self.store.principal_sessions(principal, now=self.clock())
+        revoked = 0
+        for record in records:
+            revoked += await self.revoke(record.session_id)
+        return revoked
+
     async def sweep(self) -> int:
-        """Expire idle sessions (store) and evict idle cache entries (shared stores)."""
+        """Renew the leases of busy sessions, then expire what is past its deadline."""
         started = time.perf_counter()
         now = self.clock()
+        for state in list(self._busy.values()):
+            await self._sync(state, force=True)  # in flight: never expires under a request
         removed = 0
-        for stored, reason in await self.store.expire(
-            now=now,
-            idle_timeout=self.session_timeout,
-            max_age=self.max_session_age,
-            is_busy=self._busy.__contains__,
-        ):
+        for record in await self.store.expire(now=now):
             removed += 1
-            self.stats.removed[reason] += 1
-            if isinstance(stored, SessionState):
-                self._close(stored, reason)
+            self.stats.removed["expired"] += 1
+            self._ended(record.session_id, SessionEventKind.EXPIRED, record)
             logger.info(
                 "Session removed",
-                session_id=short_id(stored.session_id),
+                session_id=short_id(record.session_id),
                 total_sessions=len(self),
-                reason=reason,
+                reason="expired",
             )
-            if removed % self.sweep_batch == 0:
+            if removed % _SWEEP_BATCH == 0:
                 await asyncio.sleep(0)  # a large sweep must not stall the event loop
-        if self._shared:
-            await self._sweep_local(now)
+        removed += self._sweep_live(now)
         elapsed = time.perf_counter() - started
         stats = self.stats
         stats.sweeps += 1
@@ -425,20 +529,41 @@ class SessionRegistry:
 
     async def close_local(self) -> int:
         """Release every live object of this process (shutdown). Store contents are kept."""
-        states = list(self._live.values()) if self._shared else list(self._memory_states())
-        for state in states:
-            state.anp_crawler = state.anp_handler = None
+        states = list(self._live.values())
         self._live.clear()
+        for state in states:
+            state.closed = True
+            self._emit(SessionEventKind.CLOSED, state.session_id, state.principal, state)
         return len(states)
 
-    # -- internals ------------------------------------------------------------------------------
+    @asynccontextmanager
+    async def follow_other_processes(self) -> AsyncIterator[None]:
+        """While open, drop the live objects of sessions other processes announce as ended.
 
-    def _ttl(self) -> float:
-        """Store TTL: idle timeout plus touch throttle, so throttling never expires one early."""
-        ttl = self.session_timeout + self.touch_interval
-        if self.max_session_age is not None:
-            ttl = min(ttl, self.max_session_age + self.touch_interval)
-        return ttl
+        A background service (the middleware runs it); a no-op with stores that are not shared.
+        """
+        listen = getattr(self.store, "ended_sessions", None)
+        if listen is None:
+            yield
+            return
+
+        async def follow() -> None:
+            while True:
+                try:
+                    async for session_id in listen():
+                        self._ended(session_id, SessionEventKind.DELETED)
+                except StoreUnavailable:
+                    await asyncio.sleep(1.0)  # the store is away: lookups refuse ended ids
+
+        task = asyncio.get_running_loop().create_task(follow(), name="mcp2anp-session-follow")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+
+    # -- internals ------------------------------------------------------------------------------
 
     async def _sync(self, state: SessionState, *, force: bool = False) -> bool | None:
         """Write the session's use to the store unless written within ``touch_interval``."""
@@ -446,83 +571,93 @@ class SessionRegistry:
             return None
         if not force and state.last_accessed - state.synced_at < self.touch_interval:
             return None
-        alive = await self.store.touch(state, ttl=self._ttl(), now=state.last_accessed)
+        now = self.clock()
+        record, ttl = self._record(state, now)
+        written = await self.store.write(record, ttl=ttl, now=now)
         state.synced_at = state.last_accessed
-        return alive
+        return written
 
-    def _live_state(self, stored: StoredSession, config: SessionConfig) -> SessionState:
-        if isinstance(stored, SessionState):
-            return stored
-        state = self._live.get(stored.session_id)
-        if state is not None and state.created_at != stored.created_at:
-            self._close(state, "replaced")  # a stale copy of an earlier session with this id
+    def _live_state(self, record: SessionRecord, config: SessionConfig) -> SessionState:
+        state = self._live.get(record.session_id)
+        if state is not None and state.created_at != record.created_at:
+            self._ended(record.session_id, SessionEventKind.EXPIRED)  # a stale earlier session
             state = None
         if state is None:
             state = SessionState(
-                stored.session_id, config, clock=self.clock, implicit=stored.implicit
+                record.session_id,
+                config,
+                created_at=record.created_at,
+                last_accessed=record.last_used,
+                implicit=record.implicit,
             )
-            state.created_at = stored.created_at
-            state.last_accessed = state.synced_at = stored.last_accessed
-            self._live[stored.session_id] = state
-        else:
-            state.last_accessed = max(state.last_accessed, stored.last_accessed)
-            state.synced_at = max(state.synced_at, stored.last_accessed)
+            self._cache(state)
+        elif record.last_used > state.last_accessed:  # used by another process since
+            state.last_accessed = state.synced_at = record.last_used
         return state
 
-    @property
-    def _memory(self) -> InMemorySessionStore:
-        assert isinstance(self.store, InMemorySessionStore)
-        return self.store
-
-    def _memory_states(self) -> list[SessionState]:
-        return [s for s in self._memory.sessions() if isinstance(s, SessionState)]
-
-    def _local(self, session_id: str) -> SessionState | None:
-        if self._shared:
-            return self._live.get(session_id)
-        found = self._memory.peek(session_id)
-        return found if isinstance(found, SessionState) else None
-
-    def _release_local(self, session_id: str, reason: str) -> None:
-        state = self._live.pop(session_id, None) if self._shared else None
-        if state is not None:
-            self._close(state, reason)
-
-    def _close(self, state: SessionState, reason: str) -> None:
-        self._live.pop(state.session_id, None)
-        state.closed = True
-        if self._on_removed is not None:
-            self._on_removed(state, reason)
-        state.anp_crawler = None
-        state.anp_handler = None
-
-    def _due_reason(self, state: SessionState, now: float) -> str | None:
-        if state.in_flight:
-            return None
-        # With a shared store another process may have used the session without writing it yet
-        # (throttled touches), so only idle time beyond that tolerance proves expiry.
-        tolerance = self.touch_interval if self._shared else 0.0
-        if now - state.last_accessed > self.session_timeout + tolerance:
-            return "expired"
-        return None
-
-    def _past_max_age(self, state: SessionState, now: float) -> bool:
-        return self.max_session_age is not None and now - state.created_at > self.max_session_age
-
-    async def _sweep_local(self, now: float) -> None:
-        """Evict cache entries idle past the timeout (oldest use first) and refresh busy TTLs."""
-        cutoff = now - self.session_timeout
-        requeued: set[str] = set()
-        while self._live:
-            session_id, state = next(iter(self._live.items()))
-            if session_id in requeued or state.last_accessed >= cutoff:
+    def _cache(self, state: SessionState) -> None:
+        self._live[state.session_id] = state
+        while len(self._live) > self.live_cache:
+            _, oldest = next(iter(self._live.items()))
+            if oldest.in_flight:  # cannot drop an object a request holds; try again later
+                self._live.move_to_end(oldest.session_id)
                 break
-            if state.in_flight:
-                self._live.move_to_end(session_id)
-                requeued.add(session_id)
-                continue
-            self._live.pop(session_id)  # still in the store; rebuilt here if used again
-            state.anp_crawler = state.anp_handler = None
-        for state in list(self._busy.values()):
-            state.touch()
-            await self._sync(state)
+            self._live.popitem(last=False)
+            oldest.closed = True
+            self._emit(SessionEventKind.CLOSED, oldest.session_id, oldest.principal, oldest)
+
+    def _sweep_live(self, now: float) -> int:
+        """Drop live objects whose session is over (oldest use first): expired ones elsewhere
+        (shared stores expire by TTL) or evicted from view. Returns how many expired."""
+        expired = 0
+        for state in list(self._live.values()):
+            if state.last_accessed + self.session_timeout >= now and (
+                self.max_session_age is None or now <= state.created_at + self.max_session_age
+            ):
+                break  # ordered by use: the rest were used more recently
+            if not state.in_flight and self._expired(state, now) is not None:
+                expired += 1
+                self._ended(state.session_id, SessionEventKind.EXPIRED)
+        return expired
+
+    def _ended(
+        self,
+        session_id: str,
+        kind: SessionEventKind,
+        record: SessionRecord | None = None,
+    ) -> None:
+        """The session is over: drop its live object here and tell the subscribers."""
+        state = self._live.pop(session_id, None)
+        if state is not None:
+            state.closed = True
+            self._emit(kind, session_id, state.principal, state)
+        elif record is not None:
+            self._emit(kind, session_id, record.principal, None, implicit=record.implicit)
+
+    def _emit(
+        self,
+        kind: SessionEventKind,
+        session_id: str,
+        principal: str,
+        state: SessionState | None,
+        *,
+        implicit: bool = False,
+    ) -> None:
+        if state is not None:
+            implicit = state.implicit
+        self.events.emit(SessionEvent(kind, session_id, principal, implicit, state))
+
+    async def _announce(self, session_id: str) -> None:
+        announce = getattr(self.store, "announce_ended", None)
+        if announce is not None:
+            with suppress(StoreUnavailable):
+                await announce(session_id)
+
+
+_KINDS = {
+    "expired": SessionEventKind.EXPIRED,
+    "max_age": SessionEventKind.EXPIRED,
+    "evicted": SessionEventKind.EVICTED,
+    "deleted": SessionEventKind.DELETED,
+    "revoked": SessionEventKind.REVOKED,
+}

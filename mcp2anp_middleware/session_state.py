@@ -1,4 +1,4 @@
-"""Per-session state: who the session belongs to, its credentials, and its idle clock."""
+"""A session's live object in this process: who it belongs to, its times, what hangs on it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .clock import Clock, system_clock
 from .session_ids import short_id
 
 ANONYMOUS_PRINCIPAL = "anonymous"
@@ -29,19 +28,19 @@ class SessionConfig:
 
 
 class SessionState:
-    """One MCP session.
+    """One session as this process holds it (``request.state.mcp_session`` in the app).
 
-    ``last_accessed`` moves on every request that uses the session, at its start and at its end,
-    so idle time counts from the end of the last request. While ``in_flight`` is non-zero the
-    session is never expired. ``anp_crawler`` / ``anp_handler`` are filled lazily on the first tool
-    call so idle sessions stay small.
+    The times mirror the store's record: ``last_accessed`` moves at the start and the end of every
+    request, so idle time counts from the end of the last one, and the registry writes it back
+    (``synced_at``) at most once per touch interval. ``in_flight`` counts requests using the
+    session; while it is non-zero the session never expires. ``attachments`` holds per-session
+    machinery keyed by its owner (the ANP tools' handler, later an MCP transport), created lazily so
+    idle sessions stay small, and released by the owner when a session event says it ended.
     """
 
     __slots__ = (
         "__weakref__",
-        "_clock",
-        "anp_crawler",
-        "anp_handler",
+        "attachments",
         "closed",
         "config",
         "created_at",
@@ -58,18 +57,16 @@ class SessionState:
         session_id: str,
         config: SessionConfig,
         *,
-        clock: Clock = system_clock,
+        created_at: float,
+        last_accessed: float | None = None,
         implicit: bool = False,
     ) -> None:
         self.session_id = session_id
         self.config = config
-        self._clock = clock
-        now = clock()
-        self.created_at = now
-        self.last_accessed = now
-        self.synced_at = now
-        self.anp_crawler: Any = None
-        self.anp_handler: Any = None
+        self.created_at = created_at
+        self.last_accessed = created_at if last_accessed is None else last_accessed
+        self.synced_at = self.last_accessed
+        self.attachments: dict[str, Any] | None = None
         self.in_flight = 0
         self.implicit = implicit
         self.closed = False
@@ -79,16 +76,18 @@ class SessionState:
     def principal(self) -> str:
         return self.config.principal
 
-    def touch(self) -> None:
-        """Record use of the session now."""
-        self.last_accessed = self._clock()
+    def attachment(self, key: str) -> Any:
+        """The machinery attached under ``key``, or None."""
+        return None if self.attachments is None else self.attachments.get(key)
 
-    def idle_seconds(self) -> float:
-        return self._clock() - self.last_accessed
+    def attach(self, key: str, value: Any) -> None:
+        if self.attachments is None:
+            self.attachments = {}
+        self.attachments[key] = value
 
-    def is_expired(self, timeout: float) -> bool:
-        """True when idle longer than ``timeout`` seconds and no request is using the session."""
-        return self.in_flight == 0 and self.idle_seconds() > timeout
+    def detach(self, key: str) -> Any:
+        """Remove and return the machinery under ``key`` (None if there was none)."""
+        return None if self.attachments is None else self.attachments.pop(key, None)
 
     def __repr__(self) -> str:
         return (

@@ -28,13 +28,13 @@ async def save_state_file(registry: SessionRegistry, path: Path) -> int:
         return 0  # shared stores keep sessions by design
     sessions = [
         {
-            "id": s.session_id,
-            "principal": s.principal,
-            "created_at": s.created_at,
-            "last_accessed": s.last_accessed,
-            "implicit": s.implicit,
+            "id": r.session_id,
+            "principal": r.principal,
+            "created_at": r.created_at,
+            "last_accessed": r.last_used,
+            "implicit": r.implicit,
         }
-        for s in registry.store.sessions()
+        for r in registry.store.records()
     ]
     payload = json.dumps({"version": FORMAT_VERSION, "sessions": sessions})
     await asyncio.to_thread(_write_private, path, payload)
@@ -52,8 +52,6 @@ def _write_private(path: Path, payload: str) -> None:
 
 async def load_state_file(registry: SessionRegistry, path: Path) -> int:
     """Restore unexpired sessions from ``path`` (missing or unreadable file: nothing restored)."""
-    from .stores.memory import InMemorySessionStore
-
     try:
         document = json.loads(await asyncio.to_thread(path.read_text, encoding="utf-8"))
     except (OSError, ValueError):
@@ -62,32 +60,28 @@ async def load_state_file(registry: SessionRegistry, path: Path) -> int:
         return 0
     now = registry.clock()
     restored = 0
+    entries = []
     for entry in document.get("sessions", []):
         try:
             state = SessionState(
                 str(entry["id"]),
                 SessionConfig(principal=str(entry["principal"])),
-                clock=registry.clock,
+                created_at=float(entry["created_at"]),
+                last_accessed=float(entry["last_accessed"]),
                 implicit=bool(entry.get("implicit", False)),
             )
-            state.created_at = float(entry["created_at"])
-            state.last_accessed = state.synced_at = float(entry["last_accessed"])
         except (KeyError, TypeError, ValueError):
             continue
-        if now - state.last_accessed > registry.session_timeout:
-            continue
-        if (
-            registry.max_session_age is not None
-            and now - state.created_at > registry.max_session_age
-        ):
+        entries.append(state)
+    entries.sort(key=lambda state: state.last_accessed)  # the live cache is ordered by use
+    for state in entries:
+        if registry.deadline(state) < now:
             continue
         try:
             await registry.register(state)
         except Exception:
             continue
         restored += 1
-    if isinstance(registry.store, InMemorySessionStore):
-        registry.store.reindex()  # restored in creation order; the sweep needs use order
     # Restored once: a crash later must not resurrect them.
     await asyncio.to_thread(path.unlink, missing_ok=True)
     return restored

@@ -21,7 +21,12 @@ from example_app.demo_agent import (
     create_demo_agent,
     create_demo_identity,
 )
-from mcp2anp_middleware import AuthenticationError, Credentials, SessionConfig
+from mcp2anp_middleware import (
+    AuthenticationError,
+    Credentials,
+    SessionConfig,
+    SessionState,
+)
 from mcp2anp_middleware.hosting import ANPMiddleware
 from mcp2anp_middleware.url_policy import URLPolicy
 
@@ -45,12 +50,16 @@ class Stack:
     def ad_url(self) -> str:
         return f"{self.base_url}/agent/ad.json"
 
+    def sessions(self) -> list[SessionState]:
+        """The live sessions of the middleware's registry (every session, with one process)."""
+        return self.middleware.registry.live_sessions()
+
     @asynccontextmanager
     async def client(self, api_key: str | None, mode: str = "legacy") -> AsyncIterator[Client]:
         headers = {"X-API-Key": api_key} if api_key else {}
         async with httpx2.AsyncClient(headers=headers) as http:
             transport = streamable_http_client(self.mcp_url, http_client=http)
-            async with Client(transport, mode=mode) as client:  # type: ignore[arg-type]
+            async with Client(transport, mode=mode) as client:
                 yield client
 
 

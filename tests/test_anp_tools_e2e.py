@@ -14,6 +14,7 @@ from mcp import MCPError
 from mcp.types import CallToolResult
 
 from mcp2anp_middleware import SessionConfig
+from mcp2anp_middleware.anp_tools import ATTACHMENT, ANPToolHandler
 from mcp2anp_middleware.url_policy import URLPolicy
 
 from .anp_stack import API_KEYS, anp_stack
@@ -28,7 +29,8 @@ ALICE, BOB = list(API_KEYS)
 def ok(result: CallToolResult) -> dict[str, Any]:
     assert not result.is_error, result.content
     assert result.structured_content is not None
-    return result.structured_content
+    content: dict[str, Any] = result.structured_content
+    return content
 
 
 def err(result: CallToolResult) -> dict[str, Any]:
@@ -222,17 +224,18 @@ async def test_bad_did_credential_is_refused_at_session_creation(tmp_path: Path)
 
 async def test_crawler_created_lazily_and_once(tmp_path: Path) -> None:
     async with anp_stack(tmp_path) as stack, stack.client(ALICE) as client:
-        (state,) = stack.middleware.registry.store.sessions()
-        assert state.anp_crawler is None and state.anp_handler is None
+        (state,) = stack.sessions()
+        assert state.attachment(ATTACHMENT) is None
         results = await asyncio.gather(
             *[client.call_tool("anp_fetchDoc", {"url": stack.ad_url}) for _ in range(8)]
         )
         assert all(not r.is_error for r in results)
-        handler = state.anp_handler
-        assert handler is not None and state.anp_crawler is handler.crawler
+        handler = state.attachment(ATTACHMENT)
+        assert isinstance(handler, ANPToolHandler)
         await client.call_tool("anp_fetchDoc", {"url": stack.ad_url})
-        assert state.anp_handler is handler
-    assert state.closed and state.anp_handler is None  # released with the session (DELETE)
+        assert state.attachment(ATTACHMENT) is handler
+    # released with the session (DELETE), through the session events
+    assert state.closed and state.attachment(ATTACHMENT) is None
 
 
 QUERY_SECRET = "q7-query-secret-e41"
@@ -255,9 +258,10 @@ async def test_secrets_never_reach_the_logs(
             missing = f"{stack.base_url}/agent/missing.json?token={QUERY_SECRET}"
             failed = await client.call_tool("anp_fetchDoc", {"url": missing})
             assert failed.is_error
-            sessions = list(stack.middleware.registry.store.sessions())
+            sessions = stack.sessions()
             session_ids = [s.session_id for s in sessions]
-            tokens = [t for s in sessions for t in s.anp_crawler.signer.tokens.values()]
+            handlers = [s.attachment(ATTACHMENT) for s in sessions]
+            tokens = [t for h in handlers for t in h.crawler.signer.tokens.values()]
             pem = stack.identities["alice"].private_key_path.read_text()
     assert tokens  # the demo agent issued a bearer token to the session
     # The MCP client runs in this process too and logs what it receives (httpcore2 traces

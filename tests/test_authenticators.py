@@ -382,10 +382,12 @@ class CountingInner:
         self.keys = dict(keys or {})
         self.calls = 0
         self.gate: asyncio.Event | None = None
+        self.entered = asyncio.Event()
         self.error: AuthenticationError | None = None
 
     async def __call__(self, credentials: Credentials) -> SessionConfig:
         self.calls += 1
+        self.entered.set()
         if self.gate is not None:
             await self.gate.wait()
         if self.error is not None:
@@ -464,7 +466,10 @@ async def test_cache_single_flight() -> None:
     inner.gate = asyncio.Event()
     auth = CachingAuthenticator(inner, clock=ManualClock())
     tasks = [asyncio.create_task(auth(Credentials(api_key=ALICE_KEY))) for _ in range(10)]
-    await asyncio.sleep(0.01)
+    # The leader is inside the inner check; tasks run in order, so the nine others have reached
+    # the cache by the time this waiter is woken.
+    await inner.entered.wait()
+    assert all(not task.done() for task in tasks)
     assert inner.calls == 1
     inner.gate.set()
     assert await asyncio.gather(*tasks) == [ALICE] * 10
@@ -478,7 +483,8 @@ async def test_cache_single_flight_shares_refusal_and_survives_cancelled_leader(
     leader = asyncio.create_task(auth(Credentials(api_key="sk-bad")))
     await asyncio.sleep(0)
     followers = [asyncio.create_task(auth(Credentials(api_key="sk-bad"))) for _ in range(3)]
-    await asyncio.sleep(0.01)
+    await inner.entered.wait()
+    await asyncio.sleep(0)  # the followers, scheduled after the leader, reach the cache
     leader.cancel()
     inner.gate.set()
     results = await asyncio.gather(*followers, return_exceptions=True)

@@ -100,7 +100,7 @@ async def test_an_agent_dripping_bytes_hits_the_overall_timeout(tmp_path: Path) 
         return StreamingResponse(chunks(), media_type="application/json")
 
     toolkit = ANPToolkit(url_policy=URLPolicy(allow_private=True, timeout=0.5))
-    state = SessionState("d" * 43, ensure_dev_identity(tmp_path))
+    state = SessionState("d" * 43, ensure_dev_identity(tmp_path), created_at=0.0)
     async with serve(Starlette(routes=[Route("/slow", drip)]), port=free_port()) as base_url:
         with pytest.raises(ANPToolError) as caught:
             await toolkit.handler_for(state).fetch_doc(f"{base_url}/slow")

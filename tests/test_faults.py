@@ -32,6 +32,7 @@ from mcp2anp_middleware import (
     ensure_dev_identity,
 )
 from mcp2anp_middleware.session_state import SessionState
+from mcp2anp_middleware.stores import Caps, CreateOutcome, SessionRecord
 from mcp2anp_middleware.stores.redis import RedisSessionStore
 
 from .anp_stack import API_KEYS, anp_stack
@@ -383,18 +384,20 @@ class RedisThatDies(RedisSessionStore):
             self.die_after = None
             self.server.stop()
 
-    async def load(self, session_id: str) -> Any:
-        found = await super().load(session_id)
-        self._maybe_die("load")
+    async def read(self, session_id: str) -> Any:
+        found = await super().read(session_id)
+        self._maybe_die("read")
         return found
 
-    async def create(self, session: Any, **options: Any) -> Any:
-        outcome = await super().create(session, **options)
+    async def create(
+        self, record: SessionRecord, *, ttl: float, now: float, caps: Caps
+    ) -> CreateOutcome:
+        outcome = await super().create(record, ttl=ttl, now=now, caps=caps)
         self._maybe_die("create")
         return outcome
 
 
-@pytest.mark.parametrize("dies_after", ["load", "create"])
+@pytest.mark.parametrize("dies_after", ["read", "create"])
 async def test_redis_dying_between_lookup_and_use_releases_the_in_flight_mark(
     tmp_path: Path, dies_after: str
 ) -> None:
@@ -408,7 +411,7 @@ async def test_redis_dying_between_lookup_and_use_releases_the_in_flight_mark(
     try:
         session_id = await open_session(middleware)
         store.die_after = dies_after
-        if dies_after == "load":
+        if dies_after == "read":
             refused = await drive(middleware, rpc("ping", 2), session_id=session_id)
         else:
             refused = await drive(middleware, INIT)
@@ -454,7 +457,7 @@ async def test_sweeps_racing_requests_never_remove_a_session_in_use(
 
     async def exists(session_id: str) -> bool:
         if store is not None:
-            return await store.load(session_id) is not None
+            return await store.read(session_id) is not None
         return session_id in registry
 
     async def session_present(state: SessionState) -> bool:

@@ -41,11 +41,12 @@ import logging
 import re
 import string
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, MutableMapping, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import anyio
 import httpx
@@ -90,7 +91,16 @@ MAX_EXAMPLES_WITH_SESSION = 2000
 MAX_EXAMPLES_CONCURRENT = 400
 MAX_EXAMPLES_FOCUSED = 60
 
-FUZZ_SETTINGS = {
+
+class FuzzSettings(TypedDict):
+    """The ``hypothesis.settings`` arguments every fuzzer shares."""
+
+    deadline: None
+    database: None
+    suppress_health_check: list[HealthCheck]
+
+
+FUZZ_SETTINGS: FuzzSettings = {
     "deadline": None,
     "database": None,  # nothing written into the repository
     "suppress_health_check": [
@@ -181,7 +191,7 @@ class LogWatch(logging.Handler):
     def __init__(self) -> None:
         super().__init__(level=logging.DEBUG)
         self.problems: list[str] = []
-        self._structlog: list[dict[str, Any]] = []
+        self._structlog: list[MutableMapping[str, Any]] = []
         self._structlog_seen = 0
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -275,7 +285,8 @@ class Outcome:
 
     @property
     def content_type(self) -> str:
-        return self.headers.get("content-type", "")
+        content_type: str = self.headers.get("content-type", "")
+        return content_type
 
 
 def jsonrpc_error_problem(outcome: Outcome, method: str) -> str | None:
@@ -325,7 +336,7 @@ class Harness:
         return self.middleware.registry.store
 
     def session_ids(self) -> frozenset[str]:
-        return frozenset(s.session_id for s in self.store.sessions())
+        return frozenset(r.session_id for r in self.store.records())
 
     def run(self, case: Case, *, with_session: bool) -> Outcome:
         """Send ``case`` from a known store and check every invariant; returns the outcome."""
@@ -435,9 +446,10 @@ def check_invariants(
     assert not outcome.problems, f"errors logged: {outcome.problems}"
     assert concurrent or outcome.in_flight == 0, "a request stayed in flight"
 
-    added, removed = outcome.after - outcome.before, outcome.before - outcome.after
-    explicit = {i for i in added if not i.startswith("implicit-")}
-    implicit = added - explicit
+    added: AbstractSet[str] = outcome.after - outcome.before
+    removed: AbstractSet[str | None] = outcome.before - outcome.after
+    explicit: AbstractSet[str] = {i for i in added if not i.startswith("implicit-")}
+    implicit: AbstractSet[str] = added - explicit
     returned = outcome.headers.get_list("mcp-session-id")
     if concurrent:  # the store is shared by the batch: judge by what was returned
         explicit, implicit, removed = set(returned), set(), {fixture_id} if status == 204 else set()
@@ -637,7 +649,7 @@ origins = header(
         b"http://localhost\xe9",
     ],
 )
-routing = st.one_of(
+routing: st.SearchStrategy[list[tuple[bytes, bytes]]] = st.one_of(
     st.just([]),
     st.sampled_from([b"tools/list", b"tools/call", b"initialize", b"ping"]).map(
         lambda v: [(b"Mcp-Method", v)]
@@ -646,7 +658,7 @@ routing = st.one_of(
         lambda t: [(b"Mcp-Method", t[0]), (b"Mcp-Name", t[1])]
     ),
 )
-content_lengths = st.one_of(
+content_lengths: st.SearchStrategy[list[tuple[bytes, bytes]]] = st.one_of(
     st.just([]),
     st.just([]),
     st.sampled_from(

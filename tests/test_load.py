@@ -32,9 +32,10 @@ from starlette.routing import Mount
 from example_app.demo_agent import StaticDidResolver, create_demo_agent, create_demo_identity
 from mcp2anp_middleware import ManualClock, SessionConfig
 from mcp2anp_middleware.anp_signing import SessionSigner
-from mcp2anp_middleware.anp_tools import ANPToolHandler, SessionCrawler
+from mcp2anp_middleware.anp_tools import ATTACHMENT, ANPToolHandler, SessionCrawler
 from mcp2anp_middleware.hosting import ANPMiddleware
 from mcp2anp_middleware.session_state import SessionState
+from mcp2anp_middleware.stores import InMemorySessionStore
 from mcp2anp_middleware.url_policy import URLPolicy
 
 from .anp_stack import KeyAuthenticator
@@ -170,7 +171,7 @@ async def official_session(stack: LoadStack, key: str) -> list[str]:
     """One session through the official client (legacy mode): whoami twice."""
     async with httpx2.AsyncClient(headers={"X-API-Key": key}, timeout=REQUEST_TIMEOUT) as http:
         transport = streamable_http_client(stack.mcp_url, http_client=http)
-        async with Client(transport, mode="legacy") as client:  # type: ignore[arg-type]
+        async with Client(transport, mode="legacy") as client:
             seen = []
             for request_id in range(2):
                 result = await client.call_tool(
@@ -197,7 +198,8 @@ async def test_hundreds_of_concurrent_sessions_then_everything_expires(tmp_path:
     keys_by_session: dict[str, str] = {}
     async with load_stack(tmp_path, clock) as stack:
         registry = stack.middleware.registry
-        store = registry._memory
+        store = registry.store
+        assert isinstance(store, InMemorySessionStore)
         keys = list(stack.dids)
         limits = httpx.Limits(
             max_connections=CLIENT_CONCURRENCY, max_keepalive_connections=CLIENT_CONCURRENCY
@@ -252,10 +254,11 @@ async def test_hundreds_of_concurrent_sessions_then_everything_expires(tmp_path:
         assert registry.in_flight == 0
         # The official client closed its sessions (DELETE); the raw ones are all alive.
         assert len(store) == SESSIONS
-        assert set(keys_by_session) == {s.session_id for s in store.sessions()}
+        assert set(keys_by_session) == {r.session_id for r in store.records()}
 
-        states = [s for s in store.sessions() if isinstance(s, SessionState)]
-        assert all(s.anp_handler is not None and s.in_flight == 0 for s in states)
+        states = registry.live_sessions()
+        assert {s.session_id for s in states} == set(keys_by_session)
+        assert all(s.attachment(ATTACHMENT) is not None and s.in_flight == 0 for s in states)
         refs = [weakref.ref(s) for s in states]
         assert per_session_objects() >= len(PER_SESSION_TYPES) * SESSIONS  # the census sees them
         del states, results, raw_results

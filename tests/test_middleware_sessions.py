@@ -22,7 +22,7 @@ from mcp2anp_middleware import (
     SessionRegistry,
     SessionState,
 )
-from mcp2anp_middleware.stores import InMemorySessionStore
+from mcp2anp_middleware.stores import InMemorySessionStore, SessionRecord
 
 from .inner_apps import HostApp, RecordingMCPApp
 from .messages import BARE_INITIALIZE as INIT
@@ -62,7 +62,7 @@ async def initialize(client: httpx.AsyncClient) -> str:
 def assert_jsonrpc_error(response: httpx.Response, status: int, code: int) -> dict[str, Any]:
     assert response.status_code == status
     assert response.headers["content-type"] == "application/json"
-    body = response.json()
+    body: dict[str, Any] = response.json()
     assert body["jsonrpc"] == "2.0"
     assert body["error"]["code"] == code
     assert body["error"]["message"]
@@ -152,7 +152,7 @@ async def test_malformed_id_is_400_without_touching_the_store(bad_id: str) -> No
     middleware = MCPSessionMiddleware(HostApp(), mcp_app=RecordingMCPApp(), registry=registry)
     async with client_for(middleware) as client:
         response = await client.post(
-            "/mcp", json=PING, headers=[("Mcp-Session-Id", bad_id.encode("utf-8"))]
+            "/mcp", json=PING, headers=[(b"Mcp-Session-Id", bad_id.encode("utf-8"))]
         )
     assert_jsonrpc_error(response, 400, -32600)
     assert registry.lookups == 0
@@ -220,10 +220,16 @@ async def test_rejected_initialize_creates_no_session() -> None:
 
 @pytest.mark.parametrize("method", ["GET", "DELETE", "OPTIONS"])
 async def test_no_session_for_get_delete_options(method: str) -> None:
-    middleware, _, _ = build()
+    middleware, inner, _ = build()
     async with client_for(middleware) as client:
-        await client.request(method, "/mcp")
+        response = await client.request(method, "/mcp")
+    if method == "OPTIONS":  # a CORS preflight goes to the app, which answers it
+        assert response.status_code == 204 and inner.seen == [None]
+    else:
+        assert_jsonrpc_error(response, 400, -32600)
+        assert inner.seen == []
     assert len(middleware.registry) == 0
+    assert await middleware.registry.store.count(now=0) == 0
 
 
 async def test_delete_ends_session_then_404() -> None:
@@ -346,9 +352,8 @@ async def test_max_session_age_sweep_waits_for_in_flight_request() -> None:
 
 async def test_large_sweep_yields_to_the_event_loop() -> None:
     clock = ManualClock()
-    registry = SessionRegistry(
-        store=InMemorySessionStore(batch=10), clock=clock, session_timeout=TIMEOUT
-    )
+    store = InMemorySessionStore(batch=10)
+    registry = SessionRegistry(store=store, clock=clock, session_timeout=TIMEOUT)
     for _ in range(100):
         await registry.register(registry.new_session(_config()))
     clock.advance(TIMEOUT + 1)
@@ -356,21 +361,25 @@ async def test_large_sweep_yields_to_the_event_loop() -> None:
 
     async def observer() -> None:
         while True:
-            progress.append(len(registry))
+            progress.append(len(store))
             await asyncio.sleep(0)
 
     watcher = asyncio.create_task(observer())
     await asyncio.sleep(0)
     assert await registry.sweep() == 100
     watcher.cancel()
-    # the observer ran between batches and saw the registry part-way through the sweep
+    # the observer ran between batches and saw the store part-way through the sweep
     assert any(0 < count < 100 for count in progress)
 
 
 async def test_sweep_stops_at_first_live_session() -> None:
-    """Live sessions are never visited: their order in the idle queue puts them behind."""
+    """Live sessions are never visited: the deadline order puts them behind the expired ones.
+    The store counts the records its expiry looks at; a full scan would look at all ten."""
     clock = ManualClock()
-    registry = SessionRegistry(clock=clock, session_timeout=TIMEOUT)
+    store = InMemorySessionStore()
+    visits = CountingDict()
+    store._records = visits
+    registry = SessionRegistry(store=store, clock=clock, session_timeout=TIMEOUT)
     old = [registry.new_session(_config()) for _ in range(5)]
     for state in old:
         await registry.register(state)
@@ -381,9 +390,21 @@ async def test_sweep_stops_at_first_live_session() -> None:
     await registry.acquire(old[0])  # used again: moves behind the others
     await registry.release(old[0])
     clock.advance(2)
+    visits.gets = 0
     assert await registry.sweep() == 4
+    assert visits.gets <= 5  # the four expired, and old[0]'s superseded deadline
     assert old[0].session_id in registry
     assert all(state.session_id in registry for state in live)
+
+
+class CountingDict(dict[str, SessionRecord]):
+    """The store's record table, counting lookups by id."""
+
+    gets = 0
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.gets += 1
+        return super().get(key, default)
 
 
 def _config() -> Any:

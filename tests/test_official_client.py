@@ -25,7 +25,9 @@ def session_echo_server() -> MCPServer:
     @server.tool()
     def current_session(ctx: Context) -> str:
         """Return the id of the session the middleware resolved for this request."""
-        state = ctx.request_context.request.scope["state"][SESSION_SCOPE_KEY]
+        request = ctx.request_context.request
+        assert request is not None
+        state = request.scope["state"][SESSION_SCOPE_KEY]
         return str(state.session_id)
 
     return server
@@ -97,4 +99,5 @@ async def test_default_client_uses_sessionless_era_without_ids() -> None:
     assert first.structured_content == second.structured_content
     assert all(sid is None for _, sid in recorder.requests)
     assert all(sid is None for sid in recorder.responses)
-    assert len(middleware.registry) == 1  # the principal's implicit session
+    registry = middleware.registry
+    assert await registry.store.count(now=registry.clock()) == 1  # the principal's implicit one

@@ -201,12 +201,13 @@ async def fetch(url: str, policy: URLPolicy) -> dict[str, Any]:
 
     toolkit = ANPToolkit(url_policy=policy)
     with tempfile.TemporaryDirectory() as tmp:
-        state = SessionState("s" * 43, ensure_dev_identity(Path(tmp)))
+        state = SessionState("s" * 43, ensure_dev_identity(Path(tmp)), created_at=0.0)
         handler = toolkit.handler_for(state)
         try:
             await handler.fetch_doc(url)
         except ANPToolError as exc:
-            return exc.to_payload()["error"]
+            error: dict[str, Any] = exc.to_payload()["error"]
+            return error
         finally:
             await toolkit.http.aclose()
     raise AssertionError("the fetch should have failed")

@@ -41,6 +41,7 @@ from mcp2anp_middleware import (
 )
 from mcp2anp_middleware.anp_documents import CacheBudget, DocumentCache
 from mcp2anp_middleware.anp_http import HttpResult
+from mcp2anp_middleware.anp_tools import ATTACHMENT
 from mcp2anp_middleware.hosting import ANPMiddleware
 
 from .servers import free_port, serve
@@ -159,7 +160,7 @@ async def session_handler(
 ) -> AsyncIterator[tuple[ANPToolkit, SessionState]]:
     """A toolkit and one session (dev DID) whose handler the test drives directly."""
     toolkit = ANPToolkit(url_policy=policy or URLPolicy(allow_private=True), **options)
-    state = SessionState("s" * 43, ensure_dev_identity(tmp_path / "data"))
+    state = SessionState("s" * 43, ensure_dev_identity(tmp_path / "data"), created_at=0.0)
     try:
         yield toolkit, state
     finally:
@@ -569,8 +570,8 @@ def test_a_dropped_cache_stops_counting_against_the_process_budget() -> None:
 
 
 async def test_session_end_releases_its_documents(tmp_path: Path) -> None:
-    """The registry drops a closed session's crawler (``state.anp_crawler = None``); nothing else
-    has to tell the budget."""
+    """A session that ends drops its handler (the toolkit's event listener detaches it); nothing
+    else has to tell the budget."""
     budget = CacheBudget(10_000_000)
     agent = RawAgent()
     async with (
@@ -579,7 +580,7 @@ async def test_session_end_releases_its_documents(tmp_path: Path) -> None:
     ):
         await toolkit.handler_for(state).fetch_doc(f"{base}/doc")
         assert budget.used > 0
-        state.anp_crawler = state.anp_handler = None  # what closing a session does
+        state.detach(ATTACHMENT)  # what the toolkit's listener does when a session ends
         gc.collect()
         assert budget.used == 0
 
@@ -624,8 +625,8 @@ async def test_cached_documents_take_their_raw_size_in_memory(tmp_path: Path) ->
         finally:
             tracemalloc.stop()
         assert len(agent.request_lines) == 5
-        crawler = state.anp_crawler
-        assert crawler is not None and crawler.cache is not None
+        crawler = toolkit.handler_for(state).crawler
+        assert crawler.cache is not None
         assert len(crawler.cache) == 5  # the warm-up document too
     raw = sum(len(body) for body in bodies.values())
     assert budget.used >= raw

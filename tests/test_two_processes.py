@@ -92,3 +92,42 @@ async def test_sessions_are_shared_across_processes_and_restarts(tmp_path: Path)
             assert await status("POST", a.base_url, survivor) == 404
     finally:
         redis.stop()
+
+
+async def test_admin_lists_and_revokes_across_processes(tmp_path: Path) -> None:
+    """Sessions made on A and B are listed by either; revoking on B ends them on both."""
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    data_dir = tmp_path / "data"
+    principal = ensure_dev_identity(data_dir).principal
+    options = ("--store-url", redis.url, "--admin-token", ADMIN_TOKEN)
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    try:
+        with (
+            launcher(tmp_path, *options, port=free_port(), name="a", data_dir=data_dir) as a,
+            launcher(tmp_path, *options, port=free_port(), name="b", data_dir=data_dir) as b,
+        ):
+            made = [await open_session(a.base_url), await open_session(b.base_url)]
+            async with httpx.AsyncClient() as http:
+                url_a, url_b = (
+                    f"{a.base_url}/mcp-admin/sessions",
+                    f"{b.base_url}/mcp-admin/sessions",
+                )
+                assert (await http.get(url_a)).status_code == 401
+                listed = await http.get(url_a, params={"principal": principal}, headers=admin)
+                assert listed.status_code == 200
+                sessions = listed.json()["sessions"]
+                assert sorted(s["id"] for s in sessions) == sorted(m[:8] + "…" for m in made)
+                assert all(m not in listed.text for m in made)  # never a whole id
+                revoked = await http.delete(url_b, params={"principal": principal}, headers=admin)
+                assert revoked.json() == {"revoked": 2}
+                listed = await http.get(url_a, params={"principal": principal}, headers=admin)
+                assert listed.json() == {"sessions": []}
+            for session_id in made:
+                assert await status("POST", a.base_url, session_id) == 404
+                assert await status("POST", b.base_url, session_id) == 404
+    finally:
+        redis.stop()
+
+
+ADMIN_TOKEN = "admin-token-for-tests"

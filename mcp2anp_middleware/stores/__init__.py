@@ -1,4 +1,4 @@
-"""Session metadata stores: in-memory (default) and Redis (extra ``[redis]``)."""
+"""Session record stores: in-memory (default) and Redis (extra ``[redis]``)."""
 
 from .base import (
     CapExceeded,
@@ -6,7 +6,6 @@ from .base import (
     CreateOutcome,
     SessionRecord,
     SessionStore,
-    StoredSession,
     StoreUnavailable,
 )
 from .memory import InMemorySessionStore
@@ -19,5 +18,4 @@ __all__ = [
     "SessionRecord",
     "SessionStore",
     "StoreUnavailable",
-    "StoredSession",
 ]

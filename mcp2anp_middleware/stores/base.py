@@ -1,14 +1,18 @@
-"""The narrow store interface for session METADATA.
+"""The narrow store interface: session RECORDS, the same for every store.
 
-A store keeps who a session belongs to and its times; nothing secret. Live objects (the session's
-signer, document cache, tool handler) stay in each process and are rebuilt from the metadata when a
-session reaches a process that has not seen it; its credential comes from the request's own
-(re-)authentication, so no key material is ever written to a shared store.
+A store keeps who a session belongs to and its times, nothing secret and nothing live: the live
+objects (the session's signer, document cache, tool handler, later its MCP transport) stay in each
+process's :class:`~mcp2anp_middleware.session_registry.SessionRegistry`, rebuilt from the record
+when a session reaches a process that has not seen it. Its credential comes from the request's own
+(re-)authentication, so no key material is ever written to a store.
+
+The interface is starsessions' ``read`` / ``write`` / ``remove`` with the TTL passed in, plus what
+caps, indexes and expiry need: an atomic create-if-absent that applies the caps, a per-principal
+listing, a count, and ``expire`` for stores without native expiry.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -26,29 +30,20 @@ class CapExceeded(Exception):
         self.limit = limit
 
 
-class StoredSession(Protocol):
-    """What a store needs to know about a session (``SessionState`` satisfies it)."""
-
-    @property
-    def session_id(self) -> str: ...
-    @property
-    def principal(self) -> str: ...
-    @property
-    def created_at(self) -> float: ...
-    @property
-    def last_accessed(self) -> float: ...
-    @property
-    def implicit(self) -> bool: ...
-
-
 @dataclass(slots=True)
 class SessionRecord:
-    """A session's metadata as read back from a store that does not hold live objects."""
+    """What a store keeps of one session.
+
+    ``expires_at`` is the session's deadline as of its last write: the earlier of last use plus
+    the idle timeout and creation plus the maximum age. The registry computes it (the expiry rule
+    lives in one place); stores only order and drop by it.
+    """
 
     session_id: str
     principal: str
     created_at: float
-    last_accessed: float
+    last_used: float
+    expires_at: float
     implicit: bool = False
 
 
@@ -56,10 +51,8 @@ class SessionRecord:
 class CreateOutcome:
     created: bool
     """False when the id already existed (create-if-absent lost the race)."""
-    evicted: tuple[str, ...] = ()
+    evicted: tuple[SessionRecord, ...] = ()
     """Sessions removed to make room (per-principal cap with eviction)."""
-    evicted_sessions: tuple[StoredSession, ...] = ()
-    """The removed sessions themselves, from stores that hold live objects."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,46 +63,43 @@ class Caps:
 
 
 class SessionStore(Protocol):
-    holds_live_objects: bool
-    """True when :meth:`load` returns the very object given to :meth:`create` (in-memory)."""
     default_touch_interval: float
-    """Seconds between store writes for a busy session; 0 writes on every request."""
+    """Seconds between writes for a session in use (0: every request). A shared store is written
+    at most this often per session, so a record's ``last_used`` may lag by as much."""
 
     async def create(
-        self, session: StoredSession, *, ttl: float, now: float, caps: Caps
-    ) -> CreateOutcome: ...
-
-    async def load(self, session_id: str) -> StoredSession | None: ...
-
-    async def touch(self, session: StoredSession, *, ttl: float, now: float) -> bool:
-        """Record use at ``now``, push the expiry to ``now + ttl``; False if the session is gone."""
+        self, record: SessionRecord, *, ttl: float, now: float, caps: Caps
+    ) -> CreateOutcome:
+        """Store ``record`` unless its id exists, applying ``caps`` atomically; ``ttl`` seconds
+        from ``now`` (the registry's clock) it expires by itself."""
         ...
 
-    async def delete(self, session_id: str, *, created_at: float | None = None) -> bool:
+    async def read(self, session_id: str) -> SessionRecord | None: ...
+
+    async def write(self, record: SessionRecord, *, ttl: float, now: float) -> bool:
+        """Update an existing record and push its expiry to ``ttl`` from now; False if it is
+        gone (never re-creates one)."""
+        ...
+
+    async def remove(self, session_id: str, *, created_at: float | None = None) -> bool:
         """Remove the session; with ``created_at``, only if it is that very session (a fenced
         delete: compensation for a refused creation never removes a later session with the id)."""
         ...
 
-    async def expire(
-        self,
-        *,
-        now: float,
-        idle_timeout: float,
-        max_age: float | None,
-        is_busy: Callable[[str], bool],
-    ) -> list[tuple[StoredSession, str]]:
-        """Remove sessions idle past ``idle_timeout`` or older than ``max_age``.
-
-        Returns them with the reason (``"expired"`` or ``"max_age"``).
-
-        Must cost O(expired), not O(sessions). Busy sessions are kept. Stores with native expiry
-        (Redis TTL) return an empty list.
-        """
+    async def principal_sessions(
+        self, principal: str | None, *, now: float, limit: int | None = None
+    ) -> list[SessionRecord]:
+        """The principal's unexpired sessions, least recently used first (None: everyone's)."""
         ...
 
     async def count(self, *, now: float) -> int: ...
 
-    async def count_for(self, principal: str, *, now: float) -> int: ...
+    async def expire(self, *, now: float) -> list[SessionRecord]:
+        """Remove and return records whose ``expires_at`` has passed, in O(expired).
+
+        Stores with native expiry (Redis TTL) return an empty list.
+        """
+        ...
 
     async def ping(self) -> bool: ...
 

@@ -1,145 +1,105 @@
-"""The embedded default store: this process's memory, expiry in O(expired).
+"""The embedded default store: records in this process's memory, expiry in O(expired).
 
-Sessions sit in an ``OrderedDict`` in order of last use (a touch moves one to the back), so expiry
-pops from the front and stops at the first live session: its cost grows with the number of expired
-sessions, not live ones. The seed design scanned every session instead. A second queue in creation
-order serves the absolute lifetime, and a per-principal queue in order of use serves caps.
+Records are ordered by deadline in a heap of ``(expires_at, id)`` entries. A write pushes a new
+entry and leaves the old one in place (lazy deletion: an entry whose deadline no longer matches its
+record is skipped when it reaches the top), so expiry pops from the top and stops at the first
+live deadline: its cost grows with the number of expired sessions, not live ones. The heap is
+rebuilt when stale entries outnumber live ones, which keeps it within twice the session count. A
+per-principal dict in order of use serves caps, eviction of the least recently used, and listing.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
-from collections.abc import Callable
+import heapq
+from dataclasses import replace
 
-from .base import CapExceeded, Caps, CreateOutcome, StoredSession
+from .base import CapExceeded, Caps, CreateOutcome, SessionRecord
 
 
 class InMemorySessionStore:
     """Sessions of this process only; large expiries yield to the event loop every ``batch``."""
 
-    holds_live_objects = True
     default_touch_interval = 0.0
 
     def __init__(self, *, batch: int = 1000) -> None:
         self.batch = max(1, batch)
-        self._sessions: dict[str, StoredSession] = {}
-        self._idle: OrderedDict[str, None] = OrderedDict()
-        self._by_age: OrderedDict[str, None] = OrderedDict()
-        self._by_principal: dict[str, OrderedDict[str, None]] = {}
+        self._records: dict[str, SessionRecord] = {}
+        self._deadlines: list[tuple[float, str]] = []
+        self._by_principal: dict[str, dict[str, None]] = {}
 
     def __len__(self) -> int:
-        return len(self._sessions)
+        return len(self._records)
 
-    def peek(self, session_id: str) -> StoredSession | None:
-        return self._sessions.get(session_id)
-
-    def sessions(self) -> list[StoredSession]:
-        return list(self._sessions.values())
+    def records(self) -> list[SessionRecord]:
+        """Every record (copies), for the state file and tests."""
+        return [replace(record) for record in self._records.values()]
 
     async def create(
-        self, session: StoredSession, *, ttl: float, now: float, caps: Caps
+        self, record: SessionRecord, *, ttl: float, now: float, caps: Caps
     ) -> CreateOutcome:
-        session_id = session.session_id
-        if session_id in self._sessions:
+        session_id = record.session_id
+        if session_id in self._records:
             return CreateOutcome(created=False)
-        evicted: tuple[StoredSession, ...] = ()
-        owned = self._by_principal.get(session.principal)
+        owned = self._by_principal.get(record.principal)
         at_cap = caps.per_principal is not None and owned and len(owned) >= caps.per_principal
         if at_cap and not caps.evict_oldest:
             raise CapExceeded("principal", caps.per_principal or 0)
         # An eviction frees a place, so count it before refusing at the global cap (and never
         # evict for a request that is refused anyway).
-        total_after = len(self._sessions) - (1 if at_cap else 0)
+        total_after = len(self._records) - (1 if at_cap else 0)
         if caps.global_limit is not None and total_after >= caps.global_limit:
             raise CapExceeded("global", caps.global_limit)
+        evicted: tuple[SessionRecord, ...] = ()
         if at_cap and owned:
-            victim = self._sessions[next(iter(owned))]  # least recently used
+            victim = self._records[next(iter(owned))]  # least recently used
             self._forget(victim.session_id)
             evicted = (victim,)
-        self._sessions[session_id] = session
-        self._idle[session_id] = None
-        self._by_age[session_id] = None
-        self._by_principal.setdefault(session.principal, OrderedDict())[session_id] = None
-        return CreateOutcome(
-            created=True,
-            evicted=tuple(s.session_id for s in evicted),
-            evicted_sessions=evicted,
-        )
+        self._store(record)
+        return CreateOutcome(created=True, evicted=evicted)
 
-    def reindex(self) -> None:
-        """Re-sort the use-ordered queues by ``last_accessed`` (after a bulk restore, whose
-        sessions arrive in creation order)."""
-        by_use = sorted(self._sessions.values(), key=lambda s: s.last_accessed)
-        self._idle = OrderedDict((s.session_id, None) for s in by_use)
-        self._by_principal = {}
-        for session in by_use:
-            self._by_principal.setdefault(session.principal, OrderedDict())[session.session_id] = (
-                None
-            )
+    async def read(self, session_id: str) -> SessionRecord | None:
+        return self._records.get(session_id)  # callers write new records, never mutate this one
 
-    async def load(self, session_id: str) -> StoredSession | None:
-        return self._sessions.get(session_id)
-
-    async def touch(self, session: StoredSession, *, ttl: float, now: float) -> bool:
-        session_id = session.session_id
-        if session_id not in self._sessions:
+    async def write(self, record: SessionRecord, *, ttl: float, now: float) -> bool:
+        current = self._records.get(record.session_id)
+        if current is None or current.created_at != record.created_at:
             return False
-        self._idle[session_id] = None
-        self._idle.move_to_end(session_id)
-        owned = self._by_principal.get(session.principal)
-        if owned is not None and session_id in owned:
-            owned.move_to_end(session_id)
+        owned = self._by_principal[current.principal]
+        del owned[record.session_id]  # to the back: most recently used
+        self._store(record)
         return True
 
-    async def delete(self, session_id: str, *, created_at: float | None = None) -> bool:
-        session = self._sessions.get(session_id)
-        if session is None or (created_at is not None and session.created_at != created_at):
+    async def remove(self, session_id: str, *, created_at: float | None = None) -> bool:
+        record = self._records.get(session_id)
+        if record is None or (created_at is not None and record.created_at != created_at):
             return False
-        return self._forget(session_id)
+        self._forget(session_id)
+        return True
 
-    async def expire(
-        self,
-        *,
-        now: float,
-        idle_timeout: float,
-        max_age: float | None,
-        is_busy: Callable[[str], bool],
-    ) -> list[tuple[StoredSession, str]]:
-        removed: list[tuple[StoredSession, str]] = []
-        cutoff = now - idle_timeout
-        requeued: set[str] = set()
-        while self._idle:
-            session_id = next(iter(self._idle))
-            if session_id in requeued or self._sessions[session_id].last_accessed >= cutoff:
-                break
-            if is_busy(session_id):  # in use: goes to the back, its request will touch it
-                self._idle.move_to_end(session_id)
-                requeued.add(session_id)
-                continue
-            removed.append((self._sessions[session_id], "expired"))
-            self._forget(session_id)
-            if len(removed) % self.batch == 0:
-                await asyncio.sleep(0)
-        if max_age is not None:
-            age_cutoff = now - max_age
-            while self._by_age:
-                session_id = next(iter(self._by_age))
-                if self._sessions[session_id].created_at >= age_cutoff:
-                    break
-                self._by_age.pop(session_id)
-                if not is_busy(session_id):  # a busy one is removed when its request ends
-                    removed.append((self._sessions[session_id], "max_age"))
-                    self._forget(session_id)
-                    if len(removed) % self.batch == 0:
-                        await asyncio.sleep(0)
-        return removed
+    async def principal_sessions(
+        self, principal: str | None, *, now: float, limit: int | None = None
+    ) -> list[SessionRecord]:
+        ids = self._records if principal is None else self._by_principal.get(principal, {})
+        found = [replace(self._records[i]) for i in ids if self._records[i].expires_at > now]
+        return found if limit is None else found[:limit]
 
     async def count(self, *, now: float) -> int:
-        return len(self._sessions)
+        return len(self._records)
 
-    async def count_for(self, principal: str, *, now: float) -> int:
-        return len(self._by_principal.get(principal, ()))
+    async def expire(self, *, now: float) -> list[SessionRecord]:
+        removed: list[SessionRecord] = []
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            expires_at, session_id = heapq.heappop(deadlines)
+            record = self._records.get(session_id)
+            if record is None or record.expires_at != expires_at:
+                continue  # a stale entry: the session was written again or removed
+            self._forget(session_id)
+            removed.append(record)
+            if len(removed) % self.batch == 0:
+                await asyncio.sleep(0)
+        return removed
 
     async def ping(self) -> bool:
         return True
@@ -147,15 +107,17 @@ class InMemorySessionStore:
     async def aclose(self) -> None:
         return None
 
-    def _forget(self, session_id: str) -> bool:
-        session = self._sessions.pop(session_id, None)
-        if session is None:
-            return False
-        self._idle.pop(session_id, None)
-        self._by_age.pop(session_id, None)
-        owned = self._by_principal.get(session.principal)
-        if owned is not None:
-            owned.pop(session_id, None)
-            if not owned:
-                del self._by_principal[session.principal]
-        return True
+    def _store(self, record: SessionRecord) -> None:
+        self._records[record.session_id] = record
+        self._by_principal.setdefault(record.principal, {})[record.session_id] = None
+        heapq.heappush(self._deadlines, (record.expires_at, record.session_id))
+        if len(self._deadlines) > 2 * len(self._records) + 64:
+            self._deadlines = [(r.expires_at, r.session_id) for r in self._records.values()]
+            heapq.heapify(self._deadlines)
+
+    def _forget(self, session_id: str) -> None:
+        record = self._records.pop(session_id)
+        owned = self._by_principal[record.principal]
+        del owned[session_id]
+        if not owned:
+            del self._by_principal[record.principal]

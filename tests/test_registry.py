@@ -1,0 +1,282 @@
+"""The session registry over every store: expiry, sharing between processes, events, and
+per-principal listing and revocation. Two registries over one store behave like two workers."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from mcp2anp_middleware import ManualClock, SessionConfig, SessionRegistry
+from mcp2anp_middleware.session_events import SessionEvent, SessionEventKind
+from mcp2anp_middleware.stores import SessionStore
+from mcp2anp_middleware.stores.redis import RedisSessionStore
+
+from .redis_server import RedisServer
+from .store_fixture import StoreFactory, new_store
+
+pytestmark = pytest.mark.anyio
+__all__ = ["new_store"]  # the fixture, used by name
+
+ALICE = SessionConfig(principal="alice")
+BOB = SessionConfig(principal="bob")
+TIMEOUT = 60.0
+
+
+def registry(store: SessionStore, clock: ManualClock, **options: Any) -> SessionRegistry:
+    return SessionRegistry(store=store, clock=clock, session_timeout=TIMEOUT, **options)
+
+
+def recorder(sessions: SessionRegistry) -> list[SessionEvent]:
+    events: list[SessionEvent] = []
+    sessions.subscribe(events.append)
+    return events
+
+
+async def test_registry_expiry_by_clock(new_store: StoreFactory) -> None:
+    clock = ManualClock()
+    sessions = registry(new_store(), clock)
+    state = sessions.new_session(ALICE)
+    await sessions.register(state)
+    clock.advance(TIMEOUT - 1)
+    assert await sessions.get(state.session_id, ALICE) is state
+    await sessions.acquire(state)
+    await sessions.release(state)
+    clock.advance(TIMEOUT - 1)
+    assert await sessions.get(state.session_id, ALICE) is not None
+    # gone once idle past the timeout plus the store's touch tolerance (0 in memory)
+    clock.advance(2 + sessions.touch_interval)
+    assert await sessions.get(state.session_id, ALICE) is None
+
+
+async def test_registry_hides_other_principals_sessions(new_store: StoreFactory) -> None:
+    clock = ManualClock()
+    sessions = registry(new_store(), clock)
+    state = sessions.new_session(ALICE)
+    await sessions.register(state)
+    assert await sessions.get(state.session_id, BOB) is None
+    assert await sessions.get(state.session_id, ALICE) is state
+
+
+async def test_session_is_shared_between_processes(new_store: StoreFactory) -> None:
+    clock = ManualClock()
+    worker_a, worker_b = registry(new_store(), clock), registry(new_store(), clock)
+    state = worker_a.new_session(ALICE)
+    await worker_a.register(state)
+    seen_by_b = await worker_b.get(state.session_id, ALICE)
+    assert seen_by_b is not None and seen_by_b.session_id == state.session_id
+    assert seen_by_b.created_at == state.created_at
+    assert await worker_b.remove(state.session_id, reason="deleted")
+    assert await worker_a.get(state.session_id, ALICE) is None
+    assert state.closed  # A released its live objects too
+
+
+async def test_implicit_session_is_one_per_principal_everywhere(new_store: StoreFactory) -> None:
+    clock = ManualClock()
+    worker_a, worker_b = registry(new_store(), clock), registry(new_store(), clock)
+    found = await asyncio.gather(
+        worker_a.implicit_session(ALICE),
+        worker_b.implicit_session(ALICE),
+        worker_a.implicit_session(ALICE),
+    )
+    states = [state for state, _ in found]
+    assert len({s.session_id for s in states}) == 1
+    assert [created for _, created in found].count(True) == 1  # one creator commits or discards
+    bob, _ = await worker_b.implicit_session(BOB)
+    assert bob.session_id != states[0].session_id
+    # an implicit session is not reachable as an explicit (handshake-era) session id
+    assert await worker_a.get(states[0].session_id, ALICE) is None
+
+
+async def test_in_flight_session_survives_expiry(new_store: StoreFactory) -> None:
+    clock = ManualClock()
+    sessions = registry(new_store(), clock)
+    state = sessions.new_session(ALICE)
+    await sessions.register(state)
+    await sessions.acquire(state)
+    for _ in range(3):  # a long request: the sweep renews its lease each interval
+        clock.advance(TIMEOUT - 1)
+        await sessions.sweep()
+    assert await sessions.get(state.session_id, ALICE) is state
+    await sessions.release(state)
+    clock.advance(TIMEOUT - 1)  # idle time counts from the end of the request
+    assert await sessions.get(state.session_id, ALICE) is state
+
+
+async def test_redis_writes_are_throttled(redis_server: RedisServer) -> None:
+    clock = ManualClock()
+    store = RedisSessionStore.from_url(redis_server.url, prefix="throttle:", touch_interval=10.0)
+    writes = 0
+    original = store.write
+
+    async def counting_write(*args: Any, **kwargs: Any) -> bool:
+        nonlocal writes
+        writes += 1
+        return await original(*args, **kwargs)
+
+    store.write = counting_write  # type: ignore[method-assign]
+    sessions = registry(store, clock)
+    state = sessions.new_session(ALICE)
+    await sessions.register(state)
+    for _ in range(9):  # nine requests, one second apart: within one touch interval
+        clock.advance(1)
+        await sessions.acquire(state)
+        await sessions.release(state)
+    assert writes == 0
+    clock.advance(2)
+    await sessions.acquire(state)
+    await sessions.release(state)
+    assert writes == 1
+    await store.aclose()
+
+
+async def test_busy_session_does_not_hide_expired_ones_from_the_sweep(
+    new_store: StoreFactory,
+) -> None:
+    clock = ManualClock()
+    sessions = registry(new_store(), clock)
+    busy = sessions.new_session(ALICE)
+    await sessions.register(busy)
+    clock.advance(10)
+    idle = sessions.new_session(BOB)
+    await sessions.register(idle)
+    clock.advance(10)
+    await sessions.acquire(busy)
+    clock.advance(TIMEOUT - 5 + sessions.touch_interval)  # idle: past timeout and tolerance
+    await sessions.sweep()
+    assert idle.session_id not in sessions
+    assert await sessions.get(idle.session_id, BOB) is None
+    assert await sessions.get(busy.session_id, ALICE) is busy
+    await sessions.release(busy)
+
+
+async def test_a_stale_local_copy_does_not_remove_a_newer_session(new_store: StoreFactory) -> None:
+    """Implicit ids repeat per principal: process A's copy of an old session must not be taken
+    for the new one process B created after it expired."""
+    clock = ManualClock()
+    worker_a = registry(new_store(), clock, max_session_age=TIMEOUT + 5)
+    worker_b = registry(new_store(), clock, max_session_age=TIMEOUT + 5)
+    old, _ = await worker_a.implicit_session(ALICE)
+    clock.advance(TIMEOUT + worker_a.touch_interval + 1)
+    new, _ = await worker_b.implicit_session(ALICE)  # the old one expired: B makes a new one
+    assert new.created_at == clock()
+    clock.advance(1)
+    seen_by_a, _ = await worker_a.implicit_session(ALICE)
+    assert seen_by_a.created_at == new.created_at
+    assert old.closed and old is not seen_by_a
+    assert await worker_b.get(new.session_id, ALICE, implicit=True) is not None
+
+
+async def test_lifecycle_events(new_store: StoreFactory) -> None:
+    clock = ManualClock()
+    sessions = registry(new_store(), clock, per_principal_cap=1, evict_oldest=True)
+    events = recorder(sessions)
+    first = sessions.new_session(ALICE)
+    await sessions.register(first)
+    await sessions.commit(first)
+    second = sessions.new_session(ALICE)
+    await sessions.register(second)  # at the cap: evicts the first
+    await sessions.commit(second)
+    await sessions.remove(second.session_id, reason="deleted")
+    third = sessions.new_session(BOB)
+    await sessions.register(third)
+    await sessions.commit(third)
+    clock.advance(TIMEOUT + sessions.touch_interval + 1)
+    await sessions.sweep()
+    kinds = [(e.kind, e.short_id, e.state) for e in events]
+    assert kinds == [
+        (SessionEventKind.CREATED, first.session_id[:8] + "…", first),
+        (SessionEventKind.EVICTED, first.session_id[:8] + "…", first),
+        (SessionEventKind.CREATED, second.session_id[:8] + "…", second),
+        (SessionEventKind.DELETED, second.session_id[:8] + "…", second),
+        (SessionEventKind.CREATED, third.session_id[:8] + "…", third),
+        (SessionEventKind.EXPIRED, third.session_id[:8] + "…", third),
+    ]
+    assert first.closed and second.closed and third.closed
+    fourth = sessions.new_session(BOB)
+    await sessions.register(fourth)
+    await sessions.close_local()
+    assert events[-1].kind is SessionEventKind.CLOSED and events[-1].state is fourth
+
+
+async def test_a_failing_listener_does_not_stop_the_others(new_store: StoreFactory) -> None:
+    sessions = registry(new_store(), ManualClock())
+
+    def broken(event: SessionEvent) -> None:
+        raise RuntimeError("listener bug")
+
+    sessions.subscribe(broken)
+    events = recorder(sessions)
+    state = sessions.new_session(ALICE)
+    await sessions.register(state)
+    await sessions.commit(state)
+    assert [e.kind for e in events] == [SessionEventKind.CREATED]
+
+
+async def test_list_and_revoke_a_principals_sessions_across_processes(
+    new_store: StoreFactory,
+) -> None:
+    clock = ManualClock()
+    worker_a, worker_b = registry(new_store(), clock), registry(new_store(), clock)
+    mine = []
+    for worker in (worker_a, worker_b, worker_a):
+        state = worker.new_session(ALICE)
+        await worker.register(state)
+        mine.append(state)
+        clock.advance(1)
+    bobs = worker_b.new_session(BOB)
+    await worker_b.register(bobs)
+    listed = await worker_b.sessions_of("alice")
+    assert [s.short_id for s in listed] == [m.session_id[:8] + "…" for m in mine]
+    assert all(s.principal == "alice" and s.expires_at == s.last_used + TIMEOUT for s in listed)
+    assert all(m.session_id not in str(s.as_dict()) for s in listed for m in mine)
+
+    events = recorder(worker_a)
+    assert await worker_b.revoke_principal("alice") == 3
+    assert await worker_b.sessions_of("alice") == []
+    for state in mine:  # every worker refuses them at their next request
+        assert await worker_a.get(state.session_id, ALICE) is None
+        assert await worker_b.get(state.session_id, ALICE) is None
+    assert all(state.closed for state in mine)
+    assert {e.kind for e in events} <= {SessionEventKind.REVOKED, SessionEventKind.EXPIRED}
+    assert await worker_a.get(bobs.session_id, BOB) is not None
+
+
+async def test_other_processes_drop_live_objects_when_told(redis_server: RedisServer) -> None:
+    """With Redis, a DELETE on one worker closes the session's live object on the others at
+    once (pub/sub), not only at their next lookup."""
+    clock = ManualClock()
+    prefix = "follow:"
+    store_a = RedisSessionStore.from_url(redis_server.url, prefix=prefix)
+    store_b = RedisSessionStore.from_url(redis_server.url, prefix=prefix)
+    worker_a, worker_b = registry(store_a, clock), registry(store_b, clock)
+    state = worker_a.new_session(ALICE)
+    await worker_a.register(state)
+    copy_in_b = await worker_b.get(state.session_id, ALICE)
+    assert copy_in_b is not None
+    ended = asyncio.Event()
+    seen: list[SessionEvent] = []
+
+    def on_event(event: SessionEvent) -> None:
+        seen.append(event)
+        ended.set()
+
+    worker_b.subscribe(on_event)
+    async with worker_b.follow_other_processes():
+        await asyncio.wait_for(_subscribed(store_b), 10)
+        assert await worker_a.remove(state.session_id, reason="deleted")
+        await asyncio.wait_for(ended.wait(), 10)
+    assert copy_in_b.closed and state.session_id not in worker_b
+    assert seen[0].kind is SessionEventKind.DELETED and seen[0].state is copy_in_b
+    await store_a.aclose()
+    await store_b.aclose()
+
+
+async def _subscribed(store: RedisSessionStore) -> None:
+    """Until the follower's subscription is registered with Redis (it connects on its own)."""
+    while True:
+        subscribers = await store.client.pubsub_numsub(store.ended_channel)
+        if subscribers and int(subscribers[0][1]) > 0:
+            return
+        await asyncio.sleep(0.01)
