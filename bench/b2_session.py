@@ -21,7 +21,8 @@ from typing import Any
 
 from mcp.server.mcpserver import MCPServer
 
-from mcp2anp_middleware import MCPEndpoint, MCPSessionMiddleware
+from mcp2anp_middleware import MCPSessionMiddleware
+from mcp2anp_middleware.mcp_endpoint import MCPEndpoint
 
 from .common import (
     INITIALIZE,

@@ -26,7 +26,9 @@ import time
 import psutil
 import structlog
 
-from mcp2anp_middleware import ManualClock, SessionConfig, SessionRegistry
+from mcp2anp_middleware import SessionConfig
+from mcp2anp_middleware.sessions.clock import ManualClock
+from mcp2anp_middleware.sessions.registry import SessionRegistry
 
 from .common import Result, log, median, run_module, spread
 

@@ -28,7 +28,9 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 
 from example_app.demo_agent import create_demo_identity
-from mcp2anp_middleware import ANPToolkit, ManualClock, SessionConfig, SessionRegistry
+from mcp2anp_middleware import ANPToolkit, SessionConfig
+from mcp2anp_middleware.sessions.clock import ManualClock
+from mcp2anp_middleware.sessions.registry import SessionRegistry
 
 from .common import INITIALIZE, MCP_HEADERS, Result, call_asgi, http_scope, log, run_module
 

@@ -56,17 +56,12 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from example_app.demo_agent import StaticDidResolver, create_demo_agent, create_demo_identity
-from mcp2anp_middleware import (
-    ANPToolkit,
-    DidCredential,
-    SessionConfig,
-    StaticConfigAuthenticator,
-    URLPolicy,
-    load_credential,
-)
-from mcp2anp_middleware.anp_errors import ANPToolError
-from mcp2anp_middleware.anp_http import ANPHttpClient, HttpResult
-from mcp2anp_middleware.anp_signing import SessionSigner
+from mcp2anp_middleware import ANPToolkit, SessionConfig, URLPolicy
+from mcp2anp_middleware.anp_tools.credentials import DidCredential, load_credential
+from mcp2anp_middleware.anp_tools.errors import ANPToolError
+from mcp2anp_middleware.anp_tools.http import ANPHttpClient, HttpResult
+from mcp2anp_middleware.anp_tools.signing import SessionSigner
+from mcp2anp_middleware.authentication.base import StaticConfigAuthenticator
 from mcp2anp_middleware.hosting import ANPMiddleware
 from tests.servers import free_port
 

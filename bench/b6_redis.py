@@ -26,7 +26,7 @@ from typing import Any
 import redis
 
 from mcp2anp_middleware import MCPSessionMiddleware
-from mcp2anp_middleware.stores.redis import RedisSessionStore
+from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
 from tests.redis_server import RedisServer
 
 from .common import Result, call_asgi, cost_of, http_scope, log, paired_async, run_module, spread

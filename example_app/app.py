@@ -14,16 +14,16 @@ from starlette.routing import Mount, Route
 from mcp2anp_middleware import (
     ANPMiddleware,
     CachingAuthenticator,
-    NoAuthAuthenticator,
     RemoteVerifierAuthenticator,
     SessionConfig,
     StaticKeyAuthenticator,
     URLPolicy,
     session_from_request,
 )
-from mcp2anp_middleware.authentication import Authenticator
-from mcp2anp_middleware.dev_identity import ensure_dev_identity
-from mcp2anp_middleware.stores import SessionStore
+from mcp2anp_middleware.anp_tools.dev_identity import ensure_dev_identity
+from mcp2anp_middleware.authentication.authenticators import NoAuthAuthenticator
+from mcp2anp_middleware.authentication.base import Authenticator
+from mcp2anp_middleware.sessions.stores import SessionStore
 
 from .demo_agent import DirectoryDidResolver, create_demo_agent
 from .settings import FETCH_DEADLINE, Settings
@@ -123,7 +123,7 @@ def create_app(settings: Settings) -> ANPMiddleware:
 def build_store(settings: Settings) -> SessionStore | None:
     if settings.store_url == "memory://":
         return None
-    from mcp2anp_middleware.stores.redis import RedisSessionStore
+    from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
 
     if settings.touch_interval is None:
         return RedisSessionStore.from_url(settings.store_url)

@@ -1,81 +1,62 @@
 """mcp2anp-middleware: host the ANP tools for MCP clients inside any ASGI app.
 
-Optional extras keep their own modules: ``mcp2anp_middleware.stores.redis.RedisSessionStore``
-(extra ``redis``) and ``mcp2anp_middleware.metrics.SessionMetricsCollector`` (extra
-``prometheus``).
+The package has three layers (see docs/architecture.md):
+
+- :mod:`mcp2anp_middleware.sessions`: the generic MCP session layer (middleware, registry, stores,
+  events, admin and statistics apps);
+- :mod:`mcp2anp_middleware.authentication`: from a request's credential to a session's identity;
+- :mod:`mcp2anp_middleware.anp_tools`: the two ANP tools and what they use to reach agents;
+
+and :class:`ANPMiddleware`, which wires them together for a host app. The names below are the
+public API; everything else is importable from its module. Optional extras keep their own
+modules: ``mcp2anp_middleware.sessions.stores.redis.RedisSessionStore`` (extra ``redis``) and
+``mcp2anp_middleware.sessions.metrics.SessionMetricsCollector`` (extra ``prometheus``).
 """
 
-from .anp_errors import ANPToolError
-from .anp_tools import ANPToolHandler, ANPToolkit, SessionCrawler
-from .authentication import (
+from importlib.metadata import PackageNotFoundError, version
+
+from mcp2anp_middleware.anp_tools.dev_identity import ensure_dev_identity
+from mcp2anp_middleware.anp_tools.toolkit import ANPToolkit
+from mcp2anp_middleware.anp_tools.url_policy import URLPolicy
+from mcp2anp_middleware.authentication import (
     AuthenticationError,
     Authenticator,
-    Credentials,
-    StaticConfigAuthenticator,
-)
-from .authenticators import (
-    AuthenticationUnavailable,
     CachingAuthenticator,
-    NoAuthAuthenticator,
+    Credentials,
     RemoteVerifierAuthenticator,
     StaticKeyAuthenticator,
-    SyncAuthenticator,
-    require_credentials,
 )
-from .clock import Clock, ManualClock, system_clock
-from .dev_identity import ensure_dev_identity
-from .did_credentials import CredentialCache, CredentialError, DidCredential, load_credential
-from .hosting import ANPMiddleware
-from .logging_setup import tame_anp_logging
-from .mcp_endpoint import MCPEndpoint
-from .middleware import SESSION_SCOPE_KEY, MCPSessionMiddleware
-from .request_helpers import session_from_request, session_from_scope
-from .session_ids import MAX_SESSION_ID_LENGTH, new_session_id
-from .session_registry import SessionRegistry
-from .session_state import ANONYMOUS_PRINCIPAL, SessionConfig, SessionState
-from .stores import CapExceeded, InMemorySessionStore, SessionStore, StoreUnavailable
-from .url_policy import URLPolicy
+from mcp2anp_middleware.hosting import ANPMiddleware
+from mcp2anp_middleware.log_redaction import redact_library_logs
+from mcp2anp_middleware.sessions.events import SessionEvent, SessionEventKind
+from mcp2anp_middleware.sessions.middleware import MCPSessionMiddleware
+from mcp2anp_middleware.sessions.request_helpers import session_from_request
+from mcp2anp_middleware.sessions.state import SessionConfig, SessionState
+
+# Every library logger the package drives exists now: keep their URLs to host and path.
+redact_library_logs()
+
+try:
+    __version__ = version("mcp2anp-middleware")
+except PackageNotFoundError:  # pragma: no cover - running from a checkout without install
+    __version__ = "0+unknown"
 
 __all__ = [
-    "ANONYMOUS_PRINCIPAL",
-    "MAX_SESSION_ID_LENGTH",
-    "SESSION_SCOPE_KEY",
     "ANPMiddleware",
-    "ANPToolError",
-    "ANPToolHandler",
     "ANPToolkit",
     "AuthenticationError",
-    "AuthenticationUnavailable",
     "Authenticator",
     "CachingAuthenticator",
-    "CapExceeded",
-    "Clock",
-    "CredentialCache",
-    "CredentialError",
     "Credentials",
-    "DidCredential",
-    "InMemorySessionStore",
-    "MCPEndpoint",
     "MCPSessionMiddleware",
-    "ManualClock",
-    "NoAuthAuthenticator",
     "RemoteVerifierAuthenticator",
     "SessionConfig",
-    "SessionCrawler",
-    "SessionRegistry",
+    "SessionEvent",
+    "SessionEventKind",
     "SessionState",
-    "SessionStore",
-    "StaticConfigAuthenticator",
     "StaticKeyAuthenticator",
-    "StoreUnavailable",
-    "SyncAuthenticator",
     "URLPolicy",
+    "__version__",
     "ensure_dev_identity",
-    "load_credential",
-    "new_session_id",
-    "require_credentials",
     "session_from_request",
-    "session_from_scope",
-    "system_clock",
-    "tame_anp_logging",
 ]

@@ -17,16 +17,20 @@ import structlog
 from mcp.server.mcpserver import MCPServer
 from starlette.types import ASGIApp
 
-from .anp_tools import ANPToolkit
-from .authentication import Authenticator, Credentials, StaticConfigAuthenticator
-from .background import Service
-from .dev_identity import DEFAULT_DATA_DIR, ensure_dev_identity
-from .did_credentials import CredentialCache, CredentialError
-from .logging_setup import tame_anp_logging
-from .mcp_endpoint import MCPEndpoint
-from .middleware import MCPSessionMiddleware
-from .session_state import SessionConfig
-from .url_policy import URLPolicy
+from mcp2anp_middleware.anp_tools.credentials import CredentialCache, CredentialError
+from mcp2anp_middleware.anp_tools.dev_identity import DEFAULT_DATA_DIR, ensure_dev_identity
+from mcp2anp_middleware.anp_tools.toolkit import ANPToolkit
+from mcp2anp_middleware.anp_tools.url_policy import URLPolicy
+from mcp2anp_middleware.authentication.base import (
+    Authenticator,
+    Credentials,
+    StaticConfigAuthenticator,
+)
+from mcp2anp_middleware.logging_setup import tame_anp_logging
+from mcp2anp_middleware.mcp_endpoint import MCPEndpoint
+from mcp2anp_middleware.sessions.background import Service
+from mcp2anp_middleware.sessions.middleware import MCPSessionMiddleware
+from mcp2anp_middleware.sessions.state import SessionConfig
 
 logger = structlog.get_logger("mcp2anp_middleware.hosting")
 

@@ -21,7 +21,7 @@ import os
 
 import anp
 
-from .log_redaction import redact_library_logs, redact_record
+from mcp2anp_middleware.log_redaction import redact_library_logs, redact_record
 
 _ANP_DIR = os.path.dirname(os.path.abspath(anp.__file__))
 

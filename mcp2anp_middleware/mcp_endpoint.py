@@ -19,7 +19,7 @@ from mcp.server.transport_security import TransportSecuritySettings
 from starlette.datastructures import Headers
 from starlette.types import Message, Receive, Scope, Send
 
-from .jsonrpc_errors import INVALID_REQUEST, send_jsonrpc_error
+from mcp2anp_middleware.sessions.jsonrpc_errors import INVALID_REQUEST, send_jsonrpc_error
 
 
 class MCPEndpoint:

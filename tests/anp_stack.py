@@ -21,14 +21,9 @@ from example_app.demo_agent import (
     create_demo_agent,
     create_demo_identity,
 )
-from mcp2anp_middleware import (
-    AuthenticationError,
-    Credentials,
-    SessionConfig,
-    SessionState,
-)
+from mcp2anp_middleware import AuthenticationError, Credentials, SessionConfig, SessionState
+from mcp2anp_middleware.anp_tools.url_policy import URLPolicy
 from mcp2anp_middleware.hosting import ANPMiddleware
-from mcp2anp_middleware.url_policy import URLPolicy
 
 from .servers import free_port, serve
 

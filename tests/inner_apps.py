@@ -8,7 +8,7 @@ from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
 
-from mcp2anp_middleware import SESSION_SCOPE_KEY
+from mcp2anp_middleware.sessions.middleware import SESSION_SCOPE_KEY
 
 
 class RecordingMCPApp:

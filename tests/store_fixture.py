@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from mcp2anp_middleware.stores import InMemorySessionStore, SessionStore
-from mcp2anp_middleware.stores.redis import RedisSessionStore
+from mcp2anp_middleware.sessions.stores import InMemorySessionStore, SessionStore
+from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
 
 from .redis_server import RedisServer
 

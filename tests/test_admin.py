@@ -7,8 +7,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from mcp2anp_middleware import ManualClock, MCPSessionMiddleware, SessionConfig
-from mcp2anp_middleware.authentication import AuthenticationError, Credentials
+from mcp2anp_middleware import MCPSessionMiddleware, SessionConfig
+from mcp2anp_middleware.authentication.base import AuthenticationError, Credentials
+from mcp2anp_middleware.sessions.clock import ManualClock
 
 from .inner_apps import HostApp, RecordingMCPApp
 from .messages import BARE_INITIALIZE as INIT

@@ -14,8 +14,8 @@ from mcp import MCPError
 from mcp.types import CallToolResult
 
 from mcp2anp_middleware import SessionConfig
-from mcp2anp_middleware.anp_tools import ATTACHMENT, ANPToolHandler
-from mcp2anp_middleware.url_policy import URLPolicy
+from mcp2anp_middleware.anp_tools.toolkit import ATTACHMENT, ANPToolHandler
+from mcp2anp_middleware.anp_tools.url_policy import URLPolicy
 
 from .anp_stack import API_KEYS, anp_stack
 from .messages import INITIALIZE as INIT
@@ -295,7 +295,8 @@ async def test_host_server_keeps_its_own_tools(tmp_path: Path) -> None:
 
 
 async def test_dev_mode_generates_a_local_did(tmp_path: Path) -> None:
-    from mcp2anp_middleware import ensure_dev_identity, load_credential
+    from mcp2anp_middleware import ensure_dev_identity
+    from mcp2anp_middleware.anp_tools.credentials import load_credential
 
     data_dir = tmp_path / "data"
     first = ensure_dev_identity(data_dir)

@@ -21,8 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from mcp2anp_middleware.authentication import AuthenticationError, Credentials
-from mcp2anp_middleware.authenticators import (
+from mcp2anp_middleware.authentication.authenticators import (
     MISSING_CREDENTIAL,
     AuthenticationUnavailable,
     CachingAuthenticator,
@@ -33,8 +32,9 @@ from mcp2anp_middleware.authenticators import (
     credential_fingerprint,
     require_credentials,
 )
-from mcp2anp_middleware.clock import ManualClock
-from mcp2anp_middleware.session_state import SessionConfig
+from mcp2anp_middleware.authentication.base import AuthenticationError, Credentials
+from mcp2anp_middleware.sessions.clock import ManualClock
+from mcp2anp_middleware.sessions.state import SessionConfig
 
 from .servers import free_port, serve
 

@@ -18,16 +18,16 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from mcp2anp_middleware import (
-    ANPToolError,
     ANPToolkit,
-    ManualClock,
-    MCPEndpoint,
     MCPSessionMiddleware,
     SessionState,
     URLPolicy,
     ensure_dev_identity,
 )
-from mcp2anp_middleware.stores import InMemorySessionStore, StoreUnavailable
+from mcp2anp_middleware.anp_tools.errors import ANPToolError
+from mcp2anp_middleware.mcp_endpoint import MCPEndpoint
+from mcp2anp_middleware.sessions.clock import ManualClock
+from mcp2anp_middleware.sessions.stores import InMemorySessionStore, StoreUnavailable
 
 from .inner_apps import HostApp, RecordingMCPApp
 from .messages import BARE_INITIALIZE, INITIALIZE, MCP_HEADERS, PING

@@ -23,17 +23,17 @@ from mcp.server.mcpserver import MCPServer
 from starlette.types import Message, Receive, Scope, Send
 
 from mcp2anp_middleware import (
-    SESSION_SCOPE_KEY,
     AuthenticationError,
     Credentials,
-    ManualClock,
     MCPSessionMiddleware,
     SessionConfig,
     ensure_dev_identity,
 )
-from mcp2anp_middleware.session_state import SessionState
-from mcp2anp_middleware.stores import Caps, CreateOutcome, SessionRecord
-from mcp2anp_middleware.stores.redis import RedisSessionStore
+from mcp2anp_middleware.sessions.clock import ManualClock
+from mcp2anp_middleware.sessions.middleware import SESSION_SCOPE_KEY
+from mcp2anp_middleware.sessions.state import SessionState
+from mcp2anp_middleware.sessions.stores import Caps, CreateOutcome, SessionRecord
+from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
 
 from .anp_stack import API_KEYS, anp_stack
 from .inner_apps import HostApp

@@ -70,9 +70,9 @@ from mcp2anp_middleware import (
     SessionConfig,
     URLPolicy,
     ensure_dev_identity,
-    new_session_id,
 )
-from mcp2anp_middleware.session_registry import implicit_session_id
+from mcp2anp_middleware.sessions.ids import new_session_id
+from mcp2anp_middleware.sessions.registry import implicit_session_id
 
 from .inner_apps import HostApp, RecordingMCPApp
 

@@ -30,13 +30,14 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from example_app.demo_agent import StaticDidResolver, create_demo_agent, create_demo_identity
-from mcp2anp_middleware import ManualClock, SessionConfig
-from mcp2anp_middleware.anp_signing import SessionSigner
-from mcp2anp_middleware.anp_tools import ATTACHMENT, ANPToolHandler, SessionCrawler
+from mcp2anp_middleware import SessionConfig
+from mcp2anp_middleware.anp_tools.signing import SessionSigner
+from mcp2anp_middleware.anp_tools.toolkit import ATTACHMENT, ANPToolHandler, SessionCrawler
+from mcp2anp_middleware.anp_tools.url_policy import URLPolicy
 from mcp2anp_middleware.hosting import ANPMiddleware
-from mcp2anp_middleware.session_state import SessionState
-from mcp2anp_middleware.stores import InMemorySessionStore
-from mcp2anp_middleware.url_policy import URLPolicy
+from mcp2anp_middleware.sessions.clock import ManualClock
+from mcp2anp_middleware.sessions.state import SessionState
+from mcp2anp_middleware.sessions.stores import InMemorySessionStore
 
 from .anp_stack import KeyAuthenticator
 from .servers import free_port, serve

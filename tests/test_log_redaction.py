@@ -23,14 +23,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from mcp2anp_middleware import ANPMiddleware, StaticConfigAuthenticator
-from mcp2anp_middleware.authentication import Credentials
-from mcp2anp_middleware.authenticators import RemoteVerifierAuthenticator
-from mcp2anp_middleware.log_redaction import (
-    URLRedactionFilter,
-    redact_library_logs,
-    redact_urls,
-)
+from mcp2anp_middleware import ANPMiddleware
+from mcp2anp_middleware.authentication.authenticators import RemoteVerifierAuthenticator
+from mcp2anp_middleware.authentication.base import Credentials, StaticConfigAuthenticator
+from mcp2anp_middleware.log_redaction import URLRedactionFilter, redact_library_logs, redact_urls
 from mcp2anp_middleware.logging_setup import tame_anp_logging
 
 from .servers import serve

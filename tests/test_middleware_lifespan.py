@@ -14,7 +14,8 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from mcp2anp_middleware import ManualClock, MCPSessionMiddleware
+from mcp2anp_middleware import MCPSessionMiddleware
+from mcp2anp_middleware.sessions.clock import ManualClock
 
 from .inner_apps import HostApp, RecordingMCPApp
 from .messages import BARE_INITIALIZE as INIT

@@ -8,7 +8,8 @@ import httpx
 import pytest
 import structlog
 
-from mcp2anp_middleware import ManualClock, MCPSessionMiddleware
+from mcp2anp_middleware import MCPSessionMiddleware
+from mcp2anp_middleware.sessions.clock import ManualClock
 
 from .inner_apps import HostApp, RecordingMCPApp
 from .messages import BARE_INITIALIZE as INIT

@@ -13,16 +13,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from mcp2anp_middleware import (
-    MAX_SESSION_ID_LENGTH,
-    SESSION_SCOPE_KEY,
-    ManualClock,
-    MCPSessionMiddleware,
-    SessionConfig,
-    SessionRegistry,
-    SessionState,
-)
-from mcp2anp_middleware.stores import InMemorySessionStore, SessionRecord
+from mcp2anp_middleware import MCPSessionMiddleware, SessionConfig, SessionState
+from mcp2anp_middleware.sessions.clock import ManualClock
+from mcp2anp_middleware.sessions.ids import MAX_SESSION_ID_LENGTH
+from mcp2anp_middleware.sessions.middleware import SESSION_SCOPE_KEY
+from mcp2anp_middleware.sessions.registry import SessionRegistry
+from mcp2anp_middleware.sessions.stores import InMemorySessionStore, SessionRecord
 
 from .inner_apps import HostApp, RecordingMCPApp
 from .messages import BARE_INITIALIZE as INIT

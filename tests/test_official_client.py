@@ -11,8 +11,9 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.server.mcpserver import Context, MCPServer
 from starlette.types import Receive, Scope, Send
 
-from mcp2anp_middleware import SESSION_SCOPE_KEY, MCPSessionMiddleware
+from mcp2anp_middleware import MCPSessionMiddleware
 from mcp2anp_middleware.mcp_endpoint import MCPEndpoint
+from mcp2anp_middleware.sessions.middleware import SESSION_SCOPE_KEY
 
 from .servers import serve
 

@@ -22,16 +22,11 @@ import httpx
 import pytest
 from starlette.types import Message
 
-from mcp2anp_middleware import (
-    AuthenticationError,
-    Credentials,
-    ManualClock,
-    MCPSessionMiddleware,
-    SessionConfig,
-    SessionRegistry,
-)
-from mcp2anp_middleware.stores import InMemorySessionStore, SessionStore
-from mcp2anp_middleware.stores.redis import RedisSessionStore
+from mcp2anp_middleware import AuthenticationError, Credentials, MCPSessionMiddleware, SessionConfig
+from mcp2anp_middleware.sessions.clock import ManualClock
+from mcp2anp_middleware.sessions.registry import SessionRegistry
+from mcp2anp_middleware.sessions.stores import InMemorySessionStore, SessionStore
+from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
 
 from .inner_apps import HostApp, RecordingMCPApp
 from .messages import BARE_INITIALIZE as INIT

@@ -8,10 +8,12 @@ from typing import Any
 
 import pytest
 
-from mcp2anp_middleware import ManualClock, SessionConfig, SessionRegistry
-from mcp2anp_middleware.session_events import SessionEvent, SessionEventKind
-from mcp2anp_middleware.stores import SessionStore
-from mcp2anp_middleware.stores.redis import RedisSessionStore
+from mcp2anp_middleware import SessionConfig
+from mcp2anp_middleware.sessions.clock import ManualClock
+from mcp2anp_middleware.sessions.events import SessionEvent, SessionEventKind
+from mcp2anp_middleware.sessions.registry import SessionRegistry
+from mcp2anp_middleware.sessions.stores import SessionStore
+from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
 
 from .redis_server import RedisServer
 from .store_fixture import StoreFactory, new_store

@@ -11,15 +11,10 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from mcp2anp_middleware import (
-    AuthenticationError,
-    Credentials,
-    ManualClock,
-    MCPSessionMiddleware,
-    SessionConfig,
-)
-from mcp2anp_middleware.metrics import SessionMetricsCollector
-from mcp2anp_middleware.stores.redis import RedisSessionStore
+from mcp2anp_middleware import AuthenticationError, Credentials, MCPSessionMiddleware, SessionConfig
+from mcp2anp_middleware.sessions.clock import ManualClock
+from mcp2anp_middleware.sessions.metrics import SessionMetricsCollector
+from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
 
 from .inner_apps import HostApp, RecordingMCPApp
 from .messages import BARE_INITIALIZE as INIT

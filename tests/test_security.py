@@ -17,16 +17,16 @@ from starlette.responses import PlainTextResponse, RedirectResponse, Response, S
 from starlette.routing import Route
 
 from mcp2anp_middleware import (
-    ANPToolError,
     AuthenticationError,
     Credentials,
-    ManualClock,
     MCPSessionMiddleware,
     SessionConfig,
     URLPolicy,
-    new_session_id,
 )
-from mcp2anp_middleware.authenticators import CachingAuthenticator
+from mcp2anp_middleware.anp_tools.errors import ANPToolError
+from mcp2anp_middleware.authentication.authenticators import CachingAuthenticator
+from mcp2anp_middleware.sessions.clock import ManualClock
+from mcp2anp_middleware.sessions.ids import new_session_id
 
 from .inner_apps import HostApp, RecordingMCPApp
 from .messages import BARE_INITIALIZE as INIT

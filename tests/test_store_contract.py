@@ -9,8 +9,8 @@ import uuid
 import pytest
 from redis import asyncio as aioredis
 
-from mcp2anp_middleware.stores import CapExceeded, Caps, SessionRecord, StoreUnavailable
-from mcp2anp_middleware.stores.redis import RedisSessionStore
+from mcp2anp_middleware.sessions.stores import CapExceeded, Caps, SessionRecord, StoreUnavailable
+from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
 
 from .redis_server import RedisServer
 from .servers import free_port

@@ -31,18 +31,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from mcp2anp_middleware import (
-    ANPToolError,
-    ANPToolkit,
-    ManualClock,
-    SessionState,
-    URLPolicy,
-    ensure_dev_identity,
-)
-from mcp2anp_middleware.anp_documents import CacheBudget, DocumentCache
-from mcp2anp_middleware.anp_http import HttpResult
-from mcp2anp_middleware.anp_tools import ATTACHMENT
+from mcp2anp_middleware import ANPToolkit, SessionState, URLPolicy, ensure_dev_identity
+from mcp2anp_middleware.anp_tools.documents import CacheBudget, DocumentCache
+from mcp2anp_middleware.anp_tools.errors import ANPToolError
+from mcp2anp_middleware.anp_tools.http import HttpResult
+from mcp2anp_middleware.anp_tools.toolkit import ATTACHMENT
 from mcp2anp_middleware.hosting import ANPMiddleware
+from mcp2anp_middleware.sessions.clock import ManualClock
 
 from .servers import free_port, serve
 

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from anp.authentication import DIDWbaAuthHeader
 
-from .did_credentials import DidCredential
+from mcp2anp_middleware.anp_tools.credentials import DidCredential
 
 
 class SessionSigner(DIDWbaAuthHeader):  # type: ignore[misc]

@@ -16,16 +16,17 @@ import structlog
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .admin import SessionAdminApp
-from .authentication import (
+from mcp2anp_middleware.authentication.base import (
     AuthenticationError,
     Authenticator,
     StaticConfigAuthenticator,
     credentials_from_headers,
 )
-from .background import BackgroundRunner, Service, Sleep
-from .clock import Clock, system_clock
-from .jsonrpc_errors import (
+from mcp2anp_middleware.sessions.admin import SessionAdminApp
+from mcp2anp_middleware.sessions.background import BackgroundRunner, Service, Sleep
+from mcp2anp_middleware.sessions.clock import Clock, system_clock
+from mcp2anp_middleware.sessions.ids import is_well_formed_session_id, short_id
+from mcp2anp_middleware.sessions.jsonrpc_errors import (
     INTERNAL_ERROR,
     INVALID_REQUEST,
     PARSE_ERROR,
@@ -33,18 +34,24 @@ from .jsonrpc_errors import (
     UNAUTHORIZED,
     send_jsonrpc_error,
 )
-from .lifespan import run_lifespan
-from .origin_check import OriginPolicy
-from .protocol import is_sessionless_version
-from .request_body import BodyTooLarge, ClientGone, jsonrpc_id, parse_json, read_body, replay
-from .session_ids import is_well_formed_session_id, short_id
-from .session_registry import SessionRegistry, ShuttingDown
-from .session_state import SessionConfig, SessionState
-from .state_file import load_state_file, save_state_file
-from .stats import SessionStatsApp, session_statistics
-from .stores.base import CapExceeded, SessionStore, StoreUnavailable
+from mcp2anp_middleware.sessions.lifespan import run_lifespan
+from mcp2anp_middleware.sessions.origin_check import OriginPolicy
+from mcp2anp_middleware.sessions.protocol import is_sessionless_version
+from mcp2anp_middleware.sessions.registry import SessionRegistry, ShuttingDown
+from mcp2anp_middleware.sessions.request_body import (
+    BodyTooLarge,
+    ClientGone,
+    jsonrpc_id,
+    parse_json,
+    read_body,
+    replay,
+)
+from mcp2anp_middleware.sessions.state import SessionConfig, SessionState
+from mcp2anp_middleware.sessions.state_file import load_state_file, save_state_file
+from mcp2anp_middleware.sessions.stats import SessionStatsApp, session_statistics
+from mcp2anp_middleware.sessions.stores.base import CapExceeded, SessionStore, StoreUnavailable
 
-logger = structlog.get_logger("mcp2anp_middleware.middleware")
+logger = structlog.get_logger("mcp2anp_middleware.sessions.middleware")
 
 SESSION_SCOPE_KEY = "mcp_session"
 """Key of the :class:`SessionState` in ``scope["state"]`` (``request.state.mcp_session``)."""

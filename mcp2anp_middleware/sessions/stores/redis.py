@@ -28,7 +28,13 @@ from typing import Self, TypeVar
 from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
-from .base import CapExceeded, Caps, CreateOutcome, SessionRecord, StoreUnavailable
+from mcp2anp_middleware.sessions.stores.base import (
+    CapExceeded,
+    Caps,
+    CreateOutcome,
+    SessionRecord,
+    StoreUnavailable,
+)
 
 T = TypeVar("T")
 

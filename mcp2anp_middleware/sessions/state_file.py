@@ -13,16 +13,16 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .session_state import SessionConfig, SessionState
+from mcp2anp_middleware.sessions.state import SessionConfig, SessionState
 
 if TYPE_CHECKING:
-    from .session_registry import SessionRegistry
+    from mcp2anp_middleware.sessions.registry import SessionRegistry
 
 FORMAT_VERSION = 1
 
 
 async def save_state_file(registry: SessionRegistry, path: Path) -> int:
-    from .stores.memory import InMemorySessionStore
+    from mcp2anp_middleware.sessions.stores.memory import InMemorySessionStore
 
     if not isinstance(registry.store, InMemorySessionStore):
         return 0  # shared stores keep sessions by design

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from .session_state import SessionConfig
+from mcp2anp_middleware.sessions.state import SessionConfig
 
 
 class AuthenticationError(Exception):

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from .session_ids import short_id
+from mcp2anp_middleware.sessions.ids import short_id
 
 if TYPE_CHECKING:
-    from .session_state import SessionState
+    from mcp2anp_middleware.sessions.state import SessionState
 
 logger = structlog.get_logger("mcp2anp_middleware.sessions")
 

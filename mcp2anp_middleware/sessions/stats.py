@@ -11,9 +11,9 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
-from .authentication import credentials_from_headers
-from .jsonrpc_errors import UNAUTHORIZED, send_jsonrpc_error
-from .session_registry import SessionRegistry
+from mcp2anp_middleware.authentication.base import credentials_from_headers
+from mcp2anp_middleware.sessions.jsonrpc_errors import UNAUTHORIZED, send_jsonrpc_error
+from mcp2anp_middleware.sessions.registry import SessionRegistry
 
 
 async def session_statistics(registry: SessionRegistry, *, started_at: float) -> dict[str, Any]:

@@ -30,12 +30,22 @@ from typing import Any
 import anyio
 import structlog
 
-from .clock import Clock, system_clock
-from .session_events import SessionEvent, SessionEventKind, SessionEvents, SessionListener
-from .session_ids import new_session_id, short_id
-from .session_state import SessionConfig, SessionState
-from .stores.base import Caps, SessionRecord, SessionStore, StoreUnavailable
-from .stores.memory import InMemorySessionStore
+from mcp2anp_middleware.sessions.clock import Clock, system_clock
+from mcp2anp_middleware.sessions.events import (
+    SessionEvent,
+    SessionEventKind,
+    SessionEvents,
+    SessionListener,
+)
+from mcp2anp_middleware.sessions.ids import new_session_id, short_id
+from mcp2anp_middleware.sessions.state import SessionConfig, SessionState
+from mcp2anp_middleware.sessions.stores.base import (
+    Caps,
+    SessionRecord,
+    SessionStore,
+    StoreUnavailable,
+)
+from mcp2anp_middleware.sessions.stores.memory import InMemorySessionStore
 
 logger = structlog.get_logger("mcp2anp_middleware.sessions")
 

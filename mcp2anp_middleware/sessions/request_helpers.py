@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .middleware import SESSION_SCOPE_KEY
-from .session_state import SessionState
+from mcp2anp_middleware.sessions.middleware import SESSION_SCOPE_KEY
+from mcp2anp_middleware.sessions.state import SessionState
 
 
 def session_from_scope(scope: Mapping[str, Any]) -> SessionState | None:

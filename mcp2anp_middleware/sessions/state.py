@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .session_ids import short_id
+from mcp2anp_middleware.sessions.ids import short_id
 
 ANONYMOUS_PRINCIPAL = "anonymous"
 

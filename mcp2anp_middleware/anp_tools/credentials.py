@@ -19,8 +19,8 @@ from anp.authentication.verification_methods import create_verification_method
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from .authentication import AuthenticationError
-from .session_state import SessionConfig
+from mcp2anp_middleware.authentication.base import AuthenticationError
+from mcp2anp_middleware.sessions.state import SessionConfig
 
 SigningKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 

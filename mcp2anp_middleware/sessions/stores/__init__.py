@@ -1,6 +1,6 @@
 """Session record stores: in-memory (default) and Redis (extra ``[redis]``)."""
 
-from .base import (
+from mcp2anp_middleware.sessions.stores.base import (
     CapExceeded,
     Caps,
     CreateOutcome,
@@ -8,7 +8,7 @@ from .base import (
     SessionStore,
     StoreUnavailable,
 )
-from .memory import InMemorySessionStore
+from mcp2anp_middleware.sessions.stores.memory import InMemorySessionStore
 
 __all__ = [
     "CapExceeded",

@@ -14,7 +14,7 @@ import asyncio
 import heapq
 from dataclasses import replace
 
-from .base import CapExceeded, Caps, CreateOutcome, SessionRecord
+from mcp2anp_middleware.sessions.stores.base import CapExceeded, Caps, CreateOutcome, SessionRecord
 
 
 class InMemorySessionStore:

@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from .middleware import MCPSessionMiddleware
+    from mcp2anp_middleware.sessions.middleware import MCPSessionMiddleware
 
 
 class SessionMetricsCollector(Collector):

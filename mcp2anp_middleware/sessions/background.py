@@ -15,9 +15,9 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack
 
 import structlog
 
-from .session_registry import SessionRegistry
+from mcp2anp_middleware.sessions.registry import SessionRegistry
 
-logger = structlog.get_logger("mcp2anp_middleware.background")
+logger = structlog.get_logger("mcp2anp_middleware.sessions.background")
 
 Service = Callable[[], AbstractAsyncContextManager[object]]
 Sleep = Callable[[float], Awaitable[object]]

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from anp.authentication import create_did_wba_document
 
-from .logging_setup import tame_anp_logging
-from .session_state import SessionConfig
+from mcp2anp_middleware.logging_setup import tame_anp_logging
+from mcp2anp_middleware.sessions.state import SessionConfig
 
 DEFAULT_DATA_DIR = Path(".mcp2anp-data")
 

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-logger = structlog.get_logger("mcp2anp_middleware.lifespan")
+logger = structlog.get_logger("mcp2anp_middleware.sessions.lifespan")
 
 
 async def run_lifespan(

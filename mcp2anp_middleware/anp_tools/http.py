@@ -24,10 +24,10 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 from yarl import URL
 
-from .anp_documents import parse_json
-from .anp_errors import ANPToolError
-from .anp_signing import SessionSigner
-from .url_policy import URLPolicy
+from mcp2anp_middleware.anp_tools.documents import parse_json
+from mcp2anp_middleware.anp_tools.errors import ANPToolError
+from mcp2anp_middleware.anp_tools.signing import SessionSigner
+from mcp2anp_middleware.anp_tools.url_policy import URLPolicy
 
 _REDIRECTS = {301, 302, 303, 307, 308}
 

@@ -20,9 +20,13 @@ from urllib.parse import parse_qs
 
 from starlette.types import Receive, Scope, Send
 
-from .authentication import credentials_from_headers
-from .jsonrpc_errors import INVALID_REQUEST, UNAUTHORIZED, send_jsonrpc_error
-from .session_registry import SessionRegistry
+from mcp2anp_middleware.authentication.base import credentials_from_headers
+from mcp2anp_middleware.sessions.jsonrpc_errors import (
+    INVALID_REQUEST,
+    UNAUTHORIZED,
+    send_jsonrpc_error,
+)
+from mcp2anp_middleware.sessions.registry import SessionRegistry
 
 LIST_LIMIT = 1000
 

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import SplitResult, quote, unquote, urlsplit, urlunsplit
 
-from .anp_errors import ANPToolError
+from mcp2anp_middleware.anp_tools.errors import ANPToolError
 
 
 @dataclass(frozen=True, slots=True)

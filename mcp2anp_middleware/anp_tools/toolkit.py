@@ -22,23 +22,23 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.types import CallToolResult, TextContent
 from pydantic import Field
 
-from .anp_documents import (
+from mcp2anp_middleware.anp_tools.credentials import CredentialCache, CredentialError
+from mcp2anp_middleware.anp_tools.documents import (
     DEFAULT_SESSION_CACHE_BYTES,
     PROCESS_CACHE_BUDGET,
     CacheBudget,
     DocumentCache,
     analyse_document,
 )
-from .anp_errors import ANPToolError
-from .anp_http import ANPHttpClient, HttpResult
-from .anp_signing import SessionSigner
-from .clock import Clock, system_clock
-from .did_credentials import CredentialCache, CredentialError
-from .log_redaction import redact_urls
-from .middleware import SESSION_SCOPE_KEY
-from .session_events import SessionEvent
-from .session_state import SessionConfig, SessionState
-from .url_policy import URLPolicy
+from mcp2anp_middleware.anp_tools.errors import ANPToolError
+from mcp2anp_middleware.anp_tools.http import ANPHttpClient, HttpResult
+from mcp2anp_middleware.anp_tools.signing import SessionSigner
+from mcp2anp_middleware.anp_tools.url_policy import URLPolicy
+from mcp2anp_middleware.log_redaction import redact_urls
+from mcp2anp_middleware.sessions.clock import Clock, system_clock
+from mcp2anp_middleware.sessions.events import SessionEvent
+from mcp2anp_middleware.sessions.middleware import SESSION_SCOPE_KEY
+from mcp2anp_middleware.sessions.state import SessionConfig, SessionState
 
 ATTACHMENT = "anp"
 """Key of the session's :class:`ANPToolHandler` in :attr:`SessionState.attachments`."""

@@ -28,9 +28,9 @@ import httpx
 import structlog
 from asgiref.sync import sync_to_async
 
-from .authentication import AuthenticationError, Authenticator, Credentials
-from .clock import Clock, system_clock
-from .session_state import SessionConfig
+from mcp2anp_middleware.authentication.base import AuthenticationError, Authenticator, Credentials
+from mcp2anp_middleware.sessions.clock import Clock, system_clock
+from mcp2anp_middleware.sessions.state import SessionConfig
 
 __all__ = [
     "MISSING_CREDENTIAL",

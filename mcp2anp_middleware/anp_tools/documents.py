@@ -28,8 +28,8 @@ from collections import OrderedDict
 from typing import Any, Generic, NamedTuple, TypeVar
 from urllib.parse import urljoin
 
-from .anp_errors import ANPToolError
-from .clock import Clock
+from mcp2anp_middleware.anp_tools.errors import ANPToolError
+from mcp2anp_middleware.sessions.clock import Clock
 
 MAX_LINKS = 100
 MAX_JSON_DEPTH = 100
