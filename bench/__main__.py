@@ -30,7 +30,8 @@ MODULES = {
 }
 
 
-def run_one(module: str, quick: bool) -> list[Result]:
+def run_one(module: str, quick: bool, *, root: Path = ROOT) -> list[Result]:
+    """Run one benchmark module in its own process, from the checkout at ``root``."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
         command = [sys.executable, "-m", module, "--json", str(out)]
@@ -38,9 +39,9 @@ def run_one(module: str, quick: bool) -> list[Result]:
             command.append("--quick")
         env = {
             **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
         }
-        done = subprocess.run(command, cwd=ROOT, env=env, check=False)
+        done = subprocess.run(command, cwd=root, env=env, check=False)
         if done.returncode != 0 or not out.exists():
             return [Result(f"{module} FAILED (exit {done.returncode})", float("nan"), "info")]
         return [Result(**row) for row in json.loads(out.read_text())]

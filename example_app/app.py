@@ -23,6 +23,7 @@ from mcp2anp_middleware import (
 from mcp2anp_middleware.anp_tools.dev_identity import ensure_dev_identity
 from mcp2anp_middleware.authentication.authenticators import NoAuthAuthenticator
 from mcp2anp_middleware.authentication.base import Authenticator
+from mcp2anp_middleware.sessions.policy import RequestLimits, SessionPolicy
 from mcp2anp_middleware.sessions.stores import SessionStore
 
 from .demo_agent import DirectoryDidResolver, create_demo_agent
@@ -103,20 +104,23 @@ def create_app(settings: Settings) -> ANPMiddleware:
         authenticator=build_authenticator(settings, static_keys),
         url_policy=build_url_policy(settings),
         entry_url=settings.entry_url or f"{base_url}/agent/ad.json",
-        session_timeout=settings.session_timeout,
-        cleanup_interval=settings.cleanup_interval,
-        max_session_age=settings.max_session_age,
+        policy=SessionPolicy(
+            timeout=settings.session_timeout,
+            cleanup_interval=settings.cleanup_interval,
+            max_age=settings.max_session_age,
+            per_principal_cap=settings.per_principal_cap,
+            global_cap=settings.global_cap,
+            cap_policy="evict_oldest" if settings.cap_policy == "evict_oldest" else "reject",
+        ),
         store=build_store(settings),
-        per_principal_cap=settings.per_principal_cap,
-        global_cap=settings.global_cap,
-        cap_policy="evict_oldest" if settings.cap_policy == "evict_oldest" else "reject",
         stats_path=settings.stats_path,
         stats_token=settings.stats_token,
         admin_token=settings.admin_token,
         state_file=settings.state_file,
-        allowed_origins=settings.allowed_origins,
+        limits=RequestLimits(
+            allowed_origins=settings.allowed_origins, body_timeout=settings.body_timeout
+        ),
         shutdown_grace=settings.shutdown_grace,
-        body_timeout=settings.body_timeout,
     )
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Final, NoReturn
 
 from mcp2anp_middleware import URLPolicy
-from mcp2anp_middleware.sessions.middleware import DEFAULT_BODY_TIMEOUT
+from mcp2anp_middleware.sessions.policy import DEFAULT_BODY_TIMEOUT
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 AUTH_MODES = ("dev", "static", "remote")

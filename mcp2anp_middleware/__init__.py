@@ -30,6 +30,7 @@ from mcp2anp_middleware.hosting import ANPMiddleware
 from mcp2anp_middleware.log_redaction import redact_library_logs
 from mcp2anp_middleware.sessions.events import SessionEvent, SessionEventKind
 from mcp2anp_middleware.sessions.middleware import MCPSessionMiddleware
+from mcp2anp_middleware.sessions.policy import RequestLimits, SessionPolicy
 from mcp2anp_middleware.sessions.request_helpers import session_from_request
 from mcp2anp_middleware.sessions.state import SessionConfig, SessionState
 
@@ -50,9 +51,11 @@ __all__ = [
     "Credentials",
     "MCPSessionMiddleware",
     "RemoteVerifierAuthenticator",
+    "RequestLimits",
     "SessionConfig",
     "SessionEvent",
     "SessionEventKind",
+    "SessionPolicy",
     "SessionState",
     "StaticKeyAuthenticator",
     "URLPolicy",

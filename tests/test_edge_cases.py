@@ -27,6 +27,7 @@ from mcp2anp_middleware import (
 from mcp2anp_middleware.anp_tools.errors import ANPToolError
 from mcp2anp_middleware.mcp_endpoint import MCPEndpoint
 from mcp2anp_middleware.sessions.clock import ManualClock
+from mcp2anp_middleware.sessions.policy import SessionPolicy
 from mcp2anp_middleware.sessions.stores import InMemorySessionStore, StoreUnavailable
 
 from .inner_apps import HostApp, RecordingMCPApp
@@ -72,7 +73,9 @@ async def test_refused_handshake_releases_in_flight_even_if_the_store_fails() ->
 async def test_max_session_age_applies_while_a_long_request_runs() -> None:
     clock = ManualClock()
     inner = RecordingMCPApp()
-    middleware = MCPSessionMiddleware(HostApp(), mcp_app=inner, clock=clock, max_session_age=10)
+    middleware = MCPSessionMiddleware(
+        HostApp(), mcp_app=inner, clock=clock, policy=SessionPolicy(max_age=10)
+    )
     async with client_for(middleware) as client:
         session_id = (await client.post("/mcp", json=BARE_INITIALIZE)).headers["mcp-session-id"]
         headers = {"Mcp-Session-Id": session_id}
@@ -118,7 +121,11 @@ async def test_restored_sessions_are_swept_in_order_of_use(tmp_path: Path) -> No
     ]
     state_file.write_text(json.dumps({"version": 1, "sessions": sessions}))
     middleware = MCPSessionMiddleware(
-        HostApp(), mcp_app=RecordingMCPApp(), clock=clock, session_timeout=60, state_file=state_file
+        HostApp(),
+        mcp_app=RecordingMCPApp(),
+        clock=clock,
+        policy=SessionPolicy(timeout=60),
+        state_file=state_file,
     )
     await middleware.startup()
     clock.advance(20)  # b idle 70 s: expired; a idle 21 s

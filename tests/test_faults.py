@@ -31,6 +31,7 @@ from mcp2anp_middleware import (
 )
 from mcp2anp_middleware.sessions.clock import ManualClock
 from mcp2anp_middleware.sessions.middleware import SESSION_SCOPE_KEY
+from mcp2anp_middleware.sessions.policy import SessionPolicy
 from mcp2anp_middleware.sessions.state import SessionState
 from mcp2anp_middleware.sessions.stores import Caps, CreateOutcome, SessionRecord
 from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
@@ -214,7 +215,11 @@ async def open_session(app: Any, key: str = "alice") -> str:
 def middleware_with(app: Any, **options: Any) -> MCPSessionMiddleware:
     options.setdefault("clock", ManualClock())
     return MCPSessionMiddleware(
-        HostApp(), mcp_app=app, authenticator=by_key, session_timeout=TIMEOUT, **options
+        HostApp(),
+        mcp_app=app,
+        authenticator=by_key,
+        policy=SessionPolicy(timeout=TIMEOUT),
+        **options,
     )
 
 
@@ -325,7 +330,11 @@ async def test_client_closing_its_connection_mid_tool_call_over_uvicorn(tmp_path
         return "released"
 
     clock = ManualClock()
-    options: dict[str, Any] = {"server": server, "clock": clock, "session_timeout": TIMEOUT}
+    options: dict[str, Any] = {
+        "server": server,
+        "clock": clock,
+        "policy": SessionPolicy(timeout=TIMEOUT),
+    }
     async with anp_stack(tmp_path, **options) as stack, httpx.AsyncClient(timeout=WAIT) as http:
         registry = stack.middleware.registry
         created = await http.post(stack.mcp_url, json=INIT, headers={**ACCEPT, "X-API-Key": ALICE})

@@ -72,6 +72,7 @@ from mcp2anp_middleware import (
     ensure_dev_identity,
 )
 from mcp2anp_middleware.sessions.ids import new_session_id
+from mcp2anp_middleware.sessions.policy import RequestLimits, SessionPolicy
 from mcp2anp_middleware.sessions.registry import implicit_session_id
 
 from .inner_apps import HostApp, RecordingMCPApp
@@ -975,11 +976,10 @@ def _build(config: SessionConfig, data_dir: Path, **options: Any) -> ANPMiddlewa
         url_policy=URLPolicy(
             allow_private=True, allowed_hosts=["127.0.0.1"], connect_timeout=1, timeout=2
         ),
-        max_body_size=LIMIT,
+        limits=RequestLimits(max_body_size=LIMIT),
         stats_path=STATS_PATH,
         stats_token=STATS_TOKEN,
-        cleanup_interval=3600,
-        **options,
+        **{"policy": SessionPolicy(cleanup_interval=3600), **options},
     )
 
 
@@ -1211,7 +1211,10 @@ SESSIONLESS_LIST = [*GOOD_HEADERS, *V_SESSIONLESS, (b"Mcp-Method", b"tools/list"
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     ("options", "status"),
-    [({"per_principal_cap": 1}, 429), ({"global_cap": 1}, 503)],
+    [
+        ({"policy": SessionPolicy(per_principal_cap=1)}, 429),
+        ({"policy": SessionPolicy(global_cap=1)}, 503),
+    ],
     ids=["per_principal_cap", "global_cap"],
 )
 async def test_sessionless_request_at_a_session_cap_is_refused(

@@ -36,6 +36,7 @@ from mcp2anp_middleware.anp_tools.toolkit import ATTACHMENT, ANPToolHandler, Ses
 from mcp2anp_middleware.anp_tools.url_policy import URLPolicy
 from mcp2anp_middleware.hosting import ANPMiddleware
 from mcp2anp_middleware.sessions.clock import ManualClock
+from mcp2anp_middleware.sessions.policy import SessionPolicy
 from mcp2anp_middleware.sessions.state import SessionState
 from mcp2anp_middleware.sessions.stores import InMemorySessionStore
 
@@ -100,7 +101,7 @@ async def load_stack(tmp_path: Path, clock: ManualClock) -> AsyncIterator[LoadSt
         url_policy=URLPolicy(allow_private=True),
         entry_url=f"{base_url}/agent/ad.json",
         clock=clock,
-        session_timeout=SESSION_TIMEOUT,
+        policy=SessionPolicy(timeout=SESSION_TIMEOUT),
     )
     async with serve(middleware, port=port):
         yield LoadStack(base_url, middleware, dids)

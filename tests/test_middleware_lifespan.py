@@ -15,7 +15,9 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from mcp2anp_middleware import MCPSessionMiddleware
+from mcp2anp_middleware.sessions.background import BackgroundRunner
 from mcp2anp_middleware.sessions.clock import ManualClock
+from mcp2anp_middleware.sessions.policy import SessionPolicy
 
 from .inner_apps import HostApp, RecordingMCPApp
 from .messages import BARE_INITIALIZE as INIT
@@ -102,9 +104,11 @@ async def test_cleanup_loop_sweeps_each_interval() -> None:
         HostApp(),
         mcp_app=RecordingMCPApp(),
         clock=clock,
-        session_timeout=60,
-        cleanup_interval=15,
-        sleep=fake_sleep,
+        policy=SessionPolicy(timeout=60, cleanup_interval=15),
+    )
+    # The cleanup loop's sleep is its test seam: a runner that sleeps until the test says so.
+    middleware.background = BackgroundRunner(
+        middleware.registry, cleanup_interval=15, sleep=fake_sleep
     )
     original_sweep = middleware.registry.sweep
 

@@ -10,6 +10,7 @@ import structlog
 
 from mcp2anp_middleware import MCPSessionMiddleware
 from mcp2anp_middleware.sessions.clock import ManualClock
+from mcp2anp_middleware.sessions.policy import SessionPolicy
 
 from .inner_apps import HostApp, RecordingMCPApp
 from .messages import BARE_INITIALIZE as INIT
@@ -23,7 +24,7 @@ MODERN = {"MCP-Protocol-Version": "2026-07-28"}
 def build(clock: ManualClock | None = None) -> tuple[MCPSessionMiddleware, RecordingMCPApp]:
     inner = RecordingMCPApp()
     middleware = MCPSessionMiddleware(
-        HostApp(), mcp_app=inner, clock=clock or ManualClock(), session_timeout=60
+        HostApp(), mcp_app=inner, clock=clock or ManualClock(), policy=SessionPolicy(timeout=60)
     )
     return middleware, inner
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -17,6 +18,7 @@ from mcp2anp_middleware import MCPSessionMiddleware, SessionConfig, SessionState
 from mcp2anp_middleware.sessions.clock import ManualClock
 from mcp2anp_middleware.sessions.ids import MAX_SESSION_ID_LENGTH
 from mcp2anp_middleware.sessions.middleware import SESSION_SCOPE_KEY
+from mcp2anp_middleware.sessions.policy import RequestLimits, SessionPolicy
 from mcp2anp_middleware.sessions.registry import SessionRegistry
 from mcp2anp_middleware.sessions.stores import InMemorySessionStore, SessionRecord
 
@@ -27,6 +29,7 @@ from .messages import PING
 pytestmark = pytest.mark.anyio
 
 TIMEOUT = 60.0
+POLICY = SessionPolicy(timeout=TIMEOUT, cleanup_interval=10)
 ANON = SessionConfig()
 
 
@@ -38,9 +41,7 @@ def build(
         host,
         mcp_app=inner,
         clock=clock or ManualClock(),
-        session_timeout=TIMEOUT,
-        cleanup_interval=10,
-        **options,
+        **{"policy": POLICY, **options},
     )
     return middleware, inner, host
 
@@ -131,12 +132,14 @@ async def test_unknown_id_is_404_with_jsonrpc_body() -> None:
     assert inner.seen == []
 
 
-class CountingRegistry(SessionRegistry):
+class CountingStore(InMemorySessionStore):
+    """The memory store, counting lookups."""
+
     lookups = 0
 
-    async def get(self, session_id: str, config: Any, *, implicit: bool = False) -> Any:
+    async def read(self, session_id: str) -> SessionRecord | None:
         self.lookups += 1
-        return await super().get(session_id, config, implicit=implicit)
+        return await super().read(session_id)
 
 
 @pytest.mark.parametrize(
@@ -144,14 +147,16 @@ class CountingRegistry(SessionRegistry):
     ["has space", "x" * (MAX_SESSION_ID_LENGTH + 1), "caf\u00e9", "tab\there", ""],
 )
 async def test_malformed_id_is_400_without_touching_the_store(bad_id: str) -> None:
-    registry = CountingRegistry(clock=ManualClock())
-    middleware = MCPSessionMiddleware(HostApp(), mcp_app=RecordingMCPApp(), registry=registry)
+    store = CountingStore()
+    middleware = MCPSessionMiddleware(
+        HostApp(), mcp_app=RecordingMCPApp(), store=store, clock=ManualClock()
+    )
     async with client_for(middleware) as client:
         response = await client.post(
             "/mcp", json=PING, headers=[(b"Mcp-Session-Id", bad_id.encode("utf-8"))]
         )
     assert_jsonrpc_error(response, 400, -32600)
-    assert registry.lookups == 0
+    assert store.lookups == 0
 
 
 async def test_repeated_session_header_is_400() -> None:
@@ -187,7 +192,7 @@ async def test_non_json_body_without_session_is_parse_error() -> None:
 
 
 async def test_oversize_body_is_413_and_creates_nothing() -> None:
-    middleware, inner, _ = build(max_body_size=1024)
+    middleware, inner, _ = build(limits=RequestLimits(max_body_size=1024))
     async with client_for(middleware) as client:
         big = {**INIT, "params": {"pad": "x" * 2048}}
         response = await client.post("/mcp", json=big)
@@ -311,7 +316,7 @@ async def test_open_sse_stream_keeps_session_alive() -> None:
 
 async def test_max_session_age_bounds_an_active_session() -> None:
     clock = ManualClock()
-    middleware, _, _ = build(clock, max_session_age=100)
+    middleware, _, _ = build(clock, policy=replace(POLICY, max_age=100))
     async with client_for(middleware) as client:
         session_id = await initialize(client)
         for _ in range(2):  # busy, never idle long
@@ -327,7 +332,7 @@ async def test_max_session_age_bounds_an_active_session() -> None:
 
 async def test_max_session_age_sweep_waits_for_in_flight_request() -> None:
     clock = ManualClock()
-    middleware, inner, _ = build(clock, max_session_age=100)
+    middleware, inner, _ = build(clock, policy=replace(POLICY, max_age=100))
     async with client_for(middleware) as client:
         session_id = await initialize(client)
         blocked = asyncio.create_task(

@@ -24,6 +24,7 @@ from starlette.types import Message
 
 from mcp2anp_middleware import AuthenticationError, Credentials, MCPSessionMiddleware, SessionConfig
 from mcp2anp_middleware.sessions.clock import ManualClock
+from mcp2anp_middleware.sessions.policy import RequestLimits, SessionPolicy
 from mcp2anp_middleware.sessions.registry import SessionRegistry
 from mcp2anp_middleware.sessions.stores import InMemorySessionStore, SessionStore
 from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
@@ -96,7 +97,7 @@ async def sessions_in(middleware: MCPSessionMiddleware) -> int:
 async def test_refused_sessionless_requests_leave_the_store_unchanged(
     store: SessionStore, method: str, body: bytes, status: int
 ) -> None:
-    middleware = middleware_on(store, per_principal_cap=1)
+    middleware = middleware_on(store, policy=SessionPolicy(per_principal_cap=1))
     async with client_for(middleware) as client:
         headers = {**SESSIONLESS, "X-API-Key": "alice", "Content-Type": "application/json"}
         request = client.request(method, "/mcp", content=body, headers=headers)
@@ -130,7 +131,7 @@ async def test_a_handshake_refused_during_a_redis_stall_leaves_no_session(tmp_pa
     server = RedisServer(tmp_path / "stalled")
     server.start()
     store = RedisSessionStore.from_url(server.url, prefix="stall:", timeout=0.3)
-    middleware = middleware_on(store, per_principal_cap=1)
+    middleware = middleware_on(store, policy=SessionPolicy(per_principal_cap=1))
     assert server.process is not None
     try:
         async with client_for(middleware) as client:
@@ -160,7 +161,11 @@ async def test_a_new_session_is_only_a_short_reservation_until_its_answer_commit
     """Until ``initialize`` is answered the record lives seconds, not a whole idle timeout."""
     store = RedisSessionStore.from_url(redis_server.url, prefix="reserve:")
     middleware = MCPSessionMiddleware(
-        HostApp(), mcp_app=RecordingMCPApp(), store=store, clock=ManualClock(), session_timeout=3600
+        HostApp(),
+        mcp_app=RecordingMCPApp(),
+        store=store,
+        clock=ManualClock(),
+        policy=SessionPolicy(timeout=3600),
     )
     try:
         async with client_for(middleware) as client:
@@ -202,7 +207,9 @@ async def test_a_new_session_is_only_a_short_reservation_until_its_answer_commit
 async def test_repeated_origin_or_credential_headers_are_refused(
     headers: list[tuple[str, str]],
 ) -> None:
-    middleware = middleware_on(InMemorySessionStore(), allowed_origins=["https://app.example"])
+    middleware = middleware_on(
+        InMemorySessionStore(), limits=RequestLimits(allowed_origins=["https://app.example"])
+    )
     async with client_for(middleware) as client:
         refused = await client.post("/mcp", json=INIT, headers=headers)
     assert refused.status_code == 400, refused.text
@@ -268,7 +275,7 @@ async def test_unauthenticated_refusals_do_not_read_the_body(
 
 
 async def test_a_slow_drip_body_is_answered_408() -> None:
-    middleware = middleware_on(InMemorySessionStore(), body_timeout=0.05)
+    middleware = middleware_on(InMemorySessionStore(), limits=RequestLimits(body_timeout=0.05))
     dripped = asyncio.Event()
 
     async def drip() -> Message:
@@ -289,7 +296,7 @@ async def test_a_slow_drip_body_is_answered_408() -> None:
 @pytest.mark.parametrize("value", [0.0, -1.0, float("inf"), float("nan")])
 def test_body_timeout_must_be_finite_and_positive(value: float) -> None:
     with pytest.raises(ValueError, match="body_timeout"):
-        MCPSessionMiddleware(HostApp(), body_timeout=value)
+        MCPSessionMiddleware(HostApp(), limits=RequestLimits(body_timeout=value))
 
 
 # -- 11. shutdown in the middle of a request ----------------------------------------------------
@@ -331,4 +338,5 @@ def test_unrepresentable_durations_are_refused_at_start(field: str, value: float
     with pytest.raises(ValueError, match=field):
         SessionRegistry(**{field: value})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=field):
-        MCPSessionMiddleware(HostApp(), **{field: value})  # type: ignore[arg-type]
+        name = {"session_timeout": "timeout", "max_session_age": "max_age"}.get(field, field)
+        MCPSessionMiddleware(HostApp(), policy=SessionPolicy(**{name: value}))  # type: ignore[arg-type]

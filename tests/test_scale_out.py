@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from mcp2anp_middleware import AuthenticationError, Credentials, MCPSessionMiddleware, SessionConfig
 from mcp2anp_middleware.sessions.clock import ManualClock
 from mcp2anp_middleware.sessions.metrics import SessionMetricsCollector
+from mcp2anp_middleware.sessions.policy import SessionPolicy
 from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
 
 from .inner_apps import HostApp, RecordingMCPApp
@@ -46,7 +47,7 @@ async def init(client: httpx.AsyncClient, key: str = "alice") -> httpx.Response:
 
 
 async def test_per_principal_cap_rejects_with_429() -> None:
-    middleware, _ = build(per_principal_cap=2)
+    middleware, _ = build(policy=SessionPolicy(per_principal_cap=2))
     async with client_for(middleware) as client:
         assert (await init(client)).status_code == 200
         assert (await init(client)).status_code == 200
@@ -60,7 +61,9 @@ async def test_per_principal_cap_rejects_with_429() -> None:
 
 
 async def test_per_principal_cap_can_evict_the_oldest() -> None:
-    middleware, _ = build(per_principal_cap=1, cap_policy="evict_oldest")
+    middleware, _ = build(
+        policy=SessionPolicy(per_principal_cap=1, cap_policy="evict_oldest"),
+    )
     async with client_for(middleware) as client:
         first = (await init(client)).headers["mcp-session-id"]
         second = (await init(client)).headers["mcp-session-id"]
@@ -74,7 +77,7 @@ async def test_per_principal_cap_can_evict_the_oldest() -> None:
 
 
 async def test_global_cap_is_503() -> None:
-    middleware, _ = build(global_cap=1)
+    middleware, _ = build(policy=SessionPolicy(global_cap=1))
     async with client_for(middleware) as client:
         assert (await init(client)).status_code == 200
         refused = await init(client, "bob")
@@ -141,7 +144,7 @@ async def test_graceful_shutdown_drains_in_flight_and_refuses_new_sessions() -> 
 async def test_state_file_saves_and_restores_unexpired_sessions(tmp_path: Path) -> None:
     state_file = tmp_path / "sessions.json"
     clock = ManualClock()
-    first, _ = build(clock=clock, state_file=state_file, session_timeout=60)
+    first, _ = build(clock=clock, state_file=state_file, policy=SessionPolicy(timeout=60))
     async with client_for(first) as client:
         old = (await init(client)).headers["mcp-session-id"]  # last used at t
         clock.advance(50)
@@ -152,7 +155,7 @@ async def test_state_file_saves_and_restores_unexpired_sessions(tmp_path: Path) 
     assert {s["id"] for s in saved["sessions"]} == {old, recent}
 
     clock.advance(20)  # now t+70: "old" idle 70 s (> 60) is not restored, "recent" (20 s) is
-    second, _ = build(clock=clock, state_file=state_file, session_timeout=60)
+    second, _ = build(clock=clock, state_file=state_file, policy=SessionPolicy(timeout=60))
     async with client_for(second) as client:
         ok = await client.post(
             "/mcp", json=PING, headers={"X-API-Key": "bob", "Mcp-Session-Id": recent}
@@ -198,7 +201,9 @@ async def test_redis_outage_is_503_and_service_resumes(tmp_path: Path) -> None:
 
 
 async def test_evicted_session_is_closed_and_counted() -> None:
-    middleware, inner = build(per_principal_cap=1, cap_policy="evict_oldest")
+    middleware, inner = build(
+        policy=SessionPolicy(per_principal_cap=1, cap_policy="evict_oldest"),
+    )
     async with client_for(middleware) as client:
         await init(client)
         await init(client)

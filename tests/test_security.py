@@ -27,6 +27,7 @@ from mcp2anp_middleware.anp_tools.errors import ANPToolError
 from mcp2anp_middleware.authentication.authenticators import CachingAuthenticator
 from mcp2anp_middleware.sessions.clock import ManualClock
 from mcp2anp_middleware.sessions.ids import new_session_id
+from mcp2anp_middleware.sessions.policy import RequestLimits
 
 from .inner_apps import HostApp, RecordingMCPApp
 from .messages import BARE_INITIALIZE as INIT
@@ -71,7 +72,7 @@ async def test_origin_validation(
     origin: str, allowed_origins: list[str] | None, status: int
 ) -> None:
     middleware = MCPSessionMiddleware(
-        HostApp(), mcp_app=RecordingMCPApp(), allowed_origins=allowed_origins
+        HostApp(), mcp_app=RecordingMCPApp(), limits=RequestLimits(allowed_origins=allowed_origins)
     )
     async with client_for(middleware) as client:
         response = await client.post("/mcp", json=INIT, headers={"Origin": origin})

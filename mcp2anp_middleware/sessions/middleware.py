@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 import structlog
@@ -23,7 +22,7 @@ from mcp2anp_middleware.authentication.base import (
     credentials_from_headers,
 )
 from mcp2anp_middleware.sessions.admin import SessionAdminApp
-from mcp2anp_middleware.sessions.background import BackgroundRunner, Service, Sleep
+from mcp2anp_middleware.sessions.background import BackgroundRunner, Service
 from mcp2anp_middleware.sessions.clock import Clock, system_clock
 from mcp2anp_middleware.sessions.ids import is_well_formed_session_id, short_id
 from mcp2anp_middleware.sessions.jsonrpc_errors import (
@@ -36,6 +35,7 @@ from mcp2anp_middleware.sessions.jsonrpc_errors import (
 )
 from mcp2anp_middleware.sessions.lifespan import run_lifespan
 from mcp2anp_middleware.sessions.origin_check import OriginPolicy
+from mcp2anp_middleware.sessions.policy import RequestLimits, SessionPolicy
 from mcp2anp_middleware.sessions.protocol import is_sessionless_version
 from mcp2anp_middleware.sessions.registry import SessionRegistry, ShuttingDown
 from mcp2anp_middleware.sessions.request_body import (
@@ -59,9 +59,6 @@ SESSION_SCOPE_KEY = "mcp_session"
 SESSION_HEADER = "mcp-session-id"
 _SESSION_HEADER_B = SESSION_HEADER.encode()
 _PROTOCOL_HEADER_B = b"mcp-protocol-version"
-DEFAULT_MAX_BODY_SIZE = 4 * 1024 * 1024
-DEFAULT_BODY_TIMEOUT = 30.0
-"""Seconds a client has to deliver a whole request body before it is answered 408."""
 HANDSHAKE_RESERVATION = 30.0
 """Seconds a new session's store record lives before its ``initialize`` answer commits it."""
 _CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key"})
@@ -136,67 +133,48 @@ class MCPSessionMiddleware:
         *,
         mcp_app: ASGIApp | None = None,
         path_prefix: str = "/mcp",
-        session_timeout: float = 1800.0,
-        cleanup_interval: float = 300.0,
-        max_session_age: float | None = None,
         authenticator: Authenticator | None = None,
-        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-        body_timeout: float = DEFAULT_BODY_TIMEOUT,
         store: SessionStore | None = None,
-        touch_interval: float | None = None,
-        per_principal_cap: int | None = None,
-        global_cap: int | None = None,
-        cap_policy: Literal["reject", "evict_oldest"] = "reject",
-        allowed_origins: Sequence[str] | None = None,
+        policy: SessionPolicy | None = None,
+        limits: RequestLimits | None = None,
+        shutdown_grace: float = 10.0,
+        state_file: Path | str | None = None,
         stats_path: str | None = None,
         stats_token: str | None = None,
         admin_token: str | None = None,
         admin_path: str = "/mcp-admin",
-        shutdown_grace: float = 10.0,
-        state_file: Path | str | None = None,
-        clock: Clock = system_clock,
-        sleep: Sleep = asyncio.sleep,
         services: Sequence[Service] = (),
-        registry: SessionRegistry | None = None,
+        clock: Clock = system_clock,
     ) -> None:
         if not path_prefix.startswith("/") or (path_prefix != "/" and path_prefix.endswith("/")):
             raise ValueError("path_prefix must start with '/' and not end with '/'")
-        if cap_policy not in ("reject", "evict_oldest"):
-            raise ValueError("cap_policy must be 'reject' or 'evict_oldest'")
+        policy = policy if policy is not None else SessionPolicy()
+        limits = limits if limits is not None else RequestLimits()
         self.app = app
         self.mcp_app = mcp_app if mcp_app is not None else app
         self.path_prefix = path_prefix
         self._prefix_slash = path_prefix.rstrip("/") + "/"
-        self.max_body_size = max_body_size
-        if not (math.isfinite(body_timeout) and body_timeout > 0):
-            raise ValueError(
-                f"body_timeout must be a finite number of seconds above 0, got {body_timeout!r}"
-            )
-        self.body_timeout = body_timeout
+        self.policy = policy
+        self.limits = limits
         self.authenticator: Authenticator = (
             authenticator if authenticator is not None else StaticConfigAuthenticator()
         )
-        self.registry = (
-            registry
-            if registry is not None
-            else SessionRegistry(
-                store=store,
-                session_timeout=session_timeout,
-                max_session_age=max_session_age,
-                clock=clock,
-                touch_interval=touch_interval,
-                per_principal_cap=per_principal_cap,
-                global_cap=global_cap,
-                evict_oldest=cap_policy == "evict_oldest",
-            )
+        self.registry = SessionRegistry(
+            store=store,
+            session_timeout=policy.timeout,
+            max_session_age=policy.max_age,
+            clock=clock,
+            touch_interval=policy.touch_interval,
+            per_principal_cap=policy.per_principal_cap,
+            global_cap=policy.global_cap,
+            evict_oldest=policy.cap_policy == "evict_oldest",
         )
         self.background = BackgroundRunner(
             self.registry,
-            cleanup_interval=cleanup_interval,
+            cleanup_interval=policy.cleanup_interval,
             services=[self.registry.follow_other_processes, *services],
-            sleep=sleep,
         )
-        self.origins = OriginPolicy(allowed_origins)
+        self.origins = OriginPolicy(limits.allowed_origins)
         self.stats_path = stats_path
         # Statistics and administration are small apps of their own, routed here by exact path.
         self._side_apps: dict[str, ASGIApp] = {}
@@ -397,13 +375,13 @@ class MCPSessionMiddleware:
     async def _read_message(self, call: _Call) -> Any:
         """Read the body (bounded in size and time), hand it on to the app, and parse it."""
         try:
-            with anyio.fail_after(self.body_timeout):
-                body = await read_body(call.scope, call.receive, self.max_body_size)
+            with anyio.fail_after(self.limits.body_timeout):
+                body = await read_body(call.scope, call.receive, self.limits.max_body_size)
         except BodyTooLarge:
-            message = f"Request body exceeds {self.max_body_size} bytes"
+            message = f"Request body exceeds {self.limits.max_body_size} bytes"
             raise _Refusal(413, INVALID_REQUEST, message, "too_large") from None
         except TimeoutError:
-            message = f"Request body not received within {self.body_timeout:g} seconds"
+            message = f"Request body not received within {self.limits.body_timeout:g} seconds"
             raise _Refusal(408, INVALID_REQUEST, message, "body_timeout") from None
         call.receive = replay(body, call.receive)
         call.message = parse_json(body)
