@@ -73,6 +73,9 @@ class SessionEvents:
     def __init__(self) -> None:
         self._listeners: list[SessionListener] = []
 
+    def __bool__(self) -> bool:
+        return bool(self._listeners)
+
     def subscribe(self, listener: SessionListener) -> Callable[[], None]:
         """Call ``listener`` for every event from now on; returns the unsubscribe function."""
         self._listeners.append(listener)

@@ -21,7 +21,7 @@ import asyncio
 import hashlib
 import math
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -49,7 +49,7 @@ from mcp2anp_middleware.sessions.stores.memory import InMemorySessionStore
 
 logger = structlog.get_logger("mcp2anp_middleware.sessions")
 
-_SWEEP_BATCH = 1000
+_SWEEP_BATCH = 500
 _RETRY_FIRST = 0.1
 _RETRY_MAX = 2.0
 _RETRY_SETTLE = 1.0
@@ -152,7 +152,9 @@ class SessionRegistry:
         self.events = SessionEvents()
         self.stats = RegistryStats()
         self.accepting = True
-        self._live: OrderedDict[str, SessionState] = OrderedDict()
+        # Insertion-ordered: re-inserting on use keeps it least recently used first (a plain dict
+        # costs less per idle session than an OrderedDict).
+        self._live: dict[str, SessionState] = {}
         self._busy: dict[str, SessionState] = {}
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._compensations: set[asyncio.Task[None]] = set()
@@ -409,7 +411,7 @@ class SessionRegistry:
         state.last_accessed = self.clock()
         self._busy[state.session_id] = state
         if self._live.get(state.session_id) is state:
-            self._live.move_to_end(state.session_id)
+            self._live[state.session_id] = self._live.pop(state.session_id)  # most recent
         try:
             await self._sync(state)
         except BaseException:  # the store failed: this request never started using it
@@ -608,27 +610,28 @@ class SessionRegistry:
     def _cache(self, state: SessionState) -> None:
         self._live[state.session_id] = state
         while len(self._live) > self.live_cache:
-            _, oldest = next(iter(self._live.items()))
+            oldest = next(iter(self._live.values()))
             if oldest.in_flight:  # cannot drop an object a request holds; try again later
-                self._live.move_to_end(oldest.session_id)
+                self._live[oldest.session_id] = self._live.pop(oldest.session_id)
                 break
-            self._live.popitem(last=False)
+            del self._live[oldest.session_id]
             oldest.closed = True
             self._emit(SessionEventKind.CLOSED, oldest.session_id, oldest.principal, oldest)
 
     def _sweep_live(self, now: float) -> int:
         """Drop live objects whose session is over (oldest use first): expired ones elsewhere
         (shared stores expire by TTL) or evicted from view. Returns how many expired."""
-        expired = 0
-        for state in list(self._live.values()):
+        over: list[str] = []
+        for state in self._live.values():  # no copy: a sweep that finds nothing costs O(1)
             if state.last_accessed + self.session_timeout >= now and (
                 self.max_session_age is None or now <= state.created_at + self.max_session_age
             ):
                 break  # ordered by use: the rest were used more recently
             if not state.in_flight and self._expired(state, now) is not None:
-                expired += 1
-                self._ended(state.session_id, SessionEventKind.EXPIRED)
-        return expired
+                over.append(state.session_id)
+        for session_id in over:
+            self._ended(session_id, SessionEventKind.EXPIRED)
+        return len(over)
 
     def _ended(
         self,
@@ -653,6 +656,8 @@ class SessionRegistry:
         *,
         implicit: bool = False,
     ) -> None:
+        if not self.events:  # nobody listens: build nothing
+            return
         if state is not None:
             implicit = state.implicit
         self.events.emit(SessionEvent(kind, session_id, principal, implicit, state))
