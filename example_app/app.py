@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import copy
 import json
-from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -20,31 +20,36 @@ from mcp2anp_middleware import (
     URLPolicy,
     session_from_request,
 )
-from mcp2anp_middleware.anp_tools.dev_identity import ensure_dev_identity
-from mcp2anp_middleware.authentication.authenticators import NoAuthAuthenticator
 from mcp2anp_middleware.authentication.base import Authenticator
 from mcp2anp_middleware.sessions.policy import RequestLimits, SessionPolicy
 from mcp2anp_middleware.sessions.stores import SessionStore
 
-from .demo_agent import DirectoryDidResolver, create_demo_agent
+from .demo_agent import LoopbackHttpDidResolver, create_demo_agent, is_loopback_did
 from .settings import FETCH_DEADLINE, Settings
 
 
-class _CombinedResolver:
-    """Finds DID documents in the data directory and in the documents of configured API keys."""
+class _DemoResolver:
+    """How the demo agent finds callers' DID documents: over HTTP for loopback DIDs, else a table.
 
-    def __init__(self, directory: Path, documents: dict[str, dict[str, Any]]) -> None:
-        self.directory = DirectoryDidResolver(directory)
-        self.documents = documents
+    A loopback DID (the development DID, made for this launcher's address, or a keys file's
+    ``did:wba:localhost%3A<port>:...``) is resolved for real: fetched from the address it names,
+    where ANPMiddleware serves it. A DID of another host (a keys file's ``did:wba:example.com:...``)
+    cannot be fetched without leaving the machine, so the demo takes it from the keys file.
+    """
+
+    def __init__(self, documents: dict[str, dict[str, Any]]) -> None:
+        self.http = LoopbackHttpDidResolver()
+        self.documents = {did: doc for did, doc in documents.items() if not is_loopback_did(did)}
 
     async def __call__(self, did: str) -> dict[str, Any] | None:
-        if did in self.documents:
-            return self.documents[did]
-        return await self.directory(did)
+        if is_loopback_did(did):
+            return await self.http(did)
+        document = self.documents.get(did)
+        return copy.deepcopy(document) if document is not None else None
 
 
 def _did_documents(configs: list[SessionConfig]) -> dict[str, dict[str, Any]]:
-    """The DID documents of the configured API keys, so the demo agent can resolve them."""
+    """The DID documents of the configured API keys, for DIDs the demo cannot fetch."""
     documents = {}
     for config in configs:
         if config.did_document_path is not None:
@@ -62,7 +67,9 @@ def build_url_policy(settings: Settings) -> URLPolicy:
 
 def build_authenticator(
     settings: Settings, static_keys: StaticKeyAuthenticator | None = None
-) -> Authenticator:
+) -> Authenticator | None:
+    """The authenticator of the auth mode; None for ``dev``: ANPMiddleware's development mode,
+    which makes the DID for ``public_url`` and serves its document."""
     if settings.auth_mode == "static":
         assert settings.api_keys_file is not None
         keys = static_keys or StaticKeyAuthenticator.from_file(settings.api_keys_file)
@@ -72,8 +79,7 @@ def build_authenticator(
         return CachingAuthenticator(RemoteVerifierAuthenticator(settings.auth_url))
     if settings.auth_mode != "dev":
         raise ValueError(f"unknown auth mode {settings.auth_mode!r}")
-    dev = ensure_dev_identity(settings.data_dir, hostname="localhost", port=settings.port)
-    return NoAuthAuthenticator(dev)
+    return None
 
 
 async def index(request: Request) -> JSONResponse:
@@ -96,12 +102,14 @@ def create_app(settings: Settings) -> ANPMiddleware:
     known = _did_documents(static_keys.configs if static_keys else [])
     agent = create_demo_agent(
         base_url=f"{base_url}/agent",
-        did_resolver=_CombinedResolver(Path(settings.data_dir), known),
+        did_resolver=_DemoResolver(known),
     )
     host = Starlette(routes=[Route("/", index, name="index"), Mount("/agent", app=agent)])
     return ANPMiddleware(
         host,
         authenticator=build_authenticator(settings, static_keys),
+        data_dir=settings.data_dir,
+        public_url=base_url,
         url_policy=build_url_policy(settings),
         entry_url=settings.entry_url or f"{base_url}/agent/ad.json",
         policy=SessionPolicy(

@@ -18,8 +18,11 @@ from typing import Any, Final, NoReturn
 
 from mcp2anp_middleware import URLPolicy
 from mcp2anp_middleware.sessions.policy import DEFAULT_BODY_TIMEOUT
+from mcp2anp_middleware.version import __version__
 
+PROG: Final = "python -m example_app"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("console", "json")
 AUTH_MODES = ("dev", "static", "remote")
 CAP_POLICIES = ("reject", "evict_oldest")
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -44,6 +47,7 @@ class Settings:
     session_timeout: float = 1800.0
     cleanup_interval: float = 300.0
     log_level: str = "INFO"
+    log_format: str = "console"
     data_dir: Path = Path(".mcp2anp-data")
     auth_mode: str = "dev"
     api_keys_file: Path | None = None
@@ -80,6 +84,16 @@ def startup_warnings(settings: Settings) -> list[str]:
             f"--shutdown-grace (MCP2ANP_SHUTDOWN_GRACE) is {settings.shutdown_grace:g}s, not more "
             f"than the tools' fetch deadline of {FETCH_DEADLINE:g}s: a tool call in flight at "
             "shutdown may be cut short"
+        )
+    if settings.cleanup_interval > settings.session_timeout:
+        # Allowed (a lookup refuses an expired session whatever the sweep does), but the sweep
+        # is also what renews the lease of a session held by a long request, and what frees the
+        # memory of expired sessions: run less often than the timeout, it can do neither in time.
+        warnings.append(
+            f"--cleanup-interval (MCP2ANP_CLEANUP_INTERVAL) is {settings.cleanup_interval:g}s, "
+            f"longer than --session-timeout (MCP2ANP_SESSION_TIMEOUT) of "
+            f"{settings.session_timeout:g}s: a request running longer than the timeout may lose "
+            "its session, and expired sessions stay in memory until the next sweep"
         )
     return warnings
 
@@ -212,8 +226,13 @@ class _Option:
 def _options(defaults: Settings) -> list[_Option]:
     d = defaults
     return [
-        _Option("--host", str, d.host, "interface to bind (default 127.0.0.1)"),
-        _Option("--port", _port, d.port, "port to listen on (default 9880)"),
+        _Option(
+            "--host",
+            str,
+            d.host,
+            "interface to bind (default 127.0.0.1; auth mode dev accepts loopback only)",
+        ),
+        _Option("--port", _port, d.port, "TCP port to listen on, 1-65535 (default 9880)"),
         _Option(
             "--session-timeout",
             _seconds,
@@ -228,6 +247,13 @@ def _options(defaults: Settings) -> list[_Option]:
         ),
         _Option(
             "--log-level", _log_level, d.log_level, "DEBUG, INFO, WARNING or ERROR (default INFO)"
+        ),
+        _Option(
+            "--log-format",
+            _one_of(LOG_FORMATS),
+            d.log_format,
+            "console: aligned human-readable lines (default); json: one JSON object per line "
+            "(keys event, level, logger, timestamp), for log collectors",
         ),
         _Option(
             "--data-dir",
@@ -360,7 +386,7 @@ def parse_settings(
     env = os.environ if env is None else env
     options = _options(Settings())
     parser = _Parser(
-        prog="python -m example_app",
+        prog=PROG,
         description="Serve the mcp2anp-middleware demo (MCP endpoint and demo ANP agent). "
         "Each flag can also be set by its environment variable, MCP2ANP_<FLAG>.",
     )
@@ -368,6 +394,7 @@ def parse_settings(
         parser.add_argument(
             option.flag, type=option.parse, default=_UNSET, help=f"{option.help} [{option.env}]"
         )
+    parser.add_argument("--version", action="version", version=f"mcp2anp-middleware {__version__}")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     values = {o.dest: _resolve(parser, o, getattr(args, o.dest), env) for o in options}
     settings = Settings(**values)

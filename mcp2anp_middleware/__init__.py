@@ -13,8 +13,6 @@ modules: ``mcp2anp_middleware.sessions.stores.redis.RedisSessionStore`` (extra `
 ``mcp2anp_middleware.sessions.metrics.SessionMetricsCollector`` (extra ``prometheus``).
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
 from mcp2anp_middleware.anp_tools.dev_identity import ensure_dev_identity
 from mcp2anp_middleware.anp_tools.toolkit import ANPToolkit
 from mcp2anp_middleware.anp_tools.url_policy import URLPolicy
@@ -33,14 +31,11 @@ from mcp2anp_middleware.sessions.middleware import MCPSessionMiddleware
 from mcp2anp_middleware.sessions.policy import RequestLimits, SessionPolicy
 from mcp2anp_middleware.sessions.request_helpers import session_from_request
 from mcp2anp_middleware.sessions.state import SessionConfig, SessionState
+from mcp2anp_middleware.version import __version__
 
 # Every library logger the package drives exists now: keep their URLs to host and path.
 redact_library_logs()
 
-try:
-    __version__ = version("mcp2anp-middleware")
-except PackageNotFoundError:  # pragma: no cover - running from a checkout without install
-    __version__ = "0+unknown"
 
 __all__ = [
     "ANPMiddleware",

@@ -15,14 +15,18 @@ loggers, created if missing). A child logger created afterwards (a module import
 covered until the next call; the package calls it when it is imported and again whenever an
 ``ANPMiddleware`` is built (through ``tame_anp_logging``). Handlers are left alone: they belong to
 the host. Loggers outside these names (the host's own) are never touched.
+
+A host that formats records with structlog's ``ProcessorFormatter`` should put
+:func:`use_redacted_exception_text` in its ``foreign_pre_chain``: that formatter formats
+tracebacks afresh from ``exc_info`` and would otherwise undo the redaction of exception text.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping
-from typing import Final
+from collections.abc import Iterable, Mapping, MutableMapping
+from typing import Any, Final
 
 # aiohttp and httpcore are imported for their module loggers: httpx imports httpcore lazily, on
 # its first client, which would create httpcore's loggers after the scan below.
@@ -99,6 +103,26 @@ def redact_record(record: logging.LogRecord) -> None:
         redacted = redact_urls(text)
         if redacted != text:
             record.exc_text = redacted
+
+
+def use_redacted_exception_text(
+    logger: object, method_name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: keep the redacted traceback of a stdlib record.
+
+    :func:`redact_record` leaves a redacted copy of a traceback that shows a URL secret in the
+    record's ``exc_text``, which the stdlib ``logging.Formatter`` prints instead of formatting
+    ``exc_info`` again. structlog's ``ProcessorFormatter`` ignores ``exc_text`` and formats
+    ``exc_info`` afresh, secrets included. Put this in its ``foreign_pre_chain`` (after nothing
+    that reads ``exc_info``): when the record carries such a text, the event gets it as
+    ``exception`` (the key ``format_exc_info`` would use) and loses ``exc_info``.
+    """
+    record = event_dict.get("_record")
+    text = getattr(record, "exc_text", None)
+    if isinstance(text, str) and text and "exc_info" in event_dict:
+        del event_dict["exc_info"]
+        event_dict["exception"] = text
+    return event_dict
 
 
 class URLRedactionFilter(logging.Filter):

@@ -8,6 +8,10 @@ records that anp code emits through the root logger (and cuts URLs in the warnin
 through), keeps ``httpcore`` at INFO unless the host configured it explicitly, and attaches the
 URL redaction of :mod:`.log_redaction` to the httpx, httpcore, aiohttp, anp and mcp loggers.
 
+It also drops one line of the MCP SDK: ``Terminating session: None``, which
+``mcp.server.streamable_http`` logs at INFO at the end of every request when the SDK runs
+stateless, as it does under the middleware (see :class:`_DropStatelessTermination`).
+
 The URL redaction is also installed when this module is imported (that is, whenever the package
 is), so that a :class:`~mcp2anp_middleware.authenticators.RemoteVerifierAuthenticator` used without
 ``ANPMiddleware`` cannot log its verifier's query string either; ``tame_anp_logging`` installs it
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Final
 
 import anp
 
@@ -43,6 +48,32 @@ class _DropAnpRootChatter(logging.Filter):
 
 _FILTER = _DropAnpRootChatter()
 
+SDK_TRANSPORT_LOGGER: Final = "mcp.server.streamable_http"
+"""The SDK module whose ``StreamableHTTPServerTransport.terminate`` logs the termination."""
+_STATELESS_TERMINATION: Final = "Terminating session: None"
+
+
+class _DropStatelessTermination(logging.Filter):
+    """On :data:`SDK_TRANSPORT_LOGGER`: drops ``Terminating session: None`` at INFO, only that.
+
+    The middleware runs the SDK stateless: every request gets a throwaway transport without a
+    session id, which the SDK terminates, and announces at INFO, when the request ends. The line
+    carries nothing (the sessions are the middleware's, which logs their end itself) and is the
+    most frequent INFO line of a busy server; silencing the whole logger instead would hide its
+    warnings too. A termination that names a session, and every other record of the logger,
+    still pass. The SDK formats the message itself (an f-string), hence the exact match.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.levelno == logging.INFO
+            and record.msg == _STATELESS_TERMINATION
+            and not record.args
+        )
+
+
+_SDK_FILTER = _DropStatelessTermination()
+
 
 def tame_anp_logging(level: int = logging.WARNING) -> None:
     """Idempotent; safe to call at import time of a host app."""
@@ -55,6 +86,9 @@ def tame_anp_logging(level: int = logging.WARNING) -> None:
     httpcore = logging.getLogger("httpcore")
     if httpcore.level == logging.NOTSET:
         httpcore.setLevel(logging.INFO)
+    transport = logging.getLogger(SDK_TRANSPORT_LOGGER)
+    if _SDK_FILTER not in transport.filters:
+        transport.addFilter(_SDK_FILTER)
     redact_library_logs()
 
 

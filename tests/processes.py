@@ -79,8 +79,12 @@ def launcher(
     port: int | None = None,
     name: str = "server",
     data_dir: Path | None = None,
+    python: str = sys.executable,
+    cwd: Path = ROOT,
 ) -> Iterator[Launched]:
-    """Run the launcher until the block ends (then Ctrl-C); its output goes to ``<name>.err``."""
+    """Run the launcher until the block ends (then Ctrl-C); its output goes to ``<name>.err``.
+
+    ``python`` and ``cwd``: another interpreter (an installed wheel's venv) run from elsewhere."""
     port = port or free_port()
     args = ["--port", str(port)] if env is None or "MCP2ANP_PORT" not in env else []
     stdout = (tmp_path / f"{name}.out").open("wb")
@@ -88,8 +92,8 @@ def launcher(
     stderr = stderr_path.open("wb")
     data = str(data_dir or tmp_path / "data")
     process = subprocess.Popen(
-        [sys.executable, "-m", "example_app", *args, "--data-dir", data, *flags],
-        cwd=ROOT,
+        [python, "-m", "example_app", *args, "--data-dir", data, *flags],
+        cwd=cwd,
         env=dict(env) if env is not None else clean_env(),
         stdout=stdout,
         stderr=stderr,

@@ -25,7 +25,11 @@ agent_did=None, name=..., tame_anp_logging=True) -> Starlette``
     which drops bodies of non-200 answers, can read them), notifications -> 204.
 
 ``DidResolver`` = ``async (did) -> dict | None``; ``StaticDidResolver(mapping)`` (+ ``add(doc)``),
-``DirectoryDidResolver(directory)`` (``*.json`` and ``**/did.json``, matched by ``id``).
+``DirectoryDidResolver(directory)`` (``*.json`` and ``**/did.json``, matched by ``id``), and
+``LoopbackHttpDidResolver()``: real did:wba resolution (``did:wba:localhost%3A9880:users:alice``
+-> ``GET http://localhost:9880/users/alice/did.json``, ``/.well-known/did.json`` without a path)
+that refuses any non-loopback host before connecting; the host examples and the launcher use it,
+so the caller's DID document comes from the host app (``ANPMiddleware`` serves it).
 ``create_demo_identity(directory, name, port=...)`` writes a test identity;
 ``LocalDidWbaVerifier`` / ``JwtKeys`` are the building blocks.
 
@@ -90,7 +94,15 @@ included, on the client side.
 
 from .app import DEFAULT_AGENT_NAME, create_demo_agent, quiet_anp_logging
 from .identity import DemoIdentity, create_demo_identity
-from .resolvers import DidDocument, DidResolver, DirectoryDidResolver, StaticDidResolver
+from .resolvers import (
+    DidDocument,
+    DidResolver,
+    DirectoryDidResolver,
+    LoopbackHttpDidResolver,
+    StaticDidResolver,
+    did_wba_document_url,
+    is_loopback_did,
+)
 from .verifier import AuthenticationFailed, JwtKeys, LocalDidWbaVerifier, VerifiedCaller
 
 __all__ = [
@@ -102,9 +114,12 @@ __all__ = [
     "DirectoryDidResolver",
     "JwtKeys",
     "LocalDidWbaVerifier",
+    "LoopbackHttpDidResolver",
     "StaticDidResolver",
     "VerifiedCaller",
     "create_demo_agent",
     "create_demo_identity",
+    "did_wba_document_url",
+    "is_loopback_did",
     "quiet_anp_logging",
 ]

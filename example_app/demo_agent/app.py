@@ -300,8 +300,11 @@ def create_demo_agent(
 
     ``base_url`` is the absolute URL the app is served at (mount prefix included, e.g.
     ``"http://127.0.0.1:9880/agent"``); every link in the documents is built from it. Callers'
-    DIDs are resolved only through ``did_resolver``. Without JWT keys an EC P-256 pair is made
-    (tokens then die with the app); with only a private key the public half is derived.
+    DIDs are resolved only through ``did_resolver``: a local table, or a
+    :class:`~example_app.demo_agent.resolvers.LoopbackHttpDidResolver` to fetch each caller's DID
+    document from the address the DID names, as a real agent would. Without JWT keys an EC
+    P-256 pair is made (tokens then die with the app); with only a private key the public half
+    is derived.
     ``agent_did`` defaults to a did:wba derived from ``base_url`` (informational only).
     """
     normalised = _normalise_base_url(base_url)

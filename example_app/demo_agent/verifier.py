@@ -1,4 +1,4 @@
-"""anp's ``DidWbaVerifier`` with per-instance, offline DID resolution.
+"""anp's ``DidWbaVerifier`` with per-instance DID resolution (offline, or HTTP on loopback).
 
 Why this module exists
 ----------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 from mcp.server.mcpserver import Context, MCPServer
 from starlette.applications import Starlette
 
-from example_app.demo_agent import DirectoryDidResolver, create_demo_agent
+from example_app.demo_agent import LoopbackHttpDidResolver, create_demo_agent
 from mcp2anp_middleware import session_from_request
 
 DATA_DIR_ENV = "MCP2ANP_DATA_DIR"
@@ -36,15 +36,15 @@ def base_url_for(port: int) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def demo_agent(base_url: str, data_dir: Path) -> Starlette:
+def demo_agent(base_url: str) -> Starlette:
     """The offline demo ANP agent, served at ``{base_url}/agent``.
 
-    It resolves caller DIDs from ``data_dir``, where development mode writes its identity
-    (``<data_dir>/dev/did.json``), so the ANP tools' signed calls are accepted.
+    It resolves caller DIDs over HTTP, as an agent elsewhere would, but from loopback only:
+    development mode makes its DID for ``public_url`` (``did:wba:localhost%3A<port>:users:dev:...``)
+    and ANPMiddleware serves that document from this very app, so the tools' signed calls are
+    accepted without the agent reading the data directory.
     """
-    return create_demo_agent(
-        base_url=f"{base_url}/agent", did_resolver=DirectoryDidResolver(data_dir)
-    )
+    return create_demo_agent(base_url=f"{base_url}/agent", did_resolver=LoopbackHttpDidResolver())
 
 
 def host_mcp_server(name: str) -> MCPServer:

@@ -1,7 +1,8 @@
 """A FastAPI app with routes, a lifespan, a session dependency and its own middleware, given the
 ANP tools with ``app.add_middleware(ANPMiddleware, ...)``.
 
-Run (the port must be told to the app too, for the demo agent's links)::
+Run (the port must be told to the app too: the demo agent's links and the development DID
+name it)::
 
     MCP2ANP_PORT=8000 MCP2ANP_DATA_DIR=.mcp2anp-data \
         uvicorn --factory example_app.hosts.fastapi_host:create_app --port 8000
@@ -81,12 +82,13 @@ def create_app(*, data_dir: Path | str | None = None, port: int | None = None) -
         response.headers["X-Host"] = "fastapi"
         return response
 
-    app.mount("/agent", demo_agent(base_url, directory))
+    app.mount("/agent", demo_agent(base_url))
 
     app.add_middleware(
         ANPMiddleware,
         server=host_mcp_server("fastapi-host"),
         data_dir=directory,
+        public_url=base_url,  # the dev DID names this address, and the app serves its document
         url_policy=URLPolicy(
             private_origins=(f"{base_url}/agent/",)
         ),  # the demo agent, and only it

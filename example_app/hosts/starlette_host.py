@@ -1,6 +1,7 @@
 """A Starlette app with its own routes, lifespan and middleware, wrapped in ANPMiddleware.
 
-Run (the port must be told to the app too, for the demo agent's links)::
+Run (the port must be told to the app too: the demo agent's links and the development DID
+name it)::
 
     MCP2ANP_PORT=8000 MCP2ANP_DATA_DIR=.mcp2anp-data \
         uvicorn --factory example_app.hosts.starlette_host:create_app --port 8000
@@ -74,13 +75,13 @@ async def whoami(request: Request) -> JSONResponse:
     return JSONResponse({"session": session.session_id[:8] if session is not None else None})
 
 
-def create_host_app(*, base_url: str, data_dir: Path) -> Starlette:
+def create_host_app(*, base_url: str) -> Starlette:
     """The pre-existing app, knowing nothing of MCP (except the demo agent it serves)."""
     app = Starlette(
         routes=[
             Route("/", home),
             Route("/whoami", whoami),
-            Mount("/agent", app=demo_agent(base_url, data_dir)),
+            Mount("/agent", app=demo_agent(base_url)),
         ],
         middleware=[Middleware(HostHeaderMiddleware, value="starlette")],
         lifespan=lifespan,
@@ -94,11 +95,12 @@ def create_app(*, data_dir: Path | str | None = None, port: int | None = None) -
     """``uvicorn --factory`` entry point; arguments default to ``$MCP2ANP_DATA_DIR``/``_PORT``."""
     directory = data_dir_from_env(data_dir)
     base_url = base_url_for(port_from_env(port))
-    host_app = create_host_app(base_url=base_url, data_dir=directory)
+    host_app = create_host_app(base_url=base_url)
     app = ANPMiddleware(
         host_app,
         server=host_mcp_server("starlette-host"),
         data_dir=directory,
+        public_url=base_url,  # the dev DID names this address, and the app serves its document
         url_policy=URLPolicy(
             private_origins=(f"{base_url}/agent/",)
         ),  # the demo agent, and only it

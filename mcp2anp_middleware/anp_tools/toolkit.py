@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import structlog
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.types import CallToolResult, TextContent
-from pydantic import Field
+from pydantic import Field, WithJsonSchema
 
 from mcp2anp_middleware.anp_tools.credentials import CredentialCache, CredentialError
 from mcp2anp_middleware.anp_tools.documents import (
@@ -322,7 +322,15 @@ class ANPToolkit:
             ctx: Context,
             params: Annotated[
                 dict[str, Any] | list[Any] | None,
-                Field(description="Method parameters: an object (by name) or an array."),
+                # Written out: pydantic's own schema has an empty ``items: {}``, which strict
+                # JSON Schema validators (the MCP Inspector's --strict) flag as carrying no keyword.
+                WithJsonSchema(
+                    {
+                        "anyOf": [{"type": "object"}, {"type": "array"}, {"type": "null"}],
+                        "default": None,
+                        "description": "Method parameters: an object (by name) or an array.",
+                    }
+                ),
             ] = None,
             request_id: Annotated[
                 str | int | None,

@@ -60,11 +60,12 @@ def create_application(
 
     directory = data_dir_from_env(data_dir)
     base_url = base_url_for(port_from_env(port))
-    django_app = with_mount(get_asgi_application(), "/agent", demo_agent(base_url, directory))
+    django_app = with_mount(get_asgi_application(), "/agent", demo_agent(base_url))
     application = ANPMiddleware(
         django_app,
         server=host_mcp_server("django-host"),
         data_dir=directory,
+        public_url=base_url,  # the dev DID names this address, and the app serves its document
         url_policy=URLPolicy(
             private_origins=(f"{base_url}/agent/",)
         ),  # the demo agent, and only it
