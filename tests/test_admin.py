@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from starlette.types import Message
 
 from mcp2anp_middleware import MCPSessionMiddleware, SessionConfig
 from mcp2anp_middleware.authentication.base import AuthenticationError, Credentials
@@ -107,3 +108,39 @@ async def test_admin_is_off_without_a_token() -> None:
     async with client_for(middleware) as client:
         response = await client.get(URL, headers=ADMIN)
     assert response.content == b"host"  # the host app's own answer: no admin route
+
+
+@pytest.mark.parametrize("query", ["principal=alice&id=", "principal=", "principal=alice&id"])
+async def test_an_empty_value_never_widens_an_admin_request(query: str) -> None:
+    """``id=`` must not revoke all of a principal's sessions, ``principal=`` not list everyone's."""
+    middleware = build()
+    async with client_for(middleware) as client:
+        session_id = await open_session(client, "alice")
+        for method in ("GET", "DELETE"):
+            response = await client.request(method, f"{URL}?{query}", headers=ADMIN)
+            assert response.status_code == 400, response.text
+        assert await use(client, "alice", session_id) == 200
+    await middleware.shutdown()
+
+
+async def test_an_undecodable_query_is_not_a_500() -> None:
+    """A raw byte that is not UTF-8 in the query string (servers pass it through as is)."""
+    middleware = build()
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": URL,
+        "query_string": b"principal=\xff\xfe",
+        "headers": [(b"authorization", f"Bearer {TOKEN}".encode())],
+    }
+    await middleware(scope, receive, send)
+    assert sent[0]["status"] == 200
+    await middleware.shutdown()

@@ -282,3 +282,54 @@ async def _subscribed(store: RedisSessionStore) -> None:
         if subscribers and int(subscribers[0][1]) > 0:
             return
         await asyncio.sleep(0.01)
+
+
+async def test_a_session_busy_on_one_worker_is_not_expired_by_another(
+    new_store: StoreFactory,
+) -> None:
+    """Worker A holds a long request (an SSE stream) past the idle timeout; its sweep renews the
+    lease. Worker B, with no request on the session, must not take it for expired."""
+    clock = ManualClock()
+    worker_a, worker_b = registry(new_store(), clock), registry(new_store(), clock)
+    state = worker_a.new_session(ALICE)
+    await worker_a.register(state)
+    await worker_a.acquire(state)
+    for _ in range(3):
+        clock.advance(TIMEOUT - 1)
+        await worker_a.sweep()
+    seen_by_b = await worker_b.get(state.session_id, ALICE)
+    assert seen_by_b is not None and not seen_by_b.in_flight
+    await worker_a.release(state)  # the idle deadline is written again at the end
+    clock.advance(TIMEOUT + worker_a.touch_interval + 1)
+    assert await worker_b.get(state.session_id, ALICE) is None
+
+
+async def test_a_new_implicit_session_keeps_its_in_flight_mark(new_store: StoreFactory) -> None:
+    """Implicit ids repeat: a request of a revoked implicit session ending must not clear the
+    in-flight mark of the new session with the same id."""
+    clock = ManualClock()
+    sessions = registry(new_store(), clock)
+    old, _ = await sessions.implicit_session(ALICE)
+    await sessions.acquire(old)
+    await sessions.revoke(old.session_id)
+    new, created = await sessions.implicit_session(ALICE)
+    assert created and new is not old
+    await sessions.acquire(new)
+    assert sessions.in_flight == 2
+    await sessions.release(old)
+    assert sessions.in_flight == 1 and not await sessions.wait_idle(0)
+    await sessions.release(new)
+    assert sessions.in_flight == 0
+
+
+async def test_a_cap_counts_no_session_past_its_deadline(new_store: StoreFactory) -> None:
+    """A principal at its cap whose session has expired, but not been swept yet, may open a new
+    one: the memory store expires before refusing (Redis trims its index itself)."""
+    clock = ManualClock()
+    sessions = registry(new_store(), clock, per_principal_cap=1)
+    first = sessions.new_session(ALICE)
+    await sessions.register(first)
+    clock.advance(2 * TIMEOUT + sessions.touch_interval)
+    second = sessions.new_session(ALICE)
+    await sessions.register(second)  # no CapExceeded
+    assert await sessions.get(second.session_id, ALICE) is second

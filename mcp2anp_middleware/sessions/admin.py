@@ -22,11 +22,13 @@ from starlette.types import Receive, Scope, Send
 
 from mcp2anp_middleware.authentication.base import credentials_from_headers
 from mcp2anp_middleware.sessions.jsonrpc_errors import (
+    INTERNAL_ERROR,
     INVALID_REQUEST,
     UNAUTHORIZED,
     send_jsonrpc_error,
 )
 from mcp2anp_middleware.sessions.registry import SessionRegistry
+from mcp2anp_middleware.sessions.stores.base import StoreUnavailable
 
 LIST_LIMIT = 1000
 
@@ -50,9 +52,22 @@ class SessionAdminApp:
         if scope["path"] != f"{self.path}/sessions":
             await send_jsonrpc_error(send, 404, INVALID_REQUEST, "No such admin resource")
             return
-        query = {k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode()).items()}
+        raw_query = scope.get("query_string", b"").decode("latin-1")
+        query = {k: v[-1] for k, v in parse_qs(raw_query, keep_blank_values=True).items()}
+        if any(not query[name] for name in ("principal", "id") if name in query):
+            # An empty value must never widen the request ("id=" revoking all, "principal="
+            # listing everyone's).
+            await send_jsonrpc_error(send, 400, INVALID_REQUEST, "Empty principal or id")
+            return
+        try:
+            await self._answer(scope["method"], query, send)
+        except StoreUnavailable:
+            headers = [(b"retry-after", b"5")]
+            message = "Session store unavailable; retry shortly"
+            await send_jsonrpc_error(send, 503, INTERNAL_ERROR, message, headers=headers)
+
+    async def _answer(self, method: str, query: dict[str, str], send: Send) -> None:
         principal = query.get("principal")
-        method = scope["method"]
         if method == "GET":
             sessions = await self.registry.sessions_of(principal, limit=LIST_LIMIT)
             await _json(send, {"sessions": [info.as_dict() for info in sessions]})

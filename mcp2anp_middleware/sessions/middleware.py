@@ -168,6 +168,7 @@ class MCPSessionMiddleware:
             per_principal_cap=policy.per_principal_cap,
             global_cap=policy.global_cap,
             evict_oldest=policy.cap_policy == "evict_oldest",
+            lease=2 * policy.cleanup_interval,
         )
         self.background = BackgroundRunner(
             self.registry,
@@ -466,7 +467,6 @@ class MCPSessionMiddleware:
         held_start: Message | None = None
         held_body: list[bytes] = []
         held_size = 0
-        send = call.send
 
         async def commit_or_refuse() -> bool:
             """Commit the creation; on a store failure, a 503 replaces the app's answer."""
@@ -477,7 +477,7 @@ class MCPSessionMiddleware:
                 logger.warning("Session store unavailable while committing a new session")
                 call.replaced = True
                 await send_jsonrpc_error(
-                    send,
+                    call.send_tracked,
                     503,
                     INTERNAL_ERROR,
                     "Session store unavailable; retry shortly",
@@ -493,6 +493,7 @@ class MCPSessionMiddleware:
             if call.replaced:
                 return
             if message["type"] == "http.response.start":
+                message.setdefault("headers", [])  # optional in ASGI; MutableHeaders needs it
                 headers = MutableHeaders(scope=message)
                 del headers[SESSION_HEADER]  # this middleware is the only source of session ids
                 if created is _Creation.HANDSHAKE:

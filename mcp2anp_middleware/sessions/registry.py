@@ -40,6 +40,7 @@ from mcp2anp_middleware.sessions.events import (
 from mcp2anp_middleware.sessions.ids import new_session_id, short_id
 from mcp2anp_middleware.sessions.state import SessionConfig, SessionState
 from mcp2anp_middleware.sessions.stores.base import (
+    CapExceeded,
     Caps,
     SessionRecord,
     SessionStore,
@@ -134,6 +135,7 @@ class SessionRegistry:
         global_cap: int | None = None,
         evict_oldest: bool = False,
         live_cache: int = DEFAULT_LIVE_CACHE,
+        lease: float = 0.0,
     ) -> None:
         _check_duration("session_timeout", session_timeout)
         if max_session_age is not None:
@@ -149,15 +151,21 @@ class SessionRegistry:
         )
         self.caps = Caps(per_principal_cap, global_cap, evict_oldest)
         self.live_cache = max(1, live_cache)
+        self.lease = lease
+        """Least a busy session's store record is kept for (the sweep renews it): the middleware
+        sets twice the cleanup interval, so a lease never lapses between two sweeps."""
         self.events = SessionEvents()
         self.stats = RegistryStats()
         self.accepting = True
         # Insertion-ordered: re-inserting on use keeps it least recently used first (a plain dict
         # costs less per idle session than an OrderedDict).
         self._live: dict[str, SessionState] = {}
-        self._busy: dict[str, SessionState] = {}
+        # Keyed by the object, not the id: an implicit id can name a new session while a request
+        # of the earlier one is still running.
+        self._busy: dict[int, SessionState] = {}
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._compensations: set[asyncio.Task[None]] = set()
+        self._writes: dict[int, asyncio.Future[None]] = {}
 
     # -- the expiry rule ------------------------------------------------------------------------
 
@@ -169,29 +177,41 @@ class SessionRegistry:
             deadline = min(deadline, state.created_at + self.max_session_age)
         return deadline
 
-    def _expired(self, state: SessionState, now: float) -> str | None:
+    def _expired(self, state: SessionState, now: float, stored_until: float = 0.0) -> str | None:
         """Why ``state`` is over at ``now`` (``"expired"``, ``"max_age"``), or None.
 
-        An idle session is over past its deadline plus the write tolerance; a busy one only past
-        its maximum age, and then only for new requests (its running ones finish)."""
+        An idle session is over past its deadline plus the write tolerance, and past what the
+        store was last told to keep it for (``stored_until``: another process's lease while a
+        request runs there); a busy one only past its maximum age, and then only for new requests
+        (its running ones finish)."""
         if self.max_session_age is not None and now > state.created_at + self.max_session_age:
             return "max_age"
-        if not state.in_flight and now > self.deadline(state) + self.touch_interval:
+        keep_until = max(self.deadline(state) + self.touch_interval, stored_until)
+        if not state.in_flight and now > keep_until:
             return "expired"
         return None
 
-    def _keep_until(self, state: SessionState, now: float) -> float:
+    def _leased(self, state: SessionState, renew: bool) -> bool:
+        """Whether a write now gives the record a lease instead of its idle deadline: a sweep
+        renewing a busy session, or any write while busy when sweeps are too rare for the idle
+        deadline to outlast the gap until the next one."""
+        return bool(state.in_flight) and (renew or self.lease > self.session_timeout)
+
+    def _keep_until(self, state: SessionState, now: float, *, renew: bool = False) -> float:
         """The latest moment the store must still hold the session: its deadline (a busy one's
-        lease: an idle timeout from now, renewed by the sweep; past its maximum age it is refused
-        to new requests and removed when the last running one ends) plus the write tolerance."""
+        lease: at least an idle timeout from now, renewed by the sweep; past its maximum age it
+        is refused to new requests and removed when the last running one ends) plus the write
+        tolerance."""
         until = self.deadline(state)
-        if state.in_flight:
-            until = max(until, now + self.session_timeout)
+        if self._leased(state, renew):
+            until = max(until, now + max(self.session_timeout, self.lease))
         return until + self.touch_interval
 
-    def _record(self, state: SessionState, now: float) -> tuple[SessionRecord, float]:
+    def _record(
+        self, state: SessionState, now: float, *, renew: bool = False
+    ) -> tuple[SessionRecord, float]:
         """The record to write for ``state`` and its TTL in seconds from ``now``."""
-        keep_until = self._keep_until(state, now)
+        keep_until = self._keep_until(state, now, renew=renew)
         record = SessionRecord(
             session_id=state.session_id,
             principal=state.principal,
@@ -260,7 +280,12 @@ class SessionRegistry:
         if reservation is not None:
             ttl = min(ttl, reservation)
         try:
-            outcome = await self.store.create(record, ttl=ttl, now=now, caps=self.caps)
+            try:
+                outcome = await self.store.create(record, ttl=ttl, now=now, caps=self.caps)
+            except CapExceeded:
+                if not await self._expire_store(now):  # stores without native expiry may still
+                    raise  # count sessions past their deadline: expire those, then try again
+                outcome = await self.store.create(record, ttl=ttl, now=now, caps=self.caps)
         except StoreUnavailable:
             await self.discard(state)  # the store may still carry the creation out later
             raise
@@ -272,7 +297,7 @@ class SessionRegistry:
             self.stats.removed["evicted"] += 1
             logger.info("Session removed", session_id=short_id(victim.session_id), reason="evicted")
             self._ended(victim.session_id, SessionEventKind.EVICTED, victim)
-            await self._announce(victim.session_id)
+            await self._announce(victim.session_id, SessionEventKind.EVICTED)
         self._cache(state)
 
     async def commit(self, state: SessionState) -> None:
@@ -289,6 +314,7 @@ class SessionRegistry:
                 raise StoreUnavailable("session reservation lapsed before its commit")
             state.reserved = False
             state.synced_at = state.last_accessed
+            state.leased = self._leased(state, renew=False)
         self.stats.created += 1
         logger.info(
             "Session created",
@@ -374,8 +400,8 @@ class SessionRegistry:
             await self.register(state)
         except KeyError:  # another request or process created it first
             existing = await self.get(session_id, config, implicit=True)
-            if existing is None:
-                raise
+            if existing is None:  # the old one is past its age but still serving a request
+                raise StoreUnavailable("the implicit session is being replaced") from None
             return existing, False
         return state, True
 
@@ -396,7 +422,7 @@ class SessionRegistry:
         if record.principal != config.principal or record.implicit != implicit:
             return None
         state = self._live_state(record, config)
-        reason = self._expired(state, self.clock())
+        reason = self._expired(state, self.clock(), record.expires_at)
         if reason is not None:
             if not state.in_flight:
                 await self.remove(session_id, reason=reason)
@@ -409,7 +435,7 @@ class SessionRegistry:
         """A request starts using ``state``: it cannot expire until :meth:`release`."""
         state.in_flight += 1
         state.last_accessed = self.clock()
-        self._busy[state.session_id] = state
+        self._busy[id(state)] = state
         if self._live.get(state.session_id) is state:
             self._live[state.session_id] = self._live.pop(state.session_id)  # most recent
         try:
@@ -425,7 +451,7 @@ class SessionRegistry:
         now = self.clock()
         if self._expired(state, now) == "max_age":
             await self.remove(state.session_id, reason="max_age")
-        elif await self._sync(state, force=self.touch_interval == 0) is False:
+        elif await self._sync(state, force=self.touch_interval == 0 or state.leased) is False:
             self._ended(state.session_id, SessionEventKind.EXPIRED)
 
     def leave(self, state: SessionState) -> None:
@@ -438,7 +464,7 @@ class SessionRegistry:
         state.last_accessed = self.clock()
         if state.in_flight:
             return False
-        self._busy.pop(state.session_id, None)
+        self._busy.pop(id(state), None)
         if not self._busy:
             for waiter in self._idle_waiters:
                 if not waiter.done():
@@ -461,7 +487,7 @@ class SessionRegistry:
                 reason=reason,
             )
             if kind is not SessionEventKind.EXPIRED:
-                await self._announce(session_id)
+                await self._announce(session_id, kind)
         return deleted
 
     async def sessions_of(
@@ -507,21 +533,9 @@ class SessionRegistry:
         started = time.perf_counter()
         now = self.clock()
         for state in list(self._busy.values()):
-            await self._sync(state, force=True)  # in flight: never expires under a request
-        removed = 0
-        for record in await self.store.expire(now=now):
-            removed += 1
-            self.stats.removed["expired"] += 1
-            self._ended(record.session_id, SessionEventKind.EXPIRED, record)
-            logger.info(
-                "Session removed",
-                session_id=short_id(record.session_id),
-                total_sessions=len(self),
-                reason="expired",
-            )
-            if removed % _SWEEP_BATCH == 0:
-                await asyncio.sleep(0)  # a large sweep must not stall the event loop
-        removed += self._sweep_live(now)
+            await self._sync(state, force=True, renew=True)  # never expires under a request
+        removed = await self._expire_store(now)
+        await self._sweep_live(now)
         elapsed = time.perf_counter() - started
         stats = self.stats
         stats.sweeps += 1
@@ -537,6 +551,23 @@ class SessionRegistry:
             )
         else:
             logger.debug("No expired sessions to clean up", total_sessions=len(self))
+        return removed
+
+    async def _expire_store(self, now: float) -> int:
+        """Let the store drop what is past its deadline; report each as expired."""
+        removed = 0
+        for record in await self.store.expire(now=now):
+            removed += 1
+            self.stats.removed["expired"] += 1
+            self._ended(record.session_id, SessionEventKind.EXPIRED, record)
+            logger.info(
+                "Session removed",
+                session_id=short_id(record.session_id),
+                total_sessions=len(self),
+                reason="expired",
+            )
+            if removed % _SWEEP_BATCH == 0:
+                await asyncio.sleep(0)  # a large sweep must not stall the event loop
         return removed
 
     async def close_local(self) -> int:
@@ -562,10 +593,14 @@ class SessionRegistry:
         async def follow() -> None:
             while True:
                 try:
-                    async for session_id in listen():
-                        self._ended(session_id, SessionEventKind.DELETED)
+                    async for notice in listen():
+                        kind, _, session_id = notice.partition(":")
+                        self._ended(session_id, _KINDS.get(kind, SessionEventKind.DELETED))
                 except StoreUnavailable:
                     await asyncio.sleep(1.0)  # the store is away: lookups refuse ended ids
+                except Exception:
+                    logger.exception("Following other processes' session ends failed")
+                    await asyncio.sleep(1.0)
 
         task = asyncio.get_running_loop().create_task(follow(), name="mcp2anp-session-follow")
         try:
@@ -577,17 +612,31 @@ class SessionRegistry:
 
     # -- internals ------------------------------------------------------------------------------
 
-    async def _sync(self, state: SessionState, *, force: bool = False) -> bool | None:
+    async def _sync(
+        self, state: SessionState, *, force: bool = False, renew: bool = False
+    ) -> bool | None:
         """Write the session's use to the store unless written within ``touch_interval``."""
         if state.reserved:  # only a commit turns a reservation into a full lifetime
             return None
         if not force and state.last_accessed - state.synced_at < self.touch_interval:
             return None
-        now = self.clock()
-        record, ttl = self._record(state, now)
-        written = await self.store.write(record, ttl=ttl, now=now)
-        state.synced_at = state.last_accessed
-        return written
+        # One write per session at a time, each computed when its turn comes: a sweep renewing a
+        # lease and the end of the last request must reach the store in the order they decided,
+        # or a lease could outlive the request it was for.
+        while (pending := self._writes.get(id(state))) is not None:
+            await asyncio.shield(pending)
+        done = asyncio.get_running_loop().create_future()
+        self._writes[id(state)] = done
+        try:
+            now = self.clock()
+            record, ttl = self._record(state, now, renew=renew)
+            state.leased = self._leased(state, renew)
+            written = await self.store.write(record, ttl=ttl, now=now)
+            state.synced_at = record.last_used
+            return written
+        finally:
+            del self._writes[id(state)]
+            done.set_result(None)
 
     def _live_state(self, record: SessionRecord, config: SessionConfig) -> SessionState:
         state = self._live.get(record.session_id)
@@ -618,20 +667,29 @@ class SessionRegistry:
             oldest.closed = True
             self._emit(SessionEventKind.CLOSED, oldest.session_id, oldest.principal, oldest)
 
-    def _sweep_live(self, now: float) -> int:
-        """Drop live objects whose session is over (oldest use first): expired ones elsewhere
-        (shared stores expire by TTL) or evicted from view. Returns how many expired."""
-        over: list[str] = []
+    async def _sweep_live(self, now: float) -> None:
+        """Drop this process's live objects of sessions past their deadline, oldest use first.
+
+        Each candidate's record decides (one read per candidate, so O(expired)): gone or past
+        what the store keeps it for means expired; a record another worker keeps alive with a
+        lease only means this process's copy is no longer needed."""
+        over: list[SessionState] = []
         for state in self._live.values():  # no copy: a sweep that finds nothing costs O(1)
             if state.last_accessed + self.session_timeout >= now and (
                 self.max_session_age is None or now <= state.created_at + self.max_session_age
             ):
                 break  # ordered by use: the rest were used more recently
             if not state.in_flight and self._expired(state, now) is not None:
-                over.append(state.session_id)
-        for session_id in over:
-            self._ended(session_id, SessionEventKind.EXPIRED)
-        return len(over)
+                over.append(state)
+        for state in over:
+            record = await self.store.read(state.session_id)
+            alive = record is not None and record.created_at == state.created_at
+            if alive and record is not None and self._expired(state, now, record.expires_at):
+                await self.remove(state.session_id, reason="expired")
+            elif alive:
+                self._ended(state.session_id, SessionEventKind.CLOSED)
+            else:
+                self._ended(state.session_id, SessionEventKind.EXPIRED)
 
     def _ended(
         self,
@@ -662,11 +720,12 @@ class SessionRegistry:
             implicit = state.implicit
         self.events.emit(SessionEvent(kind, session_id, principal, implicit, state))
 
-    async def _announce(self, session_id: str) -> None:
+    async def _announce(self, session_id: str, kind: SessionEventKind) -> None:
+        """Tell other processes (shared stores only) as ``kind:id``, so they emit the same kind."""
         announce = getattr(self.store, "announce_ended", None)
         if announce is not None:
             with suppress(StoreUnavailable):
-                await announce(session_id)
+                await announce(f"{kind}:{session_id}")
 
 
 _KINDS = {

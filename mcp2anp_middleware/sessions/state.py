@@ -47,6 +47,7 @@ class SessionState:
         "implicit",
         "in_flight",
         "last_accessed",
+        "leased",
         "reserved",
         "session_id",
         "synced_at",
@@ -71,6 +72,9 @@ class SessionState:
         self.implicit = implicit
         self.closed = False
         self.reserved = False
+        self.leased = False
+        """The store's record was last written while a request ran (with a lease, not the idle
+        deadline): the end of the last request writes it again."""
 
     @property
     def principal(self) -> str:

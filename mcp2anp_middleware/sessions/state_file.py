@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -68,10 +69,12 @@ async def load_state_file(registry: SessionRegistry, path: Path) -> int:
                 SessionConfig(principal=str(entry["principal"])),
                 created_at=float(entry["created_at"]),
                 last_accessed=float(entry["last_accessed"]),
-                implicit=bool(entry.get("implicit", False)),
+                implicit=entry.get("implicit") is True,
             )
         except (KeyError, TypeError, ValueError):
             continue
+        if not (math.isfinite(state.created_at) and math.isfinite(state.last_accessed)):
+            continue  # an edited or damaged file must not restore a session that never expires
         entries.append(state)
     entries.sort(key=lambda state: state.last_accessed)  # the live cache is ordered by use
     for state in entries:

@@ -186,7 +186,7 @@ class RedisSessionStore:
             record.session_id,
             repr(now),
             _milliseconds(ttl),
-            repr(record.created_at),
+            repr(float(record.created_at)),
             repr(record.last_used),
             repr(record.expires_at),
         ]
@@ -194,7 +194,7 @@ class RedisSessionStore:
 
     async def remove(self, session_id: str, *, created_at: float | None = None) -> bool:
         keys = [self._session_key(session_id), self._all_key]
-        args = [session_id, "" if created_at is None else repr(created_at)]
+        args = [session_id, "" if created_at is None else repr(float(created_at))]
         return bool(await _guard(lambda: self._remove(keys=keys, args=args)))
 
     async def principal_sessions(
@@ -228,13 +228,13 @@ class RedisSessionStore:
         await _guard(lambda: self.client.zremrangebyscore(self._all_key, "-inf", now))
         return []  # Redis expires the sessions themselves (TTL)
 
-    async def announce_ended(self, session_id: str) -> None:
-        """Tell every process that ``session_id`` ended here (best effort: the record is gone
-        already, so a process that misses this still refuses the id at its next lookup)."""
-        await _guard(lambda: self.client.publish(self.ended_channel, session_id))
+    async def announce_ended(self, notice: str) -> None:
+        """Tell every process that a session ended here (``kind:id``; best effort: the record is
+        gone already, so a process that misses this still refuses the id at its next lookup)."""
+        await _guard(lambda: self.client.publish(self.ended_channel, notice))
 
     async def ended_sessions(self) -> AsyncIterator[str]:
-        """Ids that other processes announced, for as long as the caller keeps iterating."""
+        """The notices processes announced, for as long as the caller keeps iterating."""
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         try:
             await _guard(lambda: pubsub.subscribe(self.ended_channel))
@@ -258,7 +258,7 @@ class RedisSessionStore:
 def _values(record: SessionRecord) -> list[str]:
     return [
         record.principal,
-        repr(record.created_at),
+        repr(float(record.created_at)),
         repr(record.last_used),
         repr(record.expires_at),
         "1" if record.implicit else "0",
