@@ -47,9 +47,8 @@ class SessionState:
         "implicit",
         "in_flight",
         "last_accessed",
-        "leased",
-        "reserved",
         "session_id",
+        "store_mark",
         "synced_at",
     )
 
@@ -71,14 +70,31 @@ class SessionState:
         self.in_flight = 0
         self.implicit = implicit
         self.closed = False
-        self.reserved = False
-        self.leased = False
-        """The store's record was last written while a request ran (with a lease, not the idle
-        deadline): the end of the last request writes it again."""
+        self.store_mark: str | None = None
+        """How the store's record was last written, when not plainly: ``"reserved"`` (a short
+        reservation only a commit extends) or ``"leased"`` (while a request ran, with a lease
+        rather than the idle deadline: the end of the last request writes it again). One slot
+        for both, since they never hold at once: idle sessions stay small."""
 
     @property
     def principal(self) -> str:
         return self.config.principal
+
+    @property
+    def reserved(self) -> bool:
+        return self.store_mark == "reserved"
+
+    @reserved.setter
+    def reserved(self, value: bool) -> None:
+        self.store_mark = "reserved" if value else None
+
+    @property
+    def leased(self) -> bool:
+        return self.store_mark == "leased"
+
+    @leased.setter
+    def leased(self, value: bool) -> None:
+        self.store_mark = "leased" if value else None
 
     def attachment(self, key: str) -> Any:
         """The machinery attached under ``key``, or None."""
