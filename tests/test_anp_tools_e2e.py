@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import structlog
 from mcp import MCPError
-from mcp.types import CallToolResult
 
 from mcp2anp_middleware import SessionConfig
 from mcp2anp_middleware.anp_tools.toolkit import ATTACHMENT, ANPToolHandler
@@ -20,25 +18,11 @@ from mcp2anp_middleware.anp_tools.url_policy import URLPolicy
 from .anp_stack import API_KEYS, anp_stack
 from .messages import INITIALIZE as INIT
 from .messages import MCP_HEADERS
+from .tool_results import err, ok
 
 pytestmark = pytest.mark.anyio
 
 ALICE, BOB = list(API_KEYS)
-
-
-def ok(result: CallToolResult) -> dict[str, Any]:
-    assert not result.is_error, result.content
-    assert result.structured_content is not None
-    content: dict[str, Any] = result.structured_content
-    return content
-
-
-def err(result: CallToolResult) -> dict[str, Any]:
-    assert result.is_error
-    assert result.structured_content is not None
-    error: dict[str, Any] = result.structured_content["error"]
-    assert error["message"] and error["hint"]
-    return error
 
 
 @pytest.mark.parametrize("mode", ["legacy", "auto"])

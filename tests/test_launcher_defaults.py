@@ -18,42 +18,22 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 import example_app.__main__ as launcher_main
 from example_app.app import create_app
 from example_app.settings import FETCH_DEADLINE, Settings, parse_settings
 from mcp2anp_middleware import URLPolicy
 
+from .launcher_fakes import FakeUvicorn, fake_uvicorn
 from .messages import INITIALIZE, MCP_HEADERS, PROTOCOL
 from .processes import clean_env, run
 from .servers import free_port, serve
 
+__all__ = ["fake_uvicorn"]  # the shared fixture, used by name
+
 # ---------------------------------------------------------------------------------------------
 # Shutdown grace
 # ---------------------------------------------------------------------------------------------
-
-
-class _FakeUvicorn:
-    """Stands in for ``uvicorn.run``: records what the launcher would serve with."""
-
-    def __init__(self) -> None:
-        self.app: Any = None
-        self.options: dict[str, Any] = {}
-
-    def __call__(self, app: Any, **options: Any) -> None:
-        self.app, self.options = app, options
-
-
-@pytest.fixture
-def fake_uvicorn(monkeypatch: pytest.MonkeyPatch) -> _FakeUvicorn:
-    fake = _FakeUvicorn()
-    monkeypatch.setattr(uvicorn, "run", fake)
-    # main() configures process-wide logging (structlog, levels); keep it out of other tests.
-    monkeypatch.setattr(launcher_main, "configure_logging", lambda level_name: None)
-    for name in ("MCP2ANP_SHUTDOWN_GRACE", "MCP2ANP_ALLOW_PRIVATE", "MCP2ANP_SESSION_TIMEOUT"):
-        monkeypatch.delenv(name, raising=False)
-    return fake
 
 
 def test_fetch_deadline_is_the_url_policys() -> None:
@@ -61,7 +41,7 @@ def test_fetch_deadline_is_the_url_policys() -> None:
 
 
 def test_default_grace_outlasts_the_fetch_deadline_everywhere(
-    tmp_path: Path, fake_uvicorn: _FakeUvicorn
+    tmp_path: Path, fake_uvicorn: FakeUvicorn
 ) -> None:
     settings = parse_settings(["--data-dir", str(tmp_path)])
     assert settings.shutdown_grace == FETCH_DEADLINE + 5
@@ -74,7 +54,7 @@ def test_default_grace_outlasts_the_fetch_deadline_everywhere(
 
 
 def test_grace_from_flag_and_environment_drives_both(
-    tmp_path: Path, fake_uvicorn: _FakeUvicorn, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, fake_uvicorn: FakeUvicorn, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MCP2ANP_SHUTDOWN_GRACE", "40")
     assert launcher_main.main(["--data-dir", str(tmp_path)]) == 0
@@ -86,7 +66,7 @@ def test_grace_from_flag_and_environment_drives_both(
 
 
 def test_grace_not_above_the_fetch_deadline_is_warned_about(
-    tmp_path: Path, fake_uvicorn: _FakeUvicorn, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, fake_uvicorn: FakeUvicorn, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert launcher_main.main(["--data-dir", str(tmp_path), "--shutdown-grace", "5"]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
@@ -96,7 +76,7 @@ def test_grace_not_above_the_fetch_deadline_is_warned_about(
 
 
 def test_default_grace_is_not_warned_about(
-    tmp_path: Path, fake_uvicorn: _FakeUvicorn, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, fake_uvicorn: FakeUvicorn, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert launcher_main.main(["--data-dir", str(tmp_path)]) == 0
     assert "warning" not in capsys.readouterr().err
@@ -104,7 +84,7 @@ def test_default_grace_is_not_warned_about(
 
 def test_a_library_refusal_at_build_time_is_one_line(
     tmp_path: Path,
-    fake_uvicorn: _FakeUvicorn,
+    fake_uvicorn: FakeUvicorn,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -25,12 +25,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import redis
-import uvicorn
 from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
 
@@ -41,10 +39,13 @@ from mcp2anp_middleware.log_redaction import URLRedactionFilter
 from mcp2anp_middleware.logging_setup import SDK_TRANSPORT_LOGGER, tame_anp_logging
 from mcp2anp_middleware.version import __version__
 
+from .launcher_fakes import FakeUvicorn, fake_uvicorn
 from .messages import INITIALIZE, MCP_HEADERS, PROTOCOL
 from .processes import clean_env, launcher, run
 from .redis_server import redis_server_binary
 from .servers import free_port
+
+__all__ = ["fake_uvicorn"]  # the shared fixture, used by name
 
 PROG = "python -m example_app"
 BANNER_TITLE = "mcp2anp-middleware demo"
@@ -454,27 +455,8 @@ def test_a_sweep_slower_than_the_timeout_is_warned_about(flags: list[str], warne
 # ---------------------------------------------------------------------------------------------
 
 
-class _FakeUvicorn:
-    def __init__(self) -> None:
-        self.options: dict[str, Any] | None = None
-
-    def __call__(self, app: Any, **options: Any) -> None:
-        self.options = options
-
-
-@pytest.fixture
-def fake_uvicorn(monkeypatch: pytest.MonkeyPatch) -> _FakeUvicorn:
-    fake = _FakeUvicorn()
-    monkeypatch.setattr(uvicorn, "run", fake)
-    # main() configures process-wide logging; keep it out of the other tests.
-    monkeypatch.setattr(launcher_main, "configure_logging", lambda settings: None)
-    for name in ("MCP2ANP_SESSION_TIMEOUT", "MCP2ANP_CLEANUP_INTERVAL", "MCP2ANP_LOG_FORMAT"):
-        monkeypatch.delenv(name, raising=False)
-    return fake
-
-
 def test_uvicorn_gets_the_fastest_importable_server_and_the_banner_says_which(
-    tmp_path: Path, fake_uvicorn: _FakeUvicorn, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, fake_uvicorn: FakeUvicorn, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["--data-dir", str(tmp_path), "--port", str(free_port())]
     assert launcher_main.main(argv) == 0
@@ -489,7 +471,7 @@ def test_uvicorn_gets_the_fastest_importable_server_and_the_banner_says_which(
 
 
 def test_the_sweep_warning_is_printed_at_start(
-    tmp_path: Path, fake_uvicorn: _FakeUvicorn, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, fake_uvicorn: FakeUvicorn, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["--data-dir", str(tmp_path), "--port", str(free_port())]
     assert launcher_main.main([*argv, "--cleanup-interval", "90", "--session-timeout", "30"]) == 0

@@ -25,7 +25,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
-from mcp.types import CallToolResult
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -40,6 +39,7 @@ from mcp2anp_middleware.hosting import ANPMiddleware
 from mcp2anp_middleware.sessions.clock import ManualClock
 
 from .servers import free_port, serve
+from .tool_results import err, ok
 
 pytestmark = pytest.mark.anyio
 
@@ -60,21 +60,6 @@ def depth_of(value: Any) -> int:
     if isinstance(value, list):
         return 1 + max((depth_of(v) for v in value), default=0)
     return 0
-
-
-def ok(result: CallToolResult) -> dict[str, Any]:
-    assert not result.is_error, result.content
-    assert result.structured_content is not None
-    content: dict[str, Any] = result.structured_content
-    return content
-
-
-def err(result: CallToolResult) -> dict[str, Any]:
-    assert result.is_error, result.content
-    assert result.structured_content is not None
-    error: dict[str, Any] = result.structured_content["error"]
-    assert error["message"] and error["hint"]
-    return error
 
 
 def json_response(text: str | bytes, content_type: str = "application/json") -> Response:
