@@ -22,7 +22,7 @@ from typing import Any
 from mcp.server.mcpserver import MCPServer
 
 from mcp2anp_middleware import MCPSessionMiddleware
-from mcp2anp_middleware.mcp_endpoint import MCPEndpoint
+from mcp2anp_middleware.mcp_hosting.endpoint import MCPEndpoint
 
 from .common import (
     INITIALIZE,

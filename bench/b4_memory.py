@@ -76,6 +76,39 @@ def after_first_call(count: int) -> float:
         return (after - before) / count
 
 
+async def hosted_sessions(count: int) -> float:
+    """Bytes per idle session made by a real ``initialize`` through ``ANPMiddleware`` (memory
+    store): the session's state, its store record and its handshake, with the MCP machinery of
+    the request released. Identical handshakes share one interned string."""
+    from starlette.applications import Starlette
+
+    from mcp2anp_middleware import ANPMiddleware
+
+    with tempfile.TemporaryDirectory() as tmp:
+        app = ANPMiddleware(Starlette(), data_dir=tmp)
+        scope = http_scope("POST", "/mcp", MCP_HEADERS)
+        for _ in range(20):  # warm up the lazily started middleware and SDK state
+            await call_asgi(app, scope, INITIALIZE)
+        for _ in range(100):
+            await asyncio.sleep(0)
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(count):
+            answer = await call_asgi(app, scope, INITIALIZE)
+            assert answer.status == 200, answer.body
+        for _ in range(1000):  # released machinery unwinds within a few loop turns
+            if not app.endpoint.running:
+                break
+            await asyncio.sleep(0)
+        gc.collect()
+        after = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        assert len(app.registry) >= count
+        await app.shutdown()
+        return (after - before) / count
+
+
 async def sdk_stateful_sessions(count: int) -> float:
     logging.getLogger("mcp").setLevel(logging.WARNING)
     server = MCPServer("bench")
@@ -117,6 +150,9 @@ async def run(quick: bool) -> list[Result]:
     del registry
     gc.collect()
     log(f"  this package, idle session: {per_session:.0f} B/session over {count:,} sessions")
+    hosted_count = 2000 if quick else 10_000
+    hosted = await hosted_sessions(hosted_count)
+    log(f"  this package, idle session after a real initialize: {hosted:.0f} B/session")
     first_call = after_first_call(2000 if quick else 10_000)
     log(f"  + first tool call (crawler, signer, handler): +{first_call:.0f} B/session")
     sdk_count = 100 if quick else 400
@@ -124,6 +160,13 @@ async def run(quick: bool) -> list[Result]:
     log(f"  official SDK stateful mode: {sdk / 1024:.1f} KB/session over {sdk_count} sessions")
     log("  seed (its own claim): ~1 KB SessionState + 10-100 KB anp crawler per session")
     return [
+        Result(
+            "4h. idle session after initialize, handshake kept (bytes/session)",
+            hosted,
+            f"<= {LIMIT}",
+            f"{hosted_count:,} initialize requests through ANPMiddleware, machinery released",
+            unit=" B",
+        ),
         Result(
             "4. idle session memory (bytes/session)",
             per_session,

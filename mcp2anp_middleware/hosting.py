@@ -41,7 +41,7 @@ from mcp2anp_middleware.authentication.base import (
     StaticConfigAuthenticator,
 )
 from mcp2anp_middleware.logging_setup import tame_anp_logging
-from mcp2anp_middleware.mcp_endpoint import MCPEndpoint
+from mcp2anp_middleware.mcp_hosting.endpoint import MCPEndpoint
 from mcp2anp_middleware.sessions.background import Service
 from mcp2anp_middleware.sessions.middleware import MCPSessionMiddleware
 from mcp2anp_middleware.sessions.state import SessionConfig
@@ -114,6 +114,11 @@ class ANPMiddleware(MCPSessionMiddleware):
     the development DID and those of the shipped static authenticators (plus ``did_documents``),
     are served at the paths did:wba resolution fetches (``/<path>/did.json``,
     ``/.well-known/did.json``): see :mod:`mcp2anp_middleware.anp_tools.did_hosting`.
+
+    MCP sessions are full sessions on every worker (handshake kept in the store, SSE responses,
+    server→client requests, GET streams, resumption from any worker): ``json_response``,
+    ``resumable``, ``retry_ms``, ``request_state_keys`` and ``share_request_state`` are the
+    options of :class:`~mcp2anp_middleware.mcp_hosting.endpoint.MCPEndpoint`.
     """
 
     def __init__(
@@ -126,7 +131,11 @@ class ANPMiddleware(MCPSessionMiddleware):
         url_policy: URLPolicy | None = None,
         entry_url: str | None = None,
         data_dir: Path | str = DEFAULT_DATA_DIR,
-        json_response: bool = True,
+        json_response: bool = False,
+        resumable: bool = True,
+        retry_ms: int | None = 1000,
+        request_state_keys: Sequence[bytes | str] | None = None,
+        share_request_state: bool = True,
         toolkit: ANPToolkit | None = None,
         services: Sequence[Service] = (),
         public_url: str | None = None,
@@ -152,7 +161,14 @@ class ANPMiddleware(MCPSessionMiddleware):
             )
         self.toolkit.register(server)
         self.mcp_server = server
-        self.endpoint = MCPEndpoint(server, json_response=json_response)
+        self.endpoint = MCPEndpoint(
+            server,
+            json_response=json_response,
+            resumable=resumable,
+            retry_ms=retry_ms,
+            request_state_keys=request_state_keys,
+            share_request_state=share_request_state,
+        )
         documents: list[dict[str, Any]] = []
         if authenticator is None:
             hostname, port = address if address is not None else (None, None)

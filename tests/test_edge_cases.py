@@ -25,7 +25,7 @@ from mcp2anp_middleware import (
     ensure_dev_identity,
 )
 from mcp2anp_middleware.anp_tools.errors import ANPToolError
-from mcp2anp_middleware.mcp_endpoint import MCPEndpoint
+from mcp2anp_middleware.mcp_hosting.endpoint import MCPEndpoint
 from mcp2anp_middleware.sessions.clock import ManualClock
 from mcp2anp_middleware.sessions.policy import SessionPolicy
 from mcp2anp_middleware.sessions.stores import InMemorySessionStore, StoreUnavailable

@@ -60,7 +60,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mcp2anp_middleware import (
     ANPMiddleware,
@@ -170,7 +170,24 @@ class Reached:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.seen.update(v for n, v in scope["headers"] if n == MARKER)
+        if scope["method"] == "GET":
+            receive = _leaves_after_the_request(receive)
         await self.app(scope, receive, send)
+
+
+def _leaves_after_the_request(receive: Receive) -> Receive:
+    """A GET may open a stream that lasts as long as its client stays; this client leaves as
+    soon as its request is sent (httpx's ASGI transport would wait for the stream to end)."""
+    sent = False
+
+    async def receiving() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return await receive()
+
+    return receiving
 
 
 async def _host_page(request: Request) -> PlainTextResponse:

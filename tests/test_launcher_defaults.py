@@ -25,7 +25,7 @@ from example_app.settings import FETCH_DEADLINE, Settings, parse_settings
 from mcp2anp_middleware import URLPolicy
 
 from .launcher_fakes import FakeUvicorn, fake_uvicorn
-from .messages import INITIALIZE, MCP_HEADERS, PROTOCOL
+from .messages import INITIALIZE, MCP_HEADERS, PROTOCOL, answer_of
 from .processes import clean_env, run
 from .servers import free_port, serve
 
@@ -270,7 +270,7 @@ async def _fetch(http: httpx.AsyncClient, base: str, url: str) -> dict[str, Any]
     }
     response = await http.post(f"{base}/mcp", json=call)
     assert response.status_code == 200, response.text
-    result: dict[str, Any] = response.json()["result"]
+    result: dict[str, Any] = answer_of(response)["result"]
     return result
 
 

@@ -41,6 +41,7 @@ from mcp2anp_middleware.sessions.state import SessionState
 from mcp2anp_middleware.sessions.stores import InMemorySessionStore
 
 from .anp_stack import KeyAuthenticator
+from .messages import answer_of
 from .servers import free_port, serve
 
 pytestmark = pytest.mark.anyio
@@ -137,7 +138,7 @@ class RawClient:
         }
         response = await self.post(init, {"X-API-Key": key})
         assert response.status_code == 200, response.text
-        assert response.json()["result"]["protocolVersion"] == PROTOCOL
+        assert answer_of(response)["result"]["protocolVersion"] == PROTOCOL
         session_id = response.headers["mcp-session-id"]
         headers = self.session_headers(key, session_id)
         initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
@@ -161,7 +162,7 @@ class RawClient:
         }
         response = await self.post(call, self.session_headers(key, session_id))
         assert response.status_code == 200, response.text
-        message = response.json()
+        message = answer_of(response)
         assert message["id"] == request_id and "error" not in message, message
         result = message["result"]
         assert not result.get("isError"), result
@@ -187,6 +188,17 @@ async def official_session(stack: LoadStack, key: str) -> list[str]:
 
 
 PER_SESSION_TYPES = (SessionState, ANPToolHandler, SessionCrawler, SessionSigner)
+
+
+async def machinery_released(stack: LoadStack) -> None:
+    """Wait (a few loop turns) for the MCP machinery of ended requests to finish unwinding:
+    it is released when a request ends, and its task then winds down on its own."""
+    endpoint = stack.middleware.endpoint
+    for _ in range(1000):
+        if not endpoint.running:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"MCP machinery still running: {endpoint.running}")
 
 
 def per_session_objects() -> int:
@@ -216,6 +228,7 @@ async def test_hundreds_of_concurrent_sessions_then_everything_expires(tmp_path:
                 assert await client.whoami(key, session_id, 1) == stack.dids[key]
             clock.advance(SESSION_TIMEOUT + 1)
             assert await registry.sweep() == len(keys)
+            await machinery_released(stack)
             assert per_session_objects() == 0
 
             # Phase 1: open every session; all of them are alive at once afterwards.
@@ -270,6 +283,7 @@ async def test_hundreds_of_concurrent_sessions_then_everything_expires(tmp_path:
         assert await registry.sweep() == SESSIONS
         assert len(store) == 0 and len(registry) == 0
         assert await registry.store.count(now=clock()) == 0
+        await machinery_released(stack)
         gc.collect()
         assert not [ref for ref in refs if ref() is not None]
         assert per_session_objects() == 0  # handlers, crawlers, signers released too

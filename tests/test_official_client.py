@@ -12,7 +12,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from starlette.types import Receive, Scope, Send
 
 from mcp2anp_middleware import MCPSessionMiddleware
-from mcp2anp_middleware.mcp_endpoint import MCPEndpoint
+from mcp2anp_middleware.mcp_hosting.endpoint import MCPEndpoint
 from mcp2anp_middleware.sessions.middleware import SESSION_SCOPE_KEY
 
 from .servers import serve

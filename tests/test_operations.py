@@ -12,7 +12,7 @@ import mcp2anp_middleware
 from mcp2anp_middleware.version import __version__
 
 from .anp_stack import API_KEYS, anp_stack
-from .messages import INITIALIZE, MCP_HEADERS
+from .messages import INITIALIZE, MCP_HEADERS, answer_of
 
 pytestmark = pytest.mark.anyio
 
@@ -28,7 +28,7 @@ async def test_server_info_carries_the_version(tmp_path: Path) -> None:
     async with anp_stack(tmp_path) as stack, httpx.AsyncClient() as http:
         headers = {**MCP_HEADERS, "X-API-Key": ALICE}
         answer = await http.post(stack.mcp_url, json=INITIALIZE, headers=headers)
-    server_info = answer.json()["result"]["serverInfo"]
+    server_info = answer_of(answer)["result"]["serverInfo"]
     assert server_info == {"name": "mcp2anp", "version": __version__}
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .messages import INITIALIZE, MCP_HEADERS
+from .messages import INITIALIZE, MCP_HEADERS, answer_of
 from .processes import ROOT, launcher
 
 pytestmark = pytest.mark.anyio
@@ -75,5 +75,5 @@ async def test_the_wheel_installs_and_serves_outside_the_checkout(tmp_path: Path
         async with httpx.AsyncClient() as http:
             answer = await http.post(f"{served.base_url}/mcp", json=INITIALIZE, headers=MCP_HEADERS)
     assert answer.status_code == 200, served.stderr()
-    assert answer.json()["result"]["serverInfo"]["version"] == where[2]
+    assert answer_of(answer)["result"]["serverInfo"]["version"] == where[2]
     assert "mcp-session-id" in answer.headers

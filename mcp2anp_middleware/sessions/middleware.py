@@ -175,6 +175,9 @@ class MCPSessionMiddleware:
             cleanup_interval=policy.cleanup_interval,
             services=[self.registry.follow_other_processes, *services],
         )
+        bind = getattr(self.mcp_app, "bind_registry", None)
+        if callable(bind):  # an MCP endpoint with sessions of its own machinery (MCPEndpoint)
+            bind(self.registry)
         self.origins = OriginPolicy(limits.allowed_origins)
         self.stats_path = stats_path
         # Statistics and administration are small apps of their own, routed here by exact path.
@@ -229,6 +232,9 @@ class MCPSessionMiddleware:
         registry = self.registry
         registry.accepting = False
         self._stopped = True
+        end_streams = getattr(self.mcp_app, "end_streams", None)
+        if callable(end_streams):  # open GET streams would hold the drain for its whole grace
+            end_streams()
         if not await registry.wait_idle(self.shutdown_grace):
             logger.warning("Shutting down with requests still in flight", count=registry.in_flight)
         await self.background.stop()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -219,6 +220,7 @@ class SessionRegistry:
             last_used=state.last_accessed,
             expires_at=keep_until,
             implicit=state.implicit,
+            handshake=state.handshake,
         )
         return record, max(keep_until - now, 0.001)
 
@@ -454,6 +456,14 @@ class SessionRegistry:
         elif await self._sync(state, force=self.touch_interval == 0 or state.leased) is False:
             self._ended(state.session_id, SessionEventKind.EXPIRED)
 
+    async def save_handshake(self, state: SessionState, handshake: str) -> None:
+        """Remember the session's MCP handshake (or a change to it, such as its log level) here
+        and in the store, so every process serves the session with it. A session still reserved
+        gets it with its commit."""
+        state.handshake = sys.intern(handshake)
+        if not state.reserved and not state.closed:
+            await self._sync(state, force=True)
+
     def leave(self, state: SessionState) -> None:
         """A refused creating request ends: drop its in-flight mark; :meth:`discard` follows."""
         self._leave(state)
@@ -654,6 +664,8 @@ class SessionRegistry:
             self._cache(state)
         elif record.last_used > state.last_accessed:  # used by another process since
             state.last_accessed = state.synced_at = record.last_used
+        if record.handshake is not None and record.handshake != state.handshake:
+            state.handshake = sys.intern(record.handshake)  # set, or changed by another process
         return state
 
     def _cache(self, state: SessionState) -> None:

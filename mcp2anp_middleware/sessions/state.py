@@ -44,6 +44,7 @@ class SessionState:
         "closed",
         "config",
         "created_at",
+        "handshake",
         "implicit",
         "in_flight",
         "last_accessed",
@@ -71,6 +72,9 @@ class SessionState:
         self.implicit = implicit
         self.closed = False
         self.store_mark: str | None = None
+        self.handshake: str | None = None
+        """The MCP handshake (compact JSON) once ``initialize`` is done; kept in the store so any
+        process serves the session initialized. Interned: sessions of one client share it."""
         """How the store's record was last written, when not plainly: ``"reserved"`` (a short
         reservation only a commit extends) or ``"leased"`` (while a request ran, with a lease
         rather than the idle deadline: the end of the last request writes it again). One slot

@@ -45,6 +45,9 @@ class SessionRecord:
     last_used: float
     expires_at: float
     implicit: bool = False
+    handshake: str | None = None
+    """The MCP handshake the session was opened with (compact JSON, see
+    :mod:`mcp2anp_middleware.mcp_hosting.handshake`), so every process serves it initialized."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,8 +3,9 @@
 Layout (``prefix`` defaults to ``mcp2anp:``):
 
 - ``{prefix}s:{id}``: a hash with ``principal``, ``created_at``, ``last_used``, ``expires_at``,
-  ``implicit``, ``pkey``; expires by Redis TTL (the TTL the registry passes: the time to the
-  session's deadline plus the touch interval, so throttled writes never expire one early).
+  ``implicit``, ``pkey`` and, once the MCP handshake is done, ``handshake``; expires by Redis
+  TTL (the TTL the registry passes: the time to the session's deadline plus the touch interval,
+  so throttled writes never expire one early).
 - ``{prefix}all``: a sorted set of session ids scored by TTL expiry, for counts and the global cap
   without ``KEYS``.
 - ``{prefix}p:{sha256(principal)}``: the same per principal, for the per-principal cap and listing;
@@ -64,6 +65,7 @@ if at_cap then
 end
 redis.call('HSET', skey, 'principal', ARGV[8], 'created_at', ARGV[9], 'last_used', ARGV[10],
            'expires_at', ARGV[11], 'implicit', ARGV[12], 'pkey', pkey)
+if ARGV[18] ~= '' then redis.call('HSET', skey, 'handshake', ARGV[18]) end
 redis.call('PEXPIRE', skey, ttl_ms)
 local expires = now + ttl_ms / 1000
 redis.call('ZADD', allkey, expires, sid)
@@ -78,6 +80,7 @@ local sid, now, ttl_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 if redis.call('HGET', skey, 'created_at') ~= ARGV[4] then return 0 end
 local pkey = redis.call('HGET', skey, 'pkey')
 redis.call('HSET', skey, 'last_used', ARGV[5], 'expires_at', ARGV[6])
+if ARGV[7] ~= '' then redis.call('HSET', skey, 'handshake', ARGV[7]) end
 redis.call('PEXPIRE', skey, ttl_ms)
 local expires = now + ttl_ms / 1000
 redis.call('ZADD', allkey, expires, sid)
@@ -160,6 +163,7 @@ class RedisSessionStore:
             self._session_prefix,
             *_values(record),
             *_FIELDS,
+            record.handshake or "",
         ]
         reply = [_text(part) for part in await _guard(lambda: self._create(keys=keys, args=args))]
         status = reply[0]
@@ -189,6 +193,7 @@ class RedisSessionStore:
             repr(float(record.created_at)),
             repr(record.last_used),
             repr(record.expires_at),
+            record.handshake or "",
         ]
         return bool(await _guard(lambda: self._write(keys=keys, args=args)))
 
@@ -276,6 +281,7 @@ def _record(session_id: str, fields: dict[str, str]) -> SessionRecord | None:
             last_used=float(fields["last_used"]),
             expires_at=float(fields["expires_at"]),
             implicit=fields.get("implicit") == "1",
+            handshake=fields.get("handshake") or None,
         )
     except (KeyError, ValueError, TypeError):
         return None  # a foreign or damaged entry is treated as unknown

@@ -1,0 +1,223 @@
+"""What the workers serving one session share besides its record: events and messages.
+
+A session's requests may reach any worker, so three things cross worker boundaries:
+
+- **Events** (:class:`EventLog`): every message written to a resumable SSE stream is appended to
+  the session's log first, so a client that lost a stream resumes it with ``Last-Event-ID`` on
+  any worker. Logs are bounded (``max_events``), kept ``retention`` seconds after their last
+  event, and dropped when their session ends.
+- **Live events** (:class:`Relay.publish` / :meth:`Relay.listen`): a message for a stream that is
+  not open on the worker producing it (the standalone GET stream, or a request stream being
+  resumed elsewhere) goes to whichever worker holds that stream.
+- **Notes** (:meth:`Relay.to_worker` / :meth:`Relay.to_all`): a client's answer to a
+  server→client request goes to the worker whose request waits for it (its id names the worker);
+  a cancellation goes to every worker, since any may run the request it cancels.
+
+:class:`LocalBackplane` is all of this within one process (the memory store);
+:mod:`~mcp2anp_middleware.mcp_hosting.redis_backplane` is the same over Redis Streams and pub/sub.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anyio
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+Note = dict[str, Any]
+"""A message between workers: JSON-safe, always with ``"s"`` (the session id)."""
+
+NoteHandler = Callable[[Note], Awaitable[None]]
+
+DEFAULT_MAX_EVENTS = 1000
+DEFAULT_RETENTION = 300.0
+LISTENER_BUFFER = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One SSE event of a session: ``payload`` is the JSON-RPC message's JSON text, or None for
+    a priming event (an id the client can resume from, before anything else was sent)."""
+
+    stream: str
+    event_id: str | None
+    payload: str | None
+    final: bool = False
+    """The stream's response: nothing follows it on this stream."""
+
+
+class EventLog(Protocol):
+    async def append(
+        self, session_id: str, stream: str, payload: str | None, final: bool = False
+    ) -> str:
+        """Store an event and return its id."""
+        ...
+
+    async def after(self, session_id: str, event_id: str) -> tuple[str, list[Event]] | None:
+        """The stream ``event_id`` belongs to and that stream's later events, oldest first; None
+        when the id is unknown to this session (never sent, trimmed, or expired)."""
+        ...
+
+    async def drop(self, session_id: str) -> None: ...
+
+
+class Relay(Protocol):
+    worker: str
+    """This worker's id: the prefix of the ids of the requests it sends to clients."""
+
+    async def start(self, on_note: NoteHandler, tasks: TaskGroup) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def to_worker(self, worker: str, note: Note) -> None: ...
+
+    async def to_all(self, note: Note) -> None:
+        """Deliver ``note`` to every other worker."""
+        ...
+
+    async def publish(self, session_id: str, event: Event) -> None:
+        """Deliver a live event to whoever listens to the session, on any worker."""
+        ...
+
+    def listen(self, session_id: str) -> Listening: ...
+
+
+Listening = Any  # an async context manager yielding a MemoryObjectReceiveStream[Event]
+
+
+class Backplane(Protocol):
+    @property
+    def events(self) -> EventLog: ...
+
+    @property
+    def relay(self) -> Relay: ...
+
+    async def request_state_keys(self) -> list[bytes]:
+        """The keys sealing session-less request state, the sealing one first."""
+        ...
+
+
+def new_worker_id() -> str:
+    return secrets.token_hex(5)
+
+
+@dataclass(slots=True)
+class _Log:
+    events: deque[Event]
+    seq: int = 0
+    touched: float = 0.0
+
+
+@dataclass
+class MemoryEventLog:
+    """Events in process memory, bounded per session and forgotten ``retention`` seconds after a
+    session's last event; O(1) per append (the oldest logs are purged as new events come)."""
+
+    max_events: int = DEFAULT_MAX_EVENTS
+    retention: float = DEFAULT_RETENTION
+    clock: Callable[[], float] = time.monotonic
+    _logs: OrderedDict[str, _Log] = field(default_factory=OrderedDict)
+
+    async def append(
+        self, session_id: str, stream: str, payload: str | None, final: bool = False
+    ) -> str:
+        now = self.clock()
+        self._purge(now)
+        log = self._logs.pop(session_id, None)
+        if log is None:
+            log = _Log(deque(maxlen=self.max_events))
+        self._logs[session_id] = log  # most recently touched last
+        log.seq += 1
+        log.touched = now
+        event_id = str(log.seq)
+        log.events.append(Event(stream, event_id, payload, final))
+        return event_id
+
+    async def after(self, session_id: str, event_id: str) -> tuple[str, list[Event]] | None:
+        self._purge(self.clock())
+        log = self._logs.get(session_id)
+        if log is None or not event_id.isdigit():
+            return None
+        seq = int(event_id)
+        stream = next((e.stream for e in log.events if e.event_id == event_id), None)
+        if stream is None:
+            return None
+        later = [e for e in log.events if e.stream == stream and int(e.event_id or 0) > seq]
+        return stream, later
+
+    async def drop(self, session_id: str) -> None:
+        self._logs.pop(session_id, None)
+
+    def _purge(self, now: float) -> None:
+        while self._logs:
+            session_id, log = next(iter(self._logs.items()))
+            if now - log.touched < self.retention:
+                return
+            del self._logs[session_id]
+
+
+class LocalRelay:
+    """The relay of a single process: live events reach this process's listeners; there is no
+    other worker to send notes to."""
+
+    def __init__(self) -> None:
+        self.worker = new_worker_id()
+        self._listeners: dict[str, set[MemoryObjectSendStream[Event]]] = {}
+        self._on_note: NoteHandler | None = None
+
+    async def start(self, on_note: NoteHandler, tasks: TaskGroup) -> None:
+        self._on_note = on_note
+
+    async def aclose(self) -> None:
+        self._on_note = None
+
+    async def to_worker(self, worker: str, note: Note) -> None:
+        if worker == self.worker and self._on_note is not None:
+            await self._on_note(note)
+
+    async def to_all(self, note: Note) -> None:
+        return None
+
+    async def publish(self, session_id: str, event: Event) -> None:
+        deliver(self._listeners.get(session_id), event)
+
+    @asynccontextmanager
+    async def listen(self, session_id: str) -> AsyncIterator[MemoryObjectReceiveStream[Event]]:
+        send, receive = anyio.create_memory_object_stream[Event](LISTENER_BUFFER)
+        listeners = self._listeners.setdefault(session_id, set())
+        listeners.add(send)
+        try:
+            yield receive
+        finally:
+            listeners.discard(send)
+            if not listeners:
+                self._listeners.pop(session_id, None)
+            send.close()
+            receive.close()
+
+
+def deliver(listeners: set[MemoryObjectSendStream[Event]] | None, event: Event) -> None:
+    """Hand ``event`` to each listener without waiting; a listener too far behind loses it (and
+    can resume from the event log, which has it)."""
+    for listener in list(listeners or ()):
+        with suppress(anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            listener.send_nowait(event)
+
+
+@dataclass
+class LocalBackplane:
+    """One process: events in memory, a relay to itself, a request-state key of its own."""
+
+    events: EventLog = field(default_factory=MemoryEventLog)
+    relay: Relay = field(default_factory=LocalRelay)
+    _key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+
+    async def request_state_keys(self) -> list[bytes]:
+        return [self._key]

@@ -1,0 +1,598 @@
+"""The official SDK's MCP server with full sessions, on any worker, behind the session middleware.
+
+The middleware owns session ids, lifetimes and the store; this endpoint owns what an MCP session
+is for. In the handshake era (2025-11-25 and earlier) every request of a session is served by a
+:class:`~mcp2anp_middleware.mcp_hosting.live_session.LiveSession` on the worker it reached, built
+from the session's stored handshake; responses stream as SSE (events logged for ``Last-Event-ID``
+resumption); a GET opens the standalone stream; a client's answer to a server→client request and
+a cancellation are relayed to the worker running the request. In the session-less era
+(2026-07-28) each request goes to the SDK's own single-exchange entry, with request state sealed
+under a key every worker shares (:mod:`~mcp2anp_middleware.mcp_hosting.request_state`).
+
+Workers share all of this through a :class:`~mcp2anp_middleware.mcp_hosting.backplane.Backplane`:
+in process with the memory store, over Redis with the Redis store (chosen when the middleware
+binds its registry, so a host that passes only a store gets the matching one).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from http import HTTPStatus
+from typing import Any
+
+import anyio
+import pydantic_core
+from mcp.server._streamable_http_modern import handle_modern_request
+from mcp.server.mcpserver import MCPServer
+from mcp.server.streamable_http import check_accept_headers
+from mcp.server.transport_security import TransportSecuritySettings
+from mcp_types import (
+    JSONRPCError,
+    JSONRPCNotification,
+    JSONRPCRequest,
+    JSONRPCResponse,
+    jsonrpc_message_adapter,
+)
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, is_version_at_least
+from pydantic import ValidationError
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.types import Message, Receive, Scope, Send
+
+from mcp2anp_middleware.mcp_hosting.backplane import Backplane, Event, LocalBackplane, Note
+from mcp2anp_middleware.mcp_hosting.handshake import Handshake
+from mcp2anp_middleware.mcp_hosting.live_session import STANDALONE, LiveSession
+from mcp2anp_middleware.mcp_hosting.request_state import SharedRequestState
+from mcp2anp_middleware.mcp_hosting.sse import KEEPALIVE_SECONDS, SSEWriter
+from mcp2anp_middleware.sessions.events import SessionEvent
+from mcp2anp_middleware.sessions.jsonrpc_errors import (
+    INTERNAL_ERROR,
+    INVALID_REQUEST,
+    PARSE_ERROR,
+    send_jsonrpc_error,
+)
+from mcp2anp_middleware.sessions.registry import SessionRegistry
+from mcp2anp_middleware.sessions.state import SessionState
+
+logger = logging.getLogger("mcp2anp_middleware.mcp_hosting")
+
+SESSION_SCOPE_KEY = "mcp_session"
+_WIRE_ID = re.compile(r"^([0-9a-f]{10})\.(\d{1,18})\.(-?\d{1,18})$")
+
+
+class MCPEndpoint:
+    """ASGI app serving one :class:`MCPServer` with full MCP sessions (see the module doc).
+
+    ``json_response=True`` answers each request with one JSON body: simpler for some proxies,
+    but a request's progress and log notifications are dropped and it cannot ask the client
+    anything (no sampling or elicitation). ``resumable`` logs the events of SSE streams so a
+    client resumes a lost stream on any worker. ``retry_ms`` is the reconnection delay suggested
+    to clients in priming events. ``request_state_keys`` fixes the keys sealing session-less
+    request state (else the backplane keeps a shared, rotated key); ``share_request_state=False``
+    leaves the server's own request-state policy alone.
+    """
+
+    def __init__(
+        self,
+        server: MCPServer,
+        *,
+        json_response: bool = False,
+        resumable: bool = True,
+        retry_ms: int | None = 1000,
+        backplane: Backplane | None = None,
+        request_state_keys: Sequence[bytes | str] | None = None,
+        share_request_state: bool = True,
+    ) -> None:
+        self.server = server
+        self.lowlevel = server._lowlevel_server
+        self.json_response = json_response
+        self.resumable = resumable
+        self.retry_ms = retry_ms
+        self.backplane: Backplane = backplane if backplane is not None else LocalBackplane()
+        self._backplane_given = backplane is not None
+        self.request_state = (
+            SharedRequestState(server, keys=request_state_keys) if share_request_state else None
+        )
+        self.security = TransportSecuritySettings(enable_dns_rebinding_protection=False)
+        self.registry: SessionRegistry | None = None
+        self.lifespan_state: Any = None
+        self.live: dict[str, LiveSession] = {}
+        self._by_instance: dict[int, LiveSession] = {}
+        self._instances = 0
+        self.running = 0
+        """Machinery still running here (released machinery unwinds within a few loop turns)."""
+        self._streams: dict[str, set[anyio.CancelScope]] = {}
+        """Every GET stream open here, by session: ended with the session."""
+        self._standalone: dict[str, anyio.CancelScope] = {}
+        """The standalone stream open here, by session (one per session per worker)."""
+        self._tasks: anyio.abc.TaskGroup | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+
+    def bind_registry(self, registry: SessionRegistry) -> None:
+        """Called by the middleware: session events tear machinery down, and a Redis store
+        brings the Redis backplane (unless one was given)."""
+        self.registry = registry
+        if not self._backplane_given:
+            from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
+
+            if isinstance(registry.store, RedisSessionStore):
+                from mcp2anp_middleware.mcp_hosting.redis_backplane import RedisBackplane
+
+                self.backplane = RedisBackplane(registry.store.client, prefix=registry.store.prefix)
+
+    # -- service ---------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def service(self) -> AsyncIterator[None]:
+        """Run the server's lifespan, the relay and the sessions' machinery while serving."""
+        async with self.lowlevel.lifespan(self.lowlevel) as lifespan_state:
+            self.lifespan_state = lifespan_state
+            async with anyio.create_task_group() as tasks:
+                self._tasks = tasks
+                await self.backplane.relay.start(self._on_note, tasks)
+                if self.request_state is not None:
+                    await self.request_state.start(self.backplane, tasks)
+                if self.registry is not None:
+                    self._unsubscribe = self.registry.subscribe(self._on_session_event)
+                logger.info(
+                    "MCP sessions served by worker %s (%s)",
+                    self.backplane.relay.worker,
+                    type(self.backplane).__name__,
+                )
+                try:
+                    yield
+                finally:
+                    if self._unsubscribe is not None:
+                        self._unsubscribe()
+                    for live in list(self.live.values()):
+                        live.close()
+                    tasks.cancel_scope.cancel()
+                    self._tasks = None
+                    with anyio.CancelScope(shield=True):
+                        await self.backplane.relay.aclose()
+
+    # -- requests --------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = Headers(scope=scope)
+        version = headers.get("mcp-protocol-version")
+        if version is not None and version not in HANDSHAKE_PROTOCOL_VERSIONS:
+            await handle_modern_request(
+                self.lowlevel,
+                self.security,
+                self.json_response,
+                self.lifespan_state,
+                scope,
+                receive,
+                _jsonrpc_errors_only(send),
+            )
+            return
+        method = scope["method"]
+        if method not in ("GET", "POST"):
+            await send_jsonrpc_error(
+                send,
+                405,
+                INVALID_REQUEST,
+                "Method Not Allowed",
+                headers=[(b"allow", b"GET, POST, DELETE")],
+            )
+            return
+        state: SessionState | None = scope.get("state", {}).get(SESSION_SCOPE_KEY)
+        if self._tasks is None or state is None:
+            await send_jsonrpc_error(send, 503, INTERNAL_ERROR, "MCP endpoint is not running")
+            return
+        if method == "POST":
+            await self._post(state, scope, receive, send, headers)
+        else:
+            await self._get(state, scope, receive, send, headers)
+
+    async def _post(
+        self, state: SessionState, scope: Scope, receive: Receive, send: Send, headers: Headers
+    ) -> None:
+        request = Request(scope, receive)
+        has_json, has_sse = check_accept_headers(request)
+        if not has_json:
+            await send_jsonrpc_error(
+                send, 406, INVALID_REQUEST, "Not Acceptable: client must accept application/json"
+            )
+            return
+        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            await send_jsonrpc_error(
+                send,
+                415,
+                INVALID_REQUEST,
+                "Unsupported Media Type: Content-Type must be application/json",
+            )
+            return
+        body = await request.body()
+        try:
+            message = jsonrpc_message_adapter.validate_python(
+                pydantic_core.from_json(body), by_name=False
+            )
+        except ValueError:  # pydantic's ValidationError included
+            await send_jsonrpc_error(send, 400, PARSE_ERROR, "Body is not a JSON-RPC message")
+            return
+        if isinstance(message, JSONRPCResponse | JSONRPCError):
+            await _accepted(send)
+            await self._answer(state.session_id, message)
+            return
+        if isinstance(message, JSONRPCNotification):
+            await _accepted(send)
+            await self._notification(state, message)
+            return
+        sse = has_sse and not self.json_response
+        # ``initialize`` is not resumable: its answer is held back until complete (it carries
+        # the new session id), so no client could resume it midway.
+        version = headers.get("mcp-protocol-version", "2025-03-26")
+        resumable = (
+            sse
+            and self.resumable
+            and message.method != "initialize"
+            and is_version_at_least(version, "2025-11-25")
+        )
+        live = self._acquire(state)
+        try:
+            await self._serve_request(live, message, request, send, sse=sse, resumable=resumable)
+        finally:
+            self._release(live)
+
+    async def _serve_request(
+        self,
+        live: LiveSession,
+        message: JSONRPCRequest,
+        request: Request,
+        send: Send,
+        *,
+        sse: bool,
+        resumable: bool,
+    ) -> None:
+        opened = live.open_stream(message, request, sse=sse, resumable=resumable)
+        if opened is None:
+            await send_jsonrpc_error(
+                send,
+                409,
+                INVALID_REQUEST,
+                "A request with this id is already in flight in this session",
+                request_id=message.id,
+            )
+            return
+        events, finished, metadata = opened
+        stream = str(message.id)
+        if not sse:
+            await live.feed(message, metadata)
+            with events:
+                async for event in events:
+                    if event.final:
+                        await _json_response(send, event.payload or "")
+                        return
+            await send_jsonrpc_error(send, 503, INTERNAL_ERROR, "Session ended during the request")
+            return
+        writer = SSEWriter(send)
+        await writer.start([])
+        if resumable:
+            event_id = await self.log_event(live.session_id, stream, None, False)
+            if event_id is not None:
+                await writer.event(Event(stream, event_id, None), retry_ms=self.retry_ms)
+        await live.feed(message, metadata)
+        async with anyio.create_task_group() as tasks:
+
+            async def watch_disconnect() -> None:
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+                live.detach_stream(stream)  # later events go to the log and the relay
+
+            tasks.start_soon(watch_disconnect)
+            with events:
+                async for event in events:
+                    await writer.event(event)
+                    if event.final or not writer.open:
+                        break
+            if not writer.open:
+                live.detach_stream(stream)
+            await writer.finish()
+            # The request may go on after its stream ended (client gone, or the server closed
+            # the stream for polling): this request stays in flight until it is answered, so its
+            # session neither expires nor loses its machinery meanwhile.
+            await finished.wait()
+            tasks.cancel_scope.cancel()
+
+    async def _get(
+        self, state: SessionState, scope: Scope, receive: Receive, send: Send, headers: Headers
+    ) -> None:
+        """The standalone stream, or a lost stream resumed from ``Last-Event-ID``."""
+        request = Request(scope, receive)
+        if not check_accept_headers(request)[1]:
+            await send_jsonrpc_error(
+                send, 406, INVALID_REQUEST, "Not Acceptable: client must accept text/event-stream"
+            )
+            return
+        session_id = state.session_id
+        last_event_id = headers.get("last-event-id")
+        if last_event_id is None and session_id in self._standalone:
+            await send_jsonrpc_error(
+                send, 409, INVALID_REQUEST, "Conflict: only one standalone stream per session"
+            )
+            return
+        cancel = anyio.CancelScope()
+        if last_event_id is None:
+            self._standalone[session_id] = cancel
+        self._streams.setdefault(session_id, set()).add(cancel)
+        writer = SSEWriter(send)
+        try:
+            with cancel:
+                async with self.backplane.relay.listen(session_id) as live_events:
+                    stream = STANDALONE
+                    seen: set[str] = set()
+                    if last_event_id is not None:
+                        found = await self._replay(session_id, last_event_id)
+                        await writer.start([])
+                        if found is None:
+                            return
+                        stream, replayed = found
+                        for event in replayed:
+                            if event.event_id is not None:
+                                seen.add(event.event_id)
+                            if event.payload is not None:
+                                await writer.event(event)
+                            if event.final:
+                                return
+                    else:
+                        await writer.start([])
+                    await self._follow(request, writer, live_events, stream, seen)
+        finally:
+            await writer.finish()
+            if self._standalone.get(session_id) is cancel:
+                del self._standalone[session_id]
+            scopes = self._streams.get(session_id)
+            if scopes is not None:
+                scopes.discard(cancel)
+                if not scopes:
+                    del self._streams[session_id]
+
+    async def _follow(
+        self,
+        request: Request,
+        writer: SSEWriter,
+        live_events: Any,
+        stream: str,
+        seen: set[str],
+    ) -> None:
+        async with anyio.create_task_group() as tasks:
+
+            async def watch_disconnect() -> None:
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+                tasks.cancel_scope.cancel()
+
+            tasks.start_soon(watch_disconnect)
+            while writer.open:
+                with anyio.move_on_after(KEEPALIVE_SECONDS) as idle:
+                    event: Event = await live_events.receive()
+                if idle.cancelled_caught:
+                    await writer.keepalive()
+                    continue
+                if event.stream != stream or (
+                    event.event_id is not None and event.event_id in seen
+                ):
+                    continue
+                await writer.event(event)
+                if event.final:
+                    break
+            tasks.cancel_scope.cancel()
+
+    async def _replay(self, session_id: str, last_event_id: str) -> tuple[str, list[Event]] | None:
+        try:
+            return await self.backplane.events.after(session_id, last_event_id)
+        except Exception:
+            logger.warning("Event log unavailable: a stream could not be resumed")
+            return None
+
+    # -- messages between the client, the workers and the machinery ------------------------------
+
+    async def _answer(self, session_id: str, message: JSONRPCResponse | JSONRPCError) -> None:
+        """A client's answer to a server→client request: to the machinery waiting for it."""
+        match = _WIRE_ID.match(str(message.id))
+        if match is None:
+            logger.debug("Answer to an unknown request dropped")
+            return
+        worker, instance, local = match.group(1), int(match.group(2)), int(match.group(3))
+        note: Note = {
+            "s": session_id,
+            "k": "answer",
+            "i": instance,
+            "m": message.model_copy(update={"id": local}).model_dump(
+                mode="json", by_alias=True, exclude_unset=True
+            ),
+        }
+        if worker == self.backplane.relay.worker:
+            await self._on_note(note)
+        else:
+            await self.backplane.relay.to_worker(worker, note)
+
+    async def _notification(self, state: SessionState, message: JSONRPCNotification) -> None:
+        if message.method == "notifications/cancelled":
+            note: Note = {
+                "s": state.session_id,
+                "k": "cancel",
+                "m": message.model_dump(mode="json", by_alias=True, exclude_unset=True),
+            }
+            live = self.live.get(state.session_id)
+            if live is not None:
+                await live.feed(message)
+            await self.backplane.relay.to_all(note)
+            return
+        live = self._acquire(state)
+        try:
+            await live.feed(message)
+        finally:
+            self._release(live)
+
+    async def _on_note(self, note: Note) -> None:
+        session_id = note.get("s")
+        kind = note.get("k")
+        try:
+            if kind == "answer":
+                live = self._by_instance.get(int(note["i"]))
+                if live is None or live.session_id != session_id:
+                    logger.debug("Answer for machinery that has ended dropped")
+                    return
+                await live.feed(jsonrpc_message_adapter.validate_python(note["m"], by_name=False))
+            elif kind == "cancel" and isinstance(session_id, str):
+                live = self.live.get(session_id)
+                if live is not None:
+                    await live.feed(JSONRPCNotification.model_validate(note["m"], by_name=False))
+        except (KeyError, ValueError, TypeError, ValidationError):
+            logger.warning("Malformed note between workers dropped")
+
+    # -- the machinery's lifecycle ---------------------------------------------------------------
+
+    def _acquire(self, state: SessionState) -> LiveSession:
+        live = self.live.get(state.session_id)
+        if live is None or live.done.is_set() or live.state is not state:
+            self._instances += 1
+            live = LiveSession(self, state, self._instances)
+            self.live[state.session_id] = live
+            self._by_instance[live.instance] = live
+            assert self._tasks is not None
+            self._tasks.start_soon(self._run, live)
+        live.users += 1
+        return live
+
+    async def _run(self, live: LiveSession) -> None:
+        self.running += 1
+        try:
+            await live.run()
+        finally:
+            self.running -= 1
+            self._forget(live)
+
+    def _release(self, live: LiveSession) -> None:
+        live.users -= 1
+        if live.users == 0 and not live.finished:
+            self._forget(live)
+            live.close()
+
+    def _forget(self, live: LiveSession) -> None:
+        if self.live.get(live.session_id) is live:
+            del self.live[live.session_id]
+        self._by_instance.pop(live.instance, None)
+
+    def _on_session_event(self, event: SessionEvent) -> None:
+        if not event.kind.ends_session:
+            return
+        live = self.live.pop(event.session_id, None)
+        if live is not None:
+            self._by_instance.pop(live.instance, None)
+            live.close()
+        for cancel in list(self._streams.get(event.session_id, ())):
+            cancel.cancel()
+        if self._tasks is not None and event.kind.value != "closed":
+            self._tasks.start_soon(self._drop_events, event.session_id)
+
+    async def _drop_events(self, session_id: str) -> None:
+        try:
+            await self.backplane.events.drop(session_id)
+        except Exception:
+            logger.debug("Event log of an ended session not dropped (it expires by itself)")
+
+    def end_streams(self) -> None:
+        """End every GET stream open here (shutting down: clients reconnect to another worker);
+        requests in flight are left to finish."""
+        for scopes in self._streams.values():
+            for cancel in scopes:
+                cancel.cancel()
+
+    def close_standalone_streams_callback(self, session_id: str) -> Callable[[], Awaitable[None]]:
+        async def close_standalone() -> None:
+            cancel = self._standalone.get(session_id)
+            if cancel is not None:
+                cancel.cancel()
+
+        return close_standalone
+
+    # -- the backplane, failures contained -------------------------------------------------------
+
+    async def log_event(
+        self, session_id: str, stream: str, payload: str | None, final: bool
+    ) -> str | None:
+        try:
+            return await self.backplane.events.append(session_id, stream, payload, final)
+        except Exception:
+            logger.warning("Event log unavailable: an event was sent without an id")
+            return None
+
+    async def publish(self, session_id: str, event: Event) -> None:
+        try:
+            await self.backplane.relay.publish(session_id, event)
+        except Exception:
+            logger.warning("Relay unavailable: an event for another worker was not delivered")
+
+    async def save_handshake(self, state: SessionState, handshake: Handshake) -> None:
+        text = handshake.encode()
+        if self.registry is None:
+            state.handshake = text
+            return
+        try:
+            await self.registry.save_handshake(state, text)
+        except Exception:
+            logger.warning("Session store unavailable: the handshake is kept in this process only")
+
+
+async def _accepted(send: Send) -> None:
+    await send({"type": "http.response.start", "status": 202, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _json_response(send: Send, payload: str) -> None:
+    body = payload.encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _jsonrpc_errors_only(send: Send) -> Send:
+    """Rewrites the SDK's few non-JSON error answers (empty 405/406) so every refusal a client
+    sees carries a JSON-RPC error body."""
+    held: Message | None = None
+    chunks: list[bytes] = []
+
+    async def sending(message: Message) -> None:
+        nonlocal held
+        if message["type"] == "http.response.start":
+            headers = Headers(raw=message.get("headers", []))
+            if message["status"] >= 400 and not headers.get("content-type", "").startswith(
+                "application/json"
+            ):
+                held = message
+                return
+        elif held is not None and message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            status = held["status"]
+            text = b"".join(chunks).decode("utf-8", "replace").strip()[:200]
+            keep = [
+                (name, value)
+                for name, value in held.get("headers", [])
+                if name.lower() in (b"allow", b"retry-after")
+            ]
+            held = None
+            await send_jsonrpc_error(
+                send, status, INVALID_REQUEST, text or HTTPStatus(status).phrase, headers=keep
+            )
+            return
+        await send(message)
+
+    return sending

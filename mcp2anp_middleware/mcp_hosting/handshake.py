@@ -1,0 +1,112 @@
+"""A session's MCP handshake, kept compactly in its store record so any process can serve it.
+
+The handshake era (2025-11-25 and earlier) negotiates once per session: protocol version, client
+info, client capabilities, and later the log level the client asked for. The SDK keeps these on a
+:class:`~mcp.server.connection.Connection` that lives as long as its process holds the session.
+Here the connection is rebuilt from this record on whichever worker a request reaches, already
+initialized, so a tool sees the same client on every worker.
+
+The encoding is compact JSON with one-letter keys (``v`` version, ``i`` client info, ``c``
+capabilities, ``l`` log level); the registry interns it, so the sessions of one kind of client
+share one string in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from typing import Any
+
+from mcp.server.connection import Connection
+from mcp.shared.dispatcher import Outbound
+from mcp_types import ClientCapabilities, Implementation, InitializeRequestParams
+
+LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
+"""RFC 5424 severities in ascending order, as MCP's ``logging/setLevel`` names them."""
+
+
+@dataclass(frozen=True, slots=True)
+class Handshake:
+    protocol_version: str
+    client_info: dict[str, Any] = field(hash=False)
+    capabilities: dict[str, Any] = field(hash=False)
+    log_level: str | None = None
+
+    @classmethod
+    def from_connection(cls, connection: Connection) -> Handshake | None:
+        """What a completed ``initialize`` left on ``connection`` (None if it left nothing)."""
+        params = connection.client_params
+        if params is None:
+            return None
+        return cls(
+            protocol_version=connection.protocol_version,
+            client_info=params.client_info.model_dump(by_alias=True, exclude_none=True),
+            capabilities=params.capabilities.model_dump(by_alias=True, exclude_none=True),
+        )
+
+    @classmethod
+    def decode(cls, text: str) -> Handshake | None:
+        """The handshake in ``text``; None for anything damaged (the session then serves as
+        uninitialized, and the client's requests are refused by the SDK's own gate)."""
+        try:
+            raw = json.loads(text)
+            level = raw.get("l")
+            return cls(
+                protocol_version=str(raw["v"]),
+                client_info=dict(raw["i"]),
+                capabilities=dict(raw["c"]),
+                log_level=level if level in LOG_LEVELS else None,
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    def encode(self) -> str:
+        raw: dict[str, Any] = {"v": self.protocol_version, "i": self.client_info}
+        raw["c"] = self.capabilities
+        if self.log_level is not None:
+            raw["l"] = self.log_level
+        return json.dumps(raw, separators=(",", ":"), sort_keys=True)
+
+    def with_log_level(self, level: str) -> Handshake:
+        return replace(self, log_level=level)
+
+    def connection(self, outbound: Outbound, session_id: str) -> Connection:
+        """A born-ready connection for this handshake: ``initialize`` and ``initialized`` are
+        behind it, as they are for the process that served them."""
+        params = _params(self.encode())
+        connection = Connection(
+            outbound,
+            protocol_version=self.protocol_version,
+            session_id=session_id,
+            client_params=params,
+        )
+        connection.initialized.set()
+        return connection
+
+
+def below_level(params: Any, level: str | None) -> bool:
+    """True when a ``notifications/message`` with ``params`` is below the session's log level
+    (the spec asks servers to send only that level and above)."""
+    if level is None or not isinstance(params, dict):
+        return False
+    sent = params.get("level")
+    return sent in LOG_LEVELS and LOG_LEVELS.index(sent) < LOG_LEVELS.index(level)
+
+
+@lru_cache(maxsize=256)
+def decoded(text: str) -> Handshake | None:
+    """:meth:`Handshake.decode`, remembered: a worker serves many sessions of few kinds of
+    client, and their handshakes are the same text."""
+    return Handshake.decode(text)
+
+
+@lru_cache(maxsize=256)
+def _params(text: str) -> InitializeRequestParams:
+    handshake = Handshake.decode(text)
+    assert handshake is not None
+    return InitializeRequestParams(
+        protocol_version=handshake.protocol_version,
+        capabilities=ClientCapabilities.model_validate(handshake.capabilities, by_name=False),
+        client_info=Implementation.model_validate(handshake.client_info, by_name=False),
+    )

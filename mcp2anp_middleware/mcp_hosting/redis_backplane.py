@@ -1,0 +1,269 @@
+"""The backplane over Redis: what the workers serving one session share, in the session store's
+Redis.
+
+- Event logs are Redis Streams, ``{prefix}log:{session id}``: fields ``s`` (stream), ``m`` (the
+  message's JSON, empty for a priming event) and ``f`` (``1`` on a stream's response). Each
+  append trims the log to about ``max_events`` and sets its expiry to ``retention``; the log is
+  deleted when its session ends. Event ids are Redis's own.
+- Live events go over pub/sub on ``{prefix}ev:{session id}``, subscribed by a worker only while
+  it holds a GET stream of that session; notes go to ``{prefix}w:{worker}`` (one worker) or
+  ``{prefix}workers`` (all of them). One pub/sub connection per worker carries them all.
+- The request-state key ring is one value, ``{prefix}request-state-keys``, changed by one script
+  run on Redis's clock: the first key is made when first asked for; a new one is staged
+  ``stage`` seconds ahead of use once the newest is ``rotate`` seconds old; three are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from redis import asyncio as aioredis
+
+from mcp2anp_middleware.mcp_hosting.backplane import (
+    DEFAULT_MAX_EVENTS,
+    DEFAULT_RETENTION,
+    LISTENER_BUFFER,
+    Event,
+    Note,
+    NoteHandler,
+    deliver,
+    new_worker_id,
+)
+
+logger = logging.getLogger("mcp2anp_middleware.mcp_hosting")
+
+_EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+SUBSCRIBE_TIMEOUT = 5.0
+KEY_ROTATION = 86_400.0
+KEY_STAGING = 180.0
+
+_KEY_RING = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local rotate, stage = tonumber(ARGV[1]), tonumber(ARGV[2])
+local raw = redis.call('GET', KEYS[1])
+local ring = {}
+if raw then ring = cjson.decode(raw) end
+local changed = false
+if #ring == 0 then
+  ring = {{now, ARGV[3]}}
+  changed = true
+elseif ring[1][1] + rotate <= now then
+  table.insert(ring, 1, {now + stage, ARGV[3]})
+  changed = true
+end
+while #ring > 3 do table.remove(ring) end
+if changed then redis.call('SET', KEYS[1], cjson.encode(ring)) end
+return cjson.encode({now, ring})
+"""
+
+
+class RedisEventLog:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        prefix: str,
+        max_events: int = DEFAULT_MAX_EVENTS,
+        retention: float = DEFAULT_RETENTION,
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.max_events = max_events
+        self.retention_ms = max(1, int(retention * 1000))
+
+    def _key(self, session_id: str) -> str:
+        return f"{self.prefix}log:{session_id}"
+
+    async def append(
+        self, session_id: str, stream: str, payload: str | None, final: bool = False
+    ) -> str:
+        key = self._key(session_id)
+        fields: dict[Any, Any] = {"s": stream, "m": payload or "", "f": "1" if final else "0"}
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.xadd(key, fields, maxlen=self.max_events, approximate=True)
+            pipe.pexpire(key, self.retention_ms)
+            event_id, _ = await pipe.execute()
+        return _text(event_id)
+
+    async def after(self, session_id: str, event_id: str) -> tuple[str, list[Event]] | None:
+        if not _EVENT_ID.fullmatch(event_id):
+            return None
+        key = self._key(session_id)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.xrange(key, event_id, event_id)
+            pipe.xrange(key, f"({event_id}", "+")
+            first, later = await pipe.execute()
+        if not first:
+            return None
+        stream = _text(_fields(first[0][1]).get("s", ""))
+        events = []
+        for entry_id, raw in later:
+            fields = _fields(raw)
+            if fields.get("s") != stream:
+                continue
+            payload = fields.get("m") or None
+            events.append(Event(stream, _text(entry_id), payload, fields.get("f") == "1"))
+        return stream, events
+
+    async def drop(self, session_id: str) -> None:
+        await self.client.delete(self._key(session_id))
+
+
+class RedisRelay:
+    def __init__(self, client: aioredis.Redis, *, prefix: str) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.worker = new_worker_id()
+        self._own = f"{prefix}w:{self.worker}"
+        self._everyone = f"{prefix}workers"
+        self._pubsub: Any = None
+        self._listeners: dict[str, set[MemoryObjectSendStream[Event]]] = {}
+        self._confirmed: dict[str, anyio.Event] = {}
+        self._on_note: NoteHandler | None = None
+
+    def _channel(self, session_id: str) -> str:
+        return f"{self.prefix}ev:{session_id}"
+
+    async def start(self, on_note: NoteHandler, tasks: TaskGroup) -> None:
+        self._on_note = on_note
+        self._pubsub = self.client.pubsub()
+        await self._pubsub.subscribe(self._own, self._everyone)
+        tasks.start_soon(self._read)
+
+    async def aclose(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            try:
+                await pubsub.aclose()
+            except Exception:
+                logger.debug("Relay connection did not close cleanly")
+
+    async def _read(self) -> None:
+        while self._pubsub is not None:
+            try:
+                message = await self._pubsub.get_message(timeout=1.0)
+            except Exception:
+                logger.warning("Relay connection lost; reconnecting")
+                await anyio.sleep(0.5)
+                continue
+            if message is None:
+                continue
+            channel = _text(message.get("channel"))
+            if message.get("type") == "subscribe":
+                confirmed = self._confirmed.get(channel)
+                if confirmed is not None:
+                    confirmed.set()
+                continue
+            if message.get("type") != "message":
+                continue
+            try:
+                data = json.loads(message["data"])
+            except (ValueError, TypeError):
+                continue
+            if not isinstance(data, dict) or data.get("o") == self.worker:
+                continue
+            if channel in (self._own, self._everyone):
+                if self._on_note is not None:
+                    try:
+                        await self._on_note(data)
+                    except Exception:
+                        logger.exception("A note from another worker could not be handled")
+            elif channel.startswith(f"{self.prefix}ev:"):
+                session_id = channel[len(self.prefix) + 3 :]
+                event = Event(str(data.get("s")), data.get("e"), data.get("m"), bool(data.get("f")))
+                deliver(self._listeners.get(session_id), event)
+
+    async def to_worker(self, worker: str, note: Note) -> None:
+        await self.client.publish(f"{self.prefix}w:{worker}", json.dumps(note))
+
+    async def to_all(self, note: Note) -> None:
+        await self.client.publish(self._everyone, json.dumps({**note, "o": self.worker}))
+
+    async def publish(self, session_id: str, event: Event) -> None:
+        deliver(self._listeners.get(session_id), event)
+        data: dict[str, Any] = {
+            "o": self.worker,
+            "s": event.stream,
+            "e": event.event_id,
+            "m": event.payload,
+        }
+        if event.final:
+            data["f"] = 1
+        await self.client.publish(self._channel(session_id), json.dumps(data))
+
+    @asynccontextmanager
+    async def listen(self, session_id: str) -> AsyncIterator[MemoryObjectReceiveStream[Event]]:
+        send, receive = anyio.create_memory_object_stream[Event](LISTENER_BUFFER)
+        listeners = self._listeners.setdefault(session_id, set())
+        first = not listeners
+        listeners.add(send)
+        channel = self._channel(session_id)
+        try:
+            if first and self._pubsub is not None:
+                confirmed = self._confirmed[channel] = anyio.Event()
+                await self._pubsub.subscribe(channel)
+                # Whatever is read from the event log after this was either logged before, or
+                # will arrive here: nothing falls between the two.
+                with anyio.move_on_after(SUBSCRIBE_TIMEOUT):
+                    await confirmed.wait()
+                self._confirmed.pop(channel, None)
+            yield receive
+        finally:
+            listeners.discard(send)
+            if not listeners:
+                self._listeners.pop(session_id, None)
+                if self._pubsub is not None:
+                    with anyio.CancelScope(shield=True):
+                        try:
+                            await self._pubsub.unsubscribe(channel)
+                        except Exception:
+                            logger.debug("Relay unsubscribe failed")
+            send.close()
+            receive.close()
+
+
+class RedisBackplane:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        prefix: str,
+        max_events: int = DEFAULT_MAX_EVENTS,
+        retention: float = DEFAULT_RETENTION,
+        key_rotation: float = KEY_ROTATION,
+    ) -> None:
+        self.events = RedisEventLog(
+            client, prefix=prefix, max_events=max_events, retention=retention
+        )
+        self.relay = RedisRelay(client, prefix=prefix)
+        self._ring = client.register_script(_KEY_RING)
+        self._ring_key = f"{prefix}request-state-keys"
+        self.key_rotation = key_rotation
+
+    async def request_state_keys(self) -> list[bytes]:
+        reply = await self._ring(
+            keys=[self._ring_key],
+            args=[repr(self.key_rotation), repr(KEY_STAGING), secrets.token_hex(32)],
+        )
+        now, ring = json.loads(_text(reply))
+        active = [bytes.fromhex(key) for since, key in ring if since <= now]
+        staged = [bytes.fromhex(key) for since, key in ring if since > now]
+        return [*active, *staged]
+
+
+def _fields(raw: Any) -> dict[str, str]:
+    return {_text(k): _text(v) for k, v in dict(raw).items()}
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

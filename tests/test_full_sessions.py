@@ -1,0 +1,296 @@
+"""Full MCP sessions across workers: two middleware instances (two workers) on one real Redis,
+each under real uvicorn, with requests sent to one or the other by hand so every step is
+deterministic; and one worker with the memory store for the official client."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import mcp
+import pytest
+from mcp import types
+from mcp.client.session import ClientRequestContext
+from starlette.applications import Starlette
+
+from mcp2anp_middleware import ANPMiddleware
+from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
+
+from .fidelity_server import Gate, fidelity_server
+from .redis_server import RedisServer
+from .servers import serve
+
+pytestmark = pytest.mark.anyio
+
+PROTOCOL = "2025-11-25"
+ACCEPT = {"Accept": "application/json, text/event-stream"}
+
+
+@dataclass
+class Worker:
+    url: str
+    app: ANPMiddleware
+
+
+@asynccontextmanager
+async def workers(
+    tmp_path: Path, count: int, redis: RedisServer | None, gate: Gate | None = None
+) -> AsyncIterator[list[Worker]]:
+    async with AsyncExitStack() as stack:
+        found = []
+        for index in range(count):
+            options: dict[str, Any] = {}
+            if redis is not None:
+                options["store"] = RedisSessionStore.from_url(redis.url, prefix="fidelity:")
+            server = fidelity_server(gate)
+            data_dir = tmp_path / f"w{index}"
+            app = ANPMiddleware(Starlette(), server=server, data_dir=data_dir, **options)
+            base = await stack.enter_async_context(serve(app))
+            found.append(Worker(base + "/mcp", app))
+        yield found
+
+
+def sse_events(text: str) -> list[dict[str, Any]]:
+    """The events of an SSE body: ``id`` and the parsed ``data`` (None for a priming event)."""
+    events = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        fields: dict[str, Any] = {}
+        for line in block.split("\n"):
+            name, _, value = line.partition(":")
+            if name in ("id", "data"):
+                fields[name] = value.strip()
+        if fields:
+            data = fields.get("data") or None
+            events.append({"id": fields.get("id"), "data": json.loads(data) if data else None})
+    return events
+
+
+class RawClient:
+    """The protocol by hand: which worker each request goes to is the test's choice."""
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self.http = http
+        self.session_id = ""
+
+    def headers(self, **extra: str) -> dict[str, str]:
+        return {
+            **ACCEPT,
+            "Mcp-Session-Id": self.session_id,
+            "MCP-Protocol-Version": PROTOCOL,
+            **extra,
+        }
+
+    async def initialize(self, url: str) -> None:
+        message = {
+            "jsonrpc": "2.0",
+            "id": 0,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": PROTOCOL,
+                "capabilities": {"sampling": {}, "elicitation": {}},
+                "clientInfo": {"name": "raw-client", "version": "1"},
+            },
+        }
+        answer = await self.http.post(url, json=message, headers=ACCEPT)
+        assert answer.status_code == 200, answer.text
+        self.session_id = answer.headers["mcp-session-id"]
+        note = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+        assert (await self.http.post(url, json=note, headers=self.headers())).status_code == 202
+
+    async def call(self, url: str, request_id: int, tool: str) -> list[dict[str, Any]]:
+        message = {
+            "jsonrpc": "2.0",
+            "id": request_id,
+            "method": "tools/call",
+            "params": {"name": tool, "arguments": {}},
+        }
+        answer = await self.http.post(url, json=message, headers=self.headers())
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        return sse_events(answer.text)
+
+
+def result_text(events: list[dict[str, Any]]) -> str:
+    final = events[-1]["data"]
+    text: str = final["result"]["content"][0]["text"]
+    return text
+
+
+async def test_every_worker_serves_the_session_with_its_handshake(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    async with workers(tmp_path, 2, redis_server) as (a, b), httpx.AsyncClient() as http:
+        client = RawClient(http)
+        await client.initialize(a.url)
+        seen = json.loads(result_text(await client.call(b.url, 1, "whoami")))
+        assert seen == {
+            "client": "raw-client",
+            "sampling": True,
+            "elicitation": True,
+            "protocol": PROTOCOL,
+        }
+        # the machinery is released once the request ends: nothing per session stays live
+        assert not a.app.endpoint.live and not b.app.endpoint.live
+
+
+async def test_a_sampling_answer_posted_to_the_other_worker_reaches_the_waiting_tool(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    async with workers(tmp_path, 2, redis_server) as (a, b), httpx.AsyncClient() as http:
+        client = RawClient(http)
+        await client.initialize(a.url)
+        message = {
+            "jsonrpc": "2.0",
+            "id": 7,
+            "method": "tools/call",
+            "params": {"name": "ask", "arguments": {}},
+        }
+        async with http.stream("POST", a.url, json=message, headers=client.headers()) as stream:
+            lines = stream.aiter_lines()
+            request = None
+            async for line in lines:
+                if line.startswith("data:") and line[5:].strip():
+                    data = json.loads(line[5:])
+                    if data.get("method") == "sampling/createMessage":
+                        request = data
+                        break
+            assert request is not None
+            assert str(request["id"]).startswith(a.app.endpoint.backplane.relay.worker)
+            answer = {
+                "jsonrpc": "2.0",
+                "id": request["id"],
+                "result": {
+                    "role": "assistant",
+                    "content": {"type": "text", "text": "from b"},
+                    "model": "test",
+                },
+            }
+            posted = await http.post(b.url, json=answer, headers=client.headers())
+            assert posted.status_code == 202
+            rest = "\n".join([line async for line in lines])
+        assert result_text(sse_events(rest)) == "sampled: from b"
+
+
+async def test_the_get_stream_carries_notifications_sent_by_another_worker(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    async with workers(tmp_path, 2, redis_server) as (a, b), httpx.AsyncClient() as http:
+        client = RawClient(http)
+        await client.initialize(a.url)
+        async with http.stream("GET", b.url, headers=client.headers()) as standalone:
+            assert standalone.status_code == 200
+            assert result_text(await client.call(a.url, 1, "touch")) == "touched"
+            async for line in standalone.aiter_lines():
+                if line.startswith("data:"):
+                    note = json.loads(line[5:])
+                    assert note["method"] == "notifications/resources/updated"
+                    assert note["params"] == {"uri": "test://thing"}
+                    break
+
+
+async def test_a_stream_lost_after_its_priming_event_is_resumed_on_the_other_worker(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    gate = Gate()
+    async with workers(tmp_path, 2, redis_server, gate) as (a, b), httpx.AsyncClient() as http:
+        client = RawClient(http)
+        await client.initialize(a.url)
+        message = {
+            "jsonrpc": "2.0",
+            "id": 3,
+            "method": "tools/call",
+            "params": {"name": "slow", "arguments": {}, "_meta": {"progressToken": "p"}},
+        }
+        async with http.stream("POST", a.url, json=message, headers=client.headers()) as stream:
+            async for line in stream.aiter_lines():
+                if line.startswith("id:"):
+                    priming = line[3:].strip()
+                    break
+        # the client is gone; the call goes on (and keeps the session in flight)
+        await gate.started.wait()
+        assert a.app.registry.in_flight == 1
+        headers = client.headers(**{"Last-Event-ID": priming})
+        async with http.stream("GET", b.url, headers=headers) as resumed:
+            assert resumed.status_code == 200
+            gate.released.set()
+            body = "\n".join([line async for line in resumed.aiter_lines()])
+        events = sse_events(body)
+        assert [e["data"]["params"]["message"] for e in events[:-1]] == ["started"]
+        assert result_text(events) == "slow done"
+        # a second resume from the same point replays it all from the log
+        again = await http.get(b.url, headers=headers)
+        assert result_text(sse_events(again.text)) == "slow done"
+
+
+async def test_ending_the_session_tears_its_streams_and_events_down(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    async with workers(tmp_path, 2, redis_server) as (a, b), httpx.AsyncClient() as http:
+        client = RawClient(http)
+        await client.initialize(a.url)
+        await client.call(a.url, 1, "chatty")
+        async with http.stream("GET", b.url, headers=client.headers()) as standalone:
+            assert standalone.status_code == 200
+            deleted = await http.delete(a.url, headers=client.headers())
+            assert deleted.status_code == 204
+            with anyio.fail_after(10):
+                async for _ in standalone.aiter_lines():
+                    pass  # the stream ends with the session, on the other worker too
+        assert not b.app.endpoint._streams
+        log = await redis_server_keys(redis_server, f"fidelity:log:{client.session_id}")
+        assert log == 0
+
+
+async def redis_server_keys(redis: RedisServer, key: str) -> int:
+    store = RedisSessionStore.from_url(redis.url)
+    try:
+        return int(await store.client.exists(key))
+    finally:
+        await store.aclose()
+
+
+async def test_the_official_client_in_legacy_mode_gets_progress_logs_and_its_answers(
+    tmp_path: Path,
+) -> None:
+    async with workers(tmp_path, 1, None) as (worker,):
+        logs: list[types.LoggingMessageNotificationParams] = []
+        reported: list[tuple[float, float | None, str | None]] = []
+
+        async def sampling(
+            context: ClientRequestContext, params: types.CreateMessageRequestParams
+        ) -> types.CreateMessageResult:
+            text = types.TextContent(type="text", text="pong")
+            return types.CreateMessageResult(role="assistant", content=text, model="m")
+
+        async def elicitation(
+            context: ClientRequestContext, params: types.ElicitRequestParams
+        ) -> types.ElicitResult:
+            return types.ElicitResult(action="accept", content={"color": "teal"})
+
+        async def on_log(params: types.LoggingMessageNotificationParams) -> None:
+            logs.append(params)
+
+        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+            reported.append((progress, total, message))
+
+        async with mcp.Client(
+            worker.url,
+            mode="legacy",
+            sampling_callback=sampling,
+            elicitation_callback=elicitation,
+            logging_callback=on_log,
+        ) as client:
+            called = await client.call_tool("chatty", {}, progress_callback=on_progress)
+            assert called.content[0].text == "chatted"  # type: ignore[union-attr]
+            assert [p[2] for p in reported] == ["half", "done"]
+            assert [entry.data for entry in logs] == ["a warning", "a debug line"]
+            asked = await client.call_tool("ask", {})
+            assert asked.content[0].text == "sampled: pong"  # type: ignore[union-attr]
+            picked = await client.call_tool("pick", {})
+            assert picked.content[0].text == "accept: teal"  # type: ignore[union-attr]
