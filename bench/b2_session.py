@@ -1,7 +1,8 @@
 """2. Session overhead: an MCP ``tools/call`` with session resolution vs the bare endpoint.
 
-Side A is the SDK's server in stateless mode (``MCPEndpoint``) called directly. Side B is the same
-endpoint behind ``MCPSessionMiddleware`` (in-memory store, anonymous authenticator), the request
+Side A is the MCP endpoint (``MCPEndpoint``: the SDK's server with full sessions) called
+directly with the session already in its scope. Side B is the same endpoint behind
+``MCPSessionMiddleware`` (in-memory store, anonymous authenticator), the request
 carrying the ``Mcp-Session-Id`` of a session created by a real ``initialize`` through the
 middleware (handshake era: ``MCP-Protocol-Version: 2025-11-25``). The tool is trivial (returns a
 constant). Both sides run inside ``async with endpoint.service():`` and are driven in-process
@@ -22,7 +23,7 @@ from typing import Any
 from mcp.server.mcpserver import MCPServer
 
 from mcp2anp_middleware import MCPSessionMiddleware
-from mcp2anp_middleware.mcp_hosting.endpoint import MCPEndpoint
+from mcp2anp_middleware.mcp_hosting.endpoint import SESSION_SCOPE_KEY, MCPEndpoint
 
 from .common import (
     INITIALIZE,
@@ -72,8 +73,12 @@ async def run(quick: bool) -> list[Result]:
             created = await call_asgi(middleware, http_scope("POST", "/mcp", HEADERS), INITIALIZE)
             session_id = created.header(b"mcp-session-id")
             assert created.status == 200 and session_id, created.status
-            bare_scope = http_scope("POST", "/mcp", HEADERS)
-            session_scope = http_scope("POST", "/mcp", [*HEADERS, (b"mcp-session-id", session_id)])
+            session_headers = [*HEADERS, (b"mcp-session-id", session_id)]
+            session_scope = http_scope("POST", "/mcp", session_headers)
+            # The endpoint alone, given the session the middleware would resolve.
+            (state,) = middleware.registry.live_sessions()
+            bare_scope = http_scope("POST", "/mcp", session_headers)
+            bare_scope["state"] = {SESSION_SCOPE_KEY: state}
             for app, scope in ((endpoint, bare_scope), (middleware, session_scope)):
                 answer = await call_asgi(app, scope, TOOL_CALL)
                 assert answer.status == 200 and EXPECTED in answer.body, answer.body

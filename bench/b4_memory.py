@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import math
 import tempfile
 import time
 import tracemalloc
@@ -97,6 +98,7 @@ async def hosted_sessions(count: int) -> float:
         for _ in range(count):
             answer = await call_asgi(app, scope, INITIALIZE)
             assert answer.status == 200, answer.body
+        app.endpoint.release_idle(math.inf)  # past the warm period of the last requests
         for _ in range(1000):  # released machinery unwinds within a few loop turns
             if not app.endpoint.running:
                 break

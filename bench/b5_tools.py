@@ -65,7 +65,7 @@ from mcp2anp_middleware.authentication.base import StaticConfigAuthenticator
 from mcp2anp_middleware.hosting import ANPMiddleware
 from tests.servers import free_port
 
-from .common import Result, log, median, run_module, spread
+from .common import Result, jsonrpc_answer, log, median, run_module, spread
 
 MCP_HEADERS = {
     "accept": "application/json, text/event-stream",
@@ -161,7 +161,8 @@ class McpSession:
 
     async def call(self, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
         answer = await self._post("tools/call", {"name": tool, "arguments": arguments})
-        result: dict[str, Any] = answer.json()["result"]
+        content_type = answer.headers.get("content-type", "")
+        result: dict[str, Any] = jsonrpc_answer(answer.content, content_type)["result"]
         if result.get("isError"):
             raise RuntimeError(f"{tool} failed: {result}")
         return result

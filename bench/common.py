@@ -228,3 +228,18 @@ def run_module(main: Callable[[argparse.Namespace], list[Result]], description: 
 
 def log(text: str) -> None:
     print(text, flush=True)
+
+
+def jsonrpc_answer(body: bytes | str, content_type: str) -> Any:
+    """The JSON-RPC answer in a response body: the JSON body itself, or the response event of
+    an SSE stream (MCP's default answer)."""
+    text = body.decode() if isinstance(body, bytes) else body
+    if not content_type.startswith("text/event-stream"):
+        return json.loads(text)
+    answer = None
+    for line in text.splitlines():
+        if line.startswith("data:") and line[5:].strip():
+            message = json.loads(line[5:])
+            if "result" in message or "error" in message:
+                answer = message
+    return answer

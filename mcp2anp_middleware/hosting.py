@@ -117,8 +117,9 @@ class ANPMiddleware(MCPSessionMiddleware):
 
     MCP sessions are full sessions on every worker (handshake kept in the store, SSE responses,
     server→client requests, GET streams, resumption from any worker): ``json_response``,
-    ``resumable``, ``retry_ms``, ``request_state_keys`` and ``share_request_state`` are the
-    options of :class:`~mcp2anp_middleware.mcp_hosting.endpoint.MCPEndpoint`.
+    ``resumable``, ``retry_ms``, ``request_state_keys``, ``share_request_state`` and
+    ``warm_seconds`` are the options of
+    :class:`~mcp2anp_middleware.mcp_hosting.endpoint.MCPEndpoint`.
     """
 
     def __init__(
@@ -136,6 +137,7 @@ class ANPMiddleware(MCPSessionMiddleware):
         retry_ms: int | None = 1000,
         request_state_keys: Sequence[bytes | str] | None = None,
         share_request_state: bool = True,
+        warm_seconds: float = 5.0,
         toolkit: ANPToolkit | None = None,
         services: Sequence[Service] = (),
         public_url: str | None = None,
@@ -168,6 +170,7 @@ class ANPMiddleware(MCPSessionMiddleware):
             retry_ms=retry_ms,
             request_state_keys=request_state_keys,
             share_request_state=share_request_state,
+            warm_seconds=warm_seconds,
         )
         documents: list[dict[str, Any]] = []
         if authenticator is None:

@@ -5,6 +5,7 @@ deterministic; and one worker with the memory store for the official client."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -135,7 +136,9 @@ async def test_every_worker_serves_the_session_with_its_handshake(
             "elicitation": True,
             "protocol": PROTOCOL,
         }
-        # the machinery is released once the request ends: nothing per session stays live
+        # the machinery stays warm for the session's next request, then is released
+        assert set(b.app.endpoint.live) == {client.session_id}
+        assert b.app.endpoint.release_idle(math.inf) == 1 and a.app.endpoint.release_idle(math.inf)
         assert not a.app.endpoint.live and not b.app.endpoint.live
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import re
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from http import HTTPStatus
@@ -72,7 +74,8 @@ class MCPEndpoint:
     client resumes a lost stream on any worker. ``retry_ms`` is the reconnection delay suggested
     to clients in priming events. ``request_state_keys`` fixes the keys sealing session-less
     request state (else the backplane keeps a shared, rotated key); ``share_request_state=False``
-    leaves the server's own request-state policy alone.
+    leaves the server's own request-state policy alone. A session's machinery stays warm for
+    ``warm_seconds`` after the worker's last request of it ends, so a busy session reuses it.
     """
 
     def __init__(
@@ -85,6 +88,8 @@ class MCPEndpoint:
         backplane: Backplane | None = None,
         request_state_keys: Sequence[bytes | str] | None = None,
         share_request_state: bool = True,
+        warm_seconds: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.server = server
         self.lowlevel = server._lowlevel_server
@@ -100,6 +105,10 @@ class MCPEndpoint:
         self.registry: SessionRegistry | None = None
         self.lifespan_state: Any = None
         self.live: dict[str, LiveSession] = {}
+        self.warm_seconds = warm_seconds
+        self.clock = clock
+        self._warm: OrderedDict[str, tuple[float, LiveSession]] = OrderedDict()
+        """Machinery no request uses, kept until its deadline (oldest first)."""
         self._by_instance: dict[int, LiveSession] = {}
         self._instances = 0
         self.running = 0
@@ -137,6 +146,8 @@ class MCPEndpoint:
                     await self.request_state.start(self.backplane, tasks)
                 if self.registry is not None:
                     self._unsubscribe = self.registry.subscribe(self._on_session_event)
+                if self.warm_seconds > 0:
+                    tasks.start_soon(self._release_idle_loop)
                 logger.info(
                     "MCP sessions served by worker %s (%s)",
                     self.backplane.relay.worker,
@@ -459,6 +470,9 @@ class MCPEndpoint:
             self._by_instance[live.instance] = live
             assert self._tasks is not None
             self._tasks.start_soon(self._run, live)
+        else:
+            self._warm.pop(state.session_id, None)
+            live.refresh()
         live.users += 1
         return live
 
@@ -471,22 +485,52 @@ class MCPEndpoint:
             self._forget(live)
 
     def _release(self, live: LiveSession) -> None:
+        """The worker's last request or stream of the session ended: keep the machinery warm
+        for ``warm_seconds`` (the next request of a busy session reuses it), then close it."""
         live.users -= 1
-        if live.users == 0 and not live.finished:
+        if live.users or live.finished:
+            return
+        if self.warm_seconds > 0 and not live.done.is_set():
+            self._warm[live.session_id] = (self.clock() + self.warm_seconds, live)
+            self._warm.move_to_end(live.session_id)
+        else:
             self._forget(live)
             live.close()
+
+    def release_idle(self, now: float | None = None) -> int:
+        """Close the warm machinery of sessions unused since ``warm_seconds`` before ``now``
+        (all of it with ``now=math.inf``); returns how many were closed. Run every second."""
+        now = self.clock() if now is None else now
+        closed = 0
+        while self._warm:
+            session_id, (deadline, live) = next(iter(self._warm.items()))
+            if deadline > now:
+                break
+            del self._warm[session_id]
+            self._forget(live)
+            live.close()
+            closed += 1
+        return closed
+
+    async def _release_idle_loop(self) -> None:
+        while True:
+            await anyio.sleep(min(1.0, self.warm_seconds / 2))
+            self.release_idle()
 
     def _forget(self, live: LiveSession) -> None:
         if self.live.get(live.session_id) is live:
             del self.live[live.session_id]
         self._by_instance.pop(live.instance, None)
+        warm = self._warm.get(live.session_id)
+        if warm is not None and warm[1] is live:
+            del self._warm[live.session_id]
 
     def _on_session_event(self, event: SessionEvent) -> None:
         if not event.kind.ends_session:
             return
-        live = self.live.pop(event.session_id, None)
+        live = self.live.get(event.session_id)
         if live is not None:
-            self._by_instance.pop(live.instance, None)
+            self._forget(live)
             live.close()
         for cancel in list(self._streams.get(event.session_id, ())):
             cancel.cancel()

@@ -74,6 +74,7 @@ class LiveSession:
         self.json_only: set[str] = set()
         self._set_levels: dict[str, str] = {}
         self._initializing: str | None = None
+        self._handshake_text = state.handshake
         self.handshake = decoded(state.handshake) if state.handshake else None
         read_send, read_receive = create_context_streams[SessionMessage | Exception](0)
         write_send, write_receive = create_context_streams[SessionMessage](0)
@@ -113,6 +114,14 @@ class LiveSession:
             for waiter in self.finished.values():
                 waiter.set()
             self.done.set()
+
+    def refresh(self) -> None:
+        """Reused for a new request: pick up a handshake change (a log level set through another
+        worker reaches this one with the session's record)."""
+        text = self.state.handshake
+        if text is not None and (self.handshake is None or text != self._handshake_text):
+            self.handshake = decoded(text)
+            self._handshake_text = text
 
     def close(self) -> None:
         """End the machinery: requests still running are cancelled, open streams end."""
@@ -260,3 +269,4 @@ class LiveSession:
         if changed is not None:
             self.handshake = changed
             await self.endpoint.save_handshake(self.state, changed)
+            self._handshake_text = self.state.handshake
