@@ -27,6 +27,8 @@ MODULES = {
     "4": "bench.b4_memory",
     "5": "bench.b5_tools",
     "6": "bench.b6_redis",
+    "7": "bench.b7_redis_ha",
+    "8": "bench.b8_floor",
 }
 
 

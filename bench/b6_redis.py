@@ -85,7 +85,7 @@ async def run(quick: bool, redis_url: str) -> list[Result]:
         round_trips += 1
         return await execute(*args, **kwargs)
 
-    store.client.execute_command = counting  # type: ignore[method-assign]
+    store.client.execute_command = counting
     on_redis = MCPSessionMiddleware(host_app, mcp_app=trivial_mcp_app, store=store)
     in_memory = MCPSessionMiddleware(host_app, mcp_app=trivial_mcp_app)
     admin = redis.Redis.from_url(redis_url)

@@ -178,6 +178,15 @@ def store_address(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme == "unix":
         return f"unix:{parts.path}"
+    if parts.scheme in ("redis+sentinel", "redis+cluster"):
+        from mcp2anp_middleware.sessions.stores.redis_connect import parse_ha_url
+
+        try:
+            _, hosts, details = parse_ha_url(url)
+        except ValueError as exc:
+            raise StartupError(f"--store-url {parts.scheme}://: {exc}", EXIT_SETTINGS) from None
+        where = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in hosts)
+        return f"{where}/{details['service']}" if "service" in details else where
     host = parts.hostname or "localhost"
     try:
         port = parts.port or _REDIS_DEFAULT_PORT
@@ -198,6 +207,35 @@ def _cause(exc: BaseException, url: str) -> str:
     return redact_urls(text)
 
 
+def _sync_client(url: str) -> Any:
+    """A synchronous client for ``url``: one Redis, the master Sentinel names, or a cluster
+    (whose first command discovers the nodes), so the startup ping checks the real path."""
+    import redis
+
+    options: dict[str, Any] = {
+        "socket_timeout": STORE_TIMEOUT,
+        "socket_connect_timeout": STORE_TIMEOUT,
+    }
+    scheme = urlsplit(url).scheme
+    if scheme not in ("redis+sentinel", "redis+cluster"):
+        return redis.Redis.from_url(url, **options)
+    from mcp2anp_middleware.sessions.stores.redis_connect import parse_ha_url
+
+    _, hosts, details = parse_ha_url(url)
+    credentials = {"username": details["username"], "password": details["password"]}
+    if scheme == "redis+cluster":
+        from redis.cluster import RedisCluster
+
+        host, port = hosts[0]
+        return RedisCluster(host=host, port=port, **credentials, **options)
+    from redis.sentinel import Sentinel
+
+    sentinel_options = {**options, "password": details["sentinel_password"]}
+    sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
+    master = sentinel.master_for  # redis-py leaves Sentinel untyped
+    return master(details["service"], db=details["db"], **credentials, **options)  # type: ignore[no-untyped-call]
+
+
 def check_store(settings: Settings) -> None:
     """Ping a Redis store once, with a client of its own, before anything else is built.
 
@@ -212,14 +250,15 @@ def check_store(settings: Settings) -> None:
 
     where = store_address(settings.store_url)
     try:
-        client = redis.Redis.from_url(
-            settings.store_url,
-            socket_timeout=STORE_TIMEOUT,
-            socket_connect_timeout=STORE_TIMEOUT,
-        )
+        client = _sync_client(settings.store_url)
     except ValueError as exc:
         cause = _cause(exc, settings.store_url)
         raise StartupError(f"--store-url for {where}: {cause}", EXIT_SETTINGS) from None
+    except (redis.RedisError, OSError) as exc:  # a cluster client asks its seed node at once
+        cause = _cause(exc, settings.store_url)
+        raise StartupError(
+            f"session store {where} does not answer: {cause}", EXIT_UNAVAILABLE
+        ) from None
     try:
         client.ping()
     except (AuthenticationError, AuthorizationError, NoPermissionError) as exc:

@@ -153,9 +153,13 @@ def _optional_cap(text: str) -> int | None:
 
 
 def _store_url(text: str) -> str:
-    if text == "memory://" or text.startswith(("redis://", "rediss://", "unix://")):
+    schemes = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
+    if text == "memory://" or text.startswith(schemes):
         return text
-    raise argparse.ArgumentTypeError(f"store URL must be memory:// or redis://...: {text!r}")
+    raise argparse.ArgumentTypeError(
+        f"store URL must be memory://, redis://..., redis+sentinel://... or redis+cluster://...: "
+        f"{text!r}"
+    )
 
 
 def _boolean(text: str) -> bool:
@@ -294,7 +298,8 @@ def _options(defaults: Settings) -> list[_Option]:
             "--store-url",
             _store_url,
             d.store_url,
-            "memory:// (default) or redis://host:port/db to share sessions between processes",
+            "memory:// (default), or to share sessions between processes redis://host:port/db, "
+            "redis+sentinel://h1:p1,h2:p2/service[/db] or redis+cluster://seed-host:port",
         ),
         _Option(
             "--touch-interval",

@@ -1,5 +1,6 @@
-"""One contract every session store must pass, at the store interface itself: in-memory and a
-real redis-server. Registry behaviour over the stores is in ``test_registry.py``."""
+"""One contract every session store must pass, at the store interface itself: in-memory, a real
+redis-server, a real Sentinel deployment and a real Redis Cluster. Registry behaviour over the
+stores is in ``test_registry.py``; failover in ``test_redis_ha.py``."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from redis import asyncio as aioredis
 from mcp2anp_middleware.sessions.stores import CapExceeded, Caps, SessionRecord, StoreUnavailable
 from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
 
+from .redis_deployments import cluster_deployment, sentinel_deployment
 from .redis_server import RedisServer
 from .servers import free_port
 from .store_fixture import StoreFactory, new_store
 
 pytestmark = pytest.mark.anyio
-__all__ = ["new_store"]  # the fixture, used by name
+__all__ = ["cluster_deployment", "new_store", "sentinel_deployment"]  # fixtures, used by name
 
 NO_CAPS = Caps()
 TTL = 60.0

@@ -103,6 +103,12 @@ class Backplane(Protocol):
         """The keys sealing session-less request state, the sealing one first."""
         ...
 
+    async def record(self, session_id: str, event: Event) -> Event:
+        """Log ``event`` (without an id yet), then publish it to whoever follows its stream;
+        returns it with its id. One step, so a follower that subscribed before reading the log
+        misses nothing (and with Redis, one round trip)."""
+        ...
+
 
 def new_worker_id() -> str:
     return secrets.token_hex(5)
@@ -221,3 +227,10 @@ class LocalBackplane:
 
     async def request_state_keys(self) -> list[bytes]:
         return [self._key]
+
+    async def record(self, session_id: str, event: Event) -> Event:
+        event_id = await self.events.append(session_id, event.stream, event.payload, event.final)
+        logged = Event(event.stream, event_id, event.payload, event.final)
+        if event.payload is not None:
+            await self.relay.publish(session_id, logged)
+        return logged

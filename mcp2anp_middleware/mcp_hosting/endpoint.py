@@ -285,9 +285,9 @@ class MCPEndpoint:
         writer = SSEWriter(send)
         await writer.start([])
         if resumable:
-            event_id = await self.log_event(live.session_id, stream, None, False)
-            if event_id is not None:
-                await writer.event(Event(stream, event_id, None), retry_ms=self.retry_ms)
+            priming = await self.record(live.session_id, Event(stream, None, None))
+            if priming.event_id is not None:
+                await writer.event(priming, retry_ms=self.retry_ms)
         await live.feed(message, metadata)
         async with anyio.create_task_group() as tasks:
 
@@ -560,14 +560,14 @@ class MCPEndpoint:
 
     # -- the backplane, failures contained -------------------------------------------------------
 
-    async def log_event(
-        self, session_id: str, stream: str, payload: str | None, final: bool
-    ) -> str | None:
+    async def record(self, session_id: str, event: Event) -> Event:
+        """Log and publish ``event`` (see :meth:`Backplane.record`); without a backplane it
+        goes out without an id, and cannot be resumed."""
         try:
-            return await self.backplane.events.append(session_id, stream, payload, final)
+            return await self.backplane.record(session_id, event)
         except Exception:
             logger.warning("Event log unavailable: an event was sent without an id")
-            return None
+            return event
 
     async def publish(self, session_id: str, event: Event) -> None:
         try:

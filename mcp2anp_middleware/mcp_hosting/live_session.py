@@ -236,12 +236,10 @@ class LiveSession:
         # A message of a resumable stream (and of the standalone stream) is logged, then
         # published for whoever follows the stream on any worker, before it is written here:
         # a client that left unnoticed loses nothing its resume cannot find.
-        event_id = None
-        logged = stream in self.resumable or (stream == STANDALONE and self.endpoint.resumable)
-        if logged:
-            event_id = await self.endpoint.log_event(self.session_id, stream, payload, final)
-        event = Event(stream, event_id, payload, final)
-        if logged or stream == STANDALONE:
+        event = Event(stream, None, payload, final)
+        if stream in self.resumable or (stream == STANDALONE and self.endpoint.resumable):
+            event = await self.endpoint.record(self.session_id, event)
+        elif stream == STANDALONE:
             await self.endpoint.publish(self.session_id, event)
         sink = self.sinks.get(stream)
         if sink is not None:

@@ -11,6 +11,15 @@ Redis.
 - The request-state key ring is one value, ``{prefix}request-state-keys``, changed by one script
   run on Redis's clock: the first key is made when first asked for; a new one is staged
   ``stage`` seconds ahead of use once the newest is ``rotate`` seconds old; three are kept.
+
+On a Redis Cluster (the store was made from a ``redis+cluster://`` URL) the event log is
+``{prefix}log:{<session id>}``: hash-tagged by the session id, so it lives in the slot of the
+session's record and a session's keys move and fail over together. The channels stay classic
+pub/sub, which the cluster broadcasts to every node: a worker subscribed on any node hears a
+publication made on any other. (Sharded pub/sub would keep each session's events on its own
+shard, but needs Redis 7; classic pub/sub works on every version.) A cluster's
+subscription is bound to one node; if that node fails the relay subscribes afresh, on whichever
+node the client's slot map now names. Behind one Redis or Sentinel, nothing differs.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from redis import asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from mcp2anp_middleware.mcp_hosting.backplane import (
     DEFAULT_MAX_EVENTS,
@@ -38,6 +47,7 @@ from mcp2anp_middleware.mcp_hosting.backplane import (
     deliver,
     new_worker_id,
 )
+from mcp2anp_middleware.sessions.stores.redis_connect import AnyRedis
 
 logger = logging.getLogger("mcp2anp_middleware.mcp_hosting")
 
@@ -45,6 +55,18 @@ _EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 SUBSCRIBE_TIMEOUT = 5.0
 KEY_ROTATION = 86_400.0
 KEY_STAGING = 180.0
+
+_RECORD = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 's', ARGV[2], 'm', ARGV[3],
+                      'f', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+if ARGV[3] ~= '' then
+  local note = {o = ARGV[7], s = ARGV[2], e = id, m = ARGV[3]}
+  if ARGV[4] == '1' then note['f'] = 1 end
+  redis.call('PUBLISH', ARGV[6], cjson.encode(note))
+end
+return id
+"""
 
 _KEY_RING = """
 local t = redis.call('TIME')
@@ -70,7 +92,7 @@ return cjson.encode({now, ring})
 class RedisEventLog:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: AnyRedis,
         *,
         prefix: str,
         max_events: int = DEFAULT_MAX_EVENTS,
@@ -80,14 +102,17 @@ class RedisEventLog:
         self.prefix = prefix
         self.max_events = max_events
         self.retention_ms = max(1, int(retention * 1000))
+        self.cluster = isinstance(client, RedisCluster)
 
-    def _key(self, session_id: str) -> str:
+    def key(self, session_id: str) -> str:
+        if self.cluster:  # the slot of the session's record (see the store's layout)
+            return f"{self.prefix}log:{{{session_id}}}"
         return f"{self.prefix}log:{session_id}"
 
     async def append(
         self, session_id: str, stream: str, payload: str | None, final: bool = False
     ) -> str:
-        key = self._key(session_id)
+        key = self.key(session_id)
         fields: dict[Any, Any] = {"s": stream, "m": payload or "", "f": "1" if final else "0"}
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.xadd(key, fields, maxlen=self.max_events, approximate=True)
@@ -98,7 +123,7 @@ class RedisEventLog:
     async def after(self, session_id: str, event_id: str) -> tuple[str, list[Event]] | None:
         if not _EVENT_ID.fullmatch(event_id):
             return None
-        key = self._key(session_id)
+        key = self.key(session_id)
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.xrange(key, event_id, event_id)
             pipe.xrange(key, f"({event_id}", "+")
@@ -116,12 +141,13 @@ class RedisEventLog:
         return stream, events
 
     async def drop(self, session_id: str) -> None:
-        await self.client.delete(self._key(session_id))
+        await self.client.delete(self.key(session_id))
 
 
 class RedisRelay:
-    def __init__(self, client: aioredis.Redis, *, prefix: str) -> None:
-        self.client = client
+    def __init__(self, client: AnyRedis, *, prefix: str) -> None:
+        self.client: Any = client
+        self.cluster = isinstance(client, RedisCluster)
         self.prefix = prefix
         self.worker = new_worker_id()
         self._own = f"{prefix}w:{self.worker}"
@@ -131,11 +157,13 @@ class RedisRelay:
         self._confirmed: dict[str, anyio.Event] = {}
         self._on_note: NoteHandler | None = None
 
-    def _channel(self, session_id: str) -> str:
+    def channel(self, session_id: str) -> str:
         return f"{self.prefix}ev:{session_id}"
 
     async def start(self, on_note: NoteHandler, tasks: TaskGroup) -> None:
         self._on_note = on_note
+        if self.cluster:  # a cluster subscription picks its node from the slot map: load it
+            await self.client.initialize()
         self._pubsub = self.client.pubsub()
         await self._pubsub.subscribe(self._own, self._everyone)
         tasks.start_soon(self._read)
@@ -155,6 +183,8 @@ class RedisRelay:
             except Exception:
                 logger.warning("Relay connection lost; reconnecting")
                 await anyio.sleep(0.5)
+                if self.cluster:
+                    await self._resubscribe()
                 continue
             if message is None:
                 continue
@@ -183,11 +213,41 @@ class RedisRelay:
                 event = Event(str(data.get("s")), data.get("e"), data.get("m"), bool(data.get("f")))
                 deliver(self._listeners.get(session_id), event)
 
+    async def _resubscribe(self) -> None:
+        """Cluster only: a subscription stays on its node, so when that node is gone, subscribe
+        everything again on a new one (a plain or Sentinel client resubscribes by itself)."""
+        old = self._pubsub
+        if old is None:
+            return
+        channels = [self._own, self._everyone, *(self.channel(s) for s in self._listeners)]
+        fresh = self.client.pubsub()
+        try:
+            await fresh.subscribe(*channels)
+        except Exception:
+            logger.debug("Relay resubscription failed; will retry")
+            with anyio.CancelScope(shield=True):
+                try:
+                    await fresh.aclose()
+                except Exception:
+                    logger.debug("Relay connection did not close cleanly")
+            return
+        if self._pubsub is not old:  # closed meanwhile
+            await fresh.aclose()
+            return
+        self._pubsub = fresh
+        try:
+            await old.aclose()
+        except Exception:
+            logger.debug("Relay connection did not close cleanly")
+
     async def to_worker(self, worker: str, note: Note) -> None:
         await self.client.publish(f"{self.prefix}w:{worker}", json.dumps(note))
 
     async def to_all(self, note: Note) -> None:
         await self.client.publish(self._everyone, json.dumps({**note, "o": self.worker}))
+
+    def deliver_here(self, session_id: str, event: Event) -> None:
+        deliver(self._listeners.get(session_id), event)
 
     async def publish(self, session_id: str, event: Event) -> None:
         deliver(self._listeners.get(session_id), event)
@@ -199,7 +259,7 @@ class RedisRelay:
         }
         if event.final:
             data["f"] = 1
-        await self.client.publish(self._channel(session_id), json.dumps(data))
+        await self.client.publish(self.channel(session_id), json.dumps(data))
 
     @asynccontextmanager
     async def listen(self, session_id: str) -> AsyncIterator[MemoryObjectReceiveStream[Event]]:
@@ -207,7 +267,7 @@ class RedisRelay:
         listeners = self._listeners.setdefault(session_id, set())
         first = not listeners
         listeners.add(send)
-        channel = self._channel(session_id)
+        channel = self.channel(session_id)
         try:
             if first and self._pubsub is not None:
                 confirmed = self._confirmed[channel] = anyio.Event()
@@ -235,7 +295,7 @@ class RedisRelay:
 class RedisBackplane:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: AnyRedis,
         *,
         prefix: str,
         max_events: int = DEFAULT_MAX_EVENTS,
@@ -247,8 +307,27 @@ class RedisBackplane:
         )
         self.relay = RedisRelay(client, prefix=prefix)
         self._ring = client.register_script(_KEY_RING)
+        self._record = client.register_script(_RECORD)
         self._ring_key = f"{prefix}request-state-keys"
         self.key_rotation = key_rotation
+
+    async def record(self, session_id: str, event: Event) -> Event:
+        """Append, expire and publish in one script: one round trip per event."""
+        log, relay = self.events, self.relay
+        args: list[str | int] = [
+            log.max_events,
+            event.stream,
+            event.payload or "",
+            "1" if event.final else "0",
+            log.retention_ms,
+            relay.channel(session_id),
+            relay.worker,
+        ]
+        event_id = _text(await self._record(keys=[log.key(session_id)], args=args))
+        logged = Event(event.stream, event_id, event.payload, event.final)
+        if event.payload is not None:
+            relay.deliver_here(session_id, logged)
+        return logged
 
     async def request_state_keys(self) -> list[bytes]:
         reply = await self._ring(

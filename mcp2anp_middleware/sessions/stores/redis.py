@@ -1,6 +1,10 @@
 """Redis session store: sessions shared by every worker and server that uses the same Redis.
 
-Layout (``prefix`` defaults to ``mcp2anp:``):
+Three deployments (see ``docs/deployment.md``), chosen by the URL given to :meth:`from_url`:
+``redis://`` (one Redis), ``redis+sentinel://h1:p1,h2:p2/service`` (the master Sentinel names,
+followed across failovers) and ``redis+cluster://host:port`` (a Redis Cluster, from a seed node).
+
+Layout on one Redis or behind Sentinel (``prefix`` defaults to ``mcp2anp:``):
 
 - ``{prefix}s:{id}``: a hash with ``principal``, ``created_at``, ``last_used``, ``expires_at``,
   ``implicit``, ``pkey`` and, once the MCP handshake is done, ``handshake``; expires by Redis
@@ -15,18 +19,51 @@ Layout (``prefix`` defaults to ``mcp2anp:``):
 
 Creation is one Lua script (create-if-absent, caps and index updates atomic across processes).
 A read is one ``HGETALL``; a write is one script call, made by the registry at most once per
-touch interval per session. Any Redis failure raises :class:`StoreUnavailable` (HTTP 503);
-redis-py reconnects by itself when Redis is back. Needs a single Redis (or a primary behind
-Sentinel), not Redis Cluster: scripts touch keys of several hash slots.
+touch interval per session.
+
+On a Redis Cluster a script may only touch keys of one hash slot, so the same records are laid
+out by hash tag (the part in braces picks the slot):
+
+- ``{prefix}s:{<id>}``: the session hash, in the session's own slot (the MCP event log
+  ``{prefix}log:{<id>}`` of :mod:`~mcp2anp_middleware.mcp_hosting.redis_backplane` shares it);
+- ``{prefix}p:{<sha256(principal)>}``: the principal's index, in the principal's slot, so the
+  per-principal cap (and eviction) stays one atomic script;
+- ``{prefix}all:{<n>}`` for n in 0..15: the global index as sharded sorted sets; a session is in
+  shard ``crc32(id) % 16``. The count is the sum of the shards; the global cap is enforced by
+  adding first and counting after (rolled back when over), so racing creators can be refused
+  together but never admitted past the cap.
+
+A cluster creation is therefore a sequence of single-slot steps: claim the id (create-if-absent
+in the session's slot), admit it in the principal's index (cap, eviction), add it to its shard
+(global cap). A refused step undoes the earlier ones; a step that fails because Redis is away
+raises :class:`StoreUnavailable` and the registry removes what was made (a fenced delete), the
+index entries left otherwise expire with their scores. Lifecycle notices use classic pub/sub,
+which a cluster broadcasts to every node (any Redis version; sharded pub/sub needs Redis 7).
+
+Durability: with ``wait_replicas`` (default 1 for Sentinel and Cluster URLs, 0 for ``redis://``)
+every creation and write is followed by ``WAIT wait_replicas wait_timeout`` on the connection
+that made it, and is reported as failed (:class:`StoreUnavailable`, HTTP 503) unless that many
+replicas confirm. A session whose id the client has received is thus on a replica, the one
+Sentinel or the cluster promotes when the master dies (both prefer the most up-to-date replica).
+Deletions wait too but are not refused when unconfirmed. Without replicas (``wait_replicas=0``)
+a failover loses what the replica had not yet received; AOF (``appendfsync everysec``) covers
+a restart of one Redis, not a failover.
+
+Any failure while Redis is unreachable, whatever redis-py raises (its cluster client can raise
+``AttributeError`` and friends mid-failover, not only ``RedisError``), becomes
+:class:`StoreUnavailable`; redis-py reconnects by itself (Sentinel: to the new master it asks the
+sentinels for; Cluster: after re-reading the slot map).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 
-from redis import asyncio as aioredis
+from redis.asyncio.cluster import PipelineCommand, RedisCluster
 from redis.exceptions import RedisError
 
 from mcp2anp_middleware.sessions.stores.base import (
@@ -36,10 +73,13 @@ from mcp2anp_middleware.sessions.stores.base import (
     SessionRecord,
     StoreUnavailable,
 )
+from mcp2anp_middleware.sessions.stores.redis_connect import AnyRedis, connect
 
 T = TypeVar("T")
+logger = logging.getLogger("mcp2anp_middleware.sessions")
 
 _FIELDS = ("principal", "created_at", "last_used", "expires_at", "implicit")
+SHARDS = 16
 
 _CREATE = """
 local skey, allkey, pkey = KEYS[1], KEYS[2], KEYS[3]
@@ -103,23 +143,98 @@ return deleted
 """
 
 
+# -- Redis Cluster: one slot per script ----------------------------------------------------------
+
+_CLAIM = """
+local skey = KEYS[1]
+if redis.call('EXISTS', skey) == 1 then return 'exists' end
+redis.call('HSET', skey, 'principal', ARGV[3], 'created_at', ARGV[4], 'last_used', ARGV[5],
+           'expires_at', ARGV[6], 'implicit', ARGV[7], 'pkey', ARGV[2])
+if ARGV[8] ~= '' then redis.call('HSET', skey, 'handshake', ARGV[8]) end
+redis.call('PEXPIRE', skey, tonumber(ARGV[1]))
+return 'ok'
+"""
+
+_ADMIT = """
+local pkey = KEYS[1]
+local sid, now, ttl_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local cap, evict = tonumber(ARGV[4]), ARGV[5]
+redis.call('ZREMRANGEBYSCORE', pkey, '-inf', now)
+local result = {'ok'}
+if not redis.call('ZSCORE', pkey, sid) and cap > 0 and redis.call('ZCARD', pkey) >= cap then
+  if evict ~= '1' then return {'principal'} end
+  local victim = redis.call('ZRANGE', pkey, 0, 0)[1]
+  redis.call('ZREM', pkey, victim)
+  result = {'ok', victim}
+end
+redis.call('ZADD', pkey, now + ttl_ms / 1000, sid)
+if redis.call('PTTL', pkey) < ttl_ms then redis.call('PEXPIRE', pkey, ttl_ms) end
+return result
+"""
+
+_INDEX = """
+local pkey, ttl_ms = KEYS[1], tonumber(ARGV[3])
+redis.call('ZADD', pkey, tonumber(ARGV[2]), ARGV[1])
+if redis.call('PTTL', pkey) < ttl_ms then redis.call('PEXPIRE', pkey, ttl_ms) end
+return 1
+"""
+
+_TOUCH = """
+local skey = KEYS[1]
+if redis.call('HGET', skey, 'created_at') ~= ARGV[2] then return false end
+redis.call('HSET', skey, 'last_used', ARGV[3], 'expires_at', ARGV[4])
+if ARGV[5] ~= '' then redis.call('HSET', skey, 'handshake', ARGV[5]) end
+redis.call('PEXPIRE', skey, tonumber(ARGV[1]))
+return redis.call('HGET', skey, 'pkey') or ''
+"""
+
+_TAKE = """
+local skey, fence = KEYS[1], ARGV[1]
+local fields = redis.call('HGETALL', skey)
+if #fields == 0 then return {0, ''} end
+if fence ~= '' and redis.call('HGET', skey, 'created_at') ~= fence then return {0, ''} end
+local pkey = redis.call('HGET', skey, 'pkey') or ''
+redis.call('DEL', skey)
+return {1, pkey, unpack(fields)}
+"""
+
+
 class RedisSessionStore:
+    """Session records in Redis; one Redis, a Sentinel-managed master or a Redis Cluster.
+
+    ``client`` is whatever :func:`~.redis_connect.connect` made (an ``asyncio.Redis``, possibly
+    Sentinel-managed, or an ``asyncio.RedisCluster``; the latter switches to the hash-tagged
+    layout). ``prefix`` must not contain ``{``: the cluster layout's hash tags follow it.
+    """
+
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: AnyRedis,
         *,
         prefix: str = "mcp2anp:",
         touch_interval: float = 30.0,
+        wait_replicas: int = 0,
+        wait_timeout: float = 0.5,
     ) -> None:
-        self.client = client
+        if "{" in prefix or "}" in prefix:
+            raise ValueError("the Redis key prefix must not contain braces (hash tags)")
+        self.client: Any = client
         self.prefix = prefix
+        self.cluster = isinstance(client, RedisCluster)
         self.default_touch_interval = touch_interval
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = max(1, int(wait_timeout * 1000))
         self._all_key = f"{prefix}all"
         self._session_prefix = f"{prefix}s:"
         self.ended_channel = f"{prefix}ended"
         self._create = client.register_script(_CREATE)
         self._write = client.register_script(_WRITE)
         self._remove = client.register_script(_REMOVE)
+        self._claim = client.register_script(_CLAIM)
+        self._admit = client.register_script(_ADMIT)
+        self._index = client.register_script(_INDEX)
+        self._touch = client.register_script(_TOUCH)
+        self._take = client.register_script(_TAKE)
 
     @classmethod
     def from_url(
@@ -129,25 +244,49 @@ class RedisSessionStore:
         prefix: str = "mcp2anp:",
         touch_interval: float = 30.0,
         timeout: float = 2.0,
+        wait_replicas: int | None = None,
+        wait_timeout: float | None = None,
     ) -> Self:
-        client = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            health_check_interval=15,
-            decode_responses=True,
+        """A store for ``redis://``, ``redis+sentinel://`` or ``redis+cluster://`` URLs (see
+        :mod:`.redis_connect`); ``wait_replicas``/``wait_timeout`` override the URL's."""
+        target = connect(url, timeout=timeout)
+        return cls(
+            target.client,
+            prefix=prefix,
+            touch_interval=touch_interval,
+            wait_replicas=target.wait_replicas if wait_replicas is None else wait_replicas,
+            wait_timeout=target.wait_timeout_ms / 1000 if wait_timeout is None else wait_timeout,
         )
-        return cls(client, prefix=prefix, touch_interval=touch_interval)
+
+    # -- keys ------------------------------------------------------------------------------------
 
     def _session_key(self, session_id: str) -> str:
+        if self.cluster:
+            return f"{self._session_prefix}{{{session_id}}}"
         return self._session_prefix + session_id
 
     def _principal_key(self, principal: str) -> str:
-        return f"{self.prefix}p:{hashlib.sha256(principal.encode()).hexdigest()[:32]}"
+        digest = hashlib.sha256(principal.encode()).hexdigest()[:32]
+        return f"{self.prefix}p:{{{digest}}}" if self.cluster else f"{self.prefix}p:{digest}"
+
+    def _shard_key(self, session_id: str) -> str:
+        return self._shard(zlib.crc32(session_id.encode()) % SHARDS)
+
+    def _shard(self, index: int) -> str:
+        return f"{self.prefix}all:{{{index}}}"
+
+    def _ack_key(self, session_id: str) -> str:
+        """A short-lived key in the session's slot: writing it gives the connection that then
+        sends ``WAIT`` a replication offset at least that of the session's last change."""
+        return f"{self.prefix}ack:{{{session_id}}}"
+
+    # -- the interface ---------------------------------------------------------------------------
 
     async def create(
         self, record: SessionRecord, *, ttl: float, now: float, caps: Caps
     ) -> CreateOutcome:
+        if self.cluster:
+            return await self._create_in_cluster(record, ttl=ttl, now=now, caps=caps)
         keys = [
             self._session_key(record.session_id),
             self._all_key,
@@ -165,7 +304,8 @@ class RedisSessionStore:
             *_FIELDS,
             record.handshake or "",
         ]
-        reply = [_text(part) for part in await _guard(lambda: self._create(keys=keys, args=args))]
+        raw, acked = await _guard(lambda: self._durably(self._create, keys, args))
+        reply = [_text(part) for part in raw]
         status = reply[0]
         if status == "exists":
             return CreateOutcome(created=False)
@@ -173,6 +313,7 @@ class RedisSessionStore:
             raise CapExceeded("principal", caps.per_principal or 0)
         if status == "global":
             raise CapExceeded("global", caps.global_limit or 0)
+        self._confirmed(acked)
         evicted = (
             _record(reply[1], dict(zip(_FIELDS, reply[2:], strict=False)))
             if len(reply) > 1
@@ -185,6 +326,8 @@ class RedisSessionStore:
         return _record(session_id, {_text(k): _text(v) for k, v in raw.items()})
 
     async def write(self, record: SessionRecord, *, ttl: float, now: float) -> bool:
+        if self.cluster:
+            return await self._write_in_cluster(record, ttl=ttl, now=now)
         keys = [self._session_key(record.session_id), self._all_key]
         args: list[str | int] = [
             record.session_id,
@@ -195,24 +338,35 @@ class RedisSessionStore:
             repr(record.expires_at),
             record.handshake or "",
         ]
-        return bool(await _guard(lambda: self._write(keys=keys, args=args)))
+        written, acked = await _guard(lambda: self._durably(self._write, keys, args))
+        if written:
+            self._confirmed(acked)
+        return bool(written)
 
     async def remove(self, session_id: str, *, created_at: float | None = None) -> bool:
+        fence = "" if created_at is None else repr(float(created_at))
+        if self.cluster:
+            return await self._take_in_cluster(session_id, fence) is not None
         keys = [self._session_key(session_id), self._all_key]
-        args = [session_id, "" if created_at is None else repr(float(created_at))]
-        return bool(await _guard(lambda: self._remove(keys=keys, args=args)))
+        deleted, _ = await _guard(lambda: self._durably(self._remove, keys, [session_id, fence]))
+        return bool(deleted)  # an unconfirmed deletion is still a deletion: not refused
 
     async def principal_sessions(
         self, principal: str | None, *, now: float, limit: int | None = None
     ) -> list[SessionRecord]:
-        key = self._all_key if principal is None else self._principal_key(principal)
         start, num = (None, None) if limit is None else (0, limit)
+        if principal is None and self.cluster:
+            ids = await _guard(lambda: self._everyone(now, limit))
+        else:
+            key = self._all_key if principal is None else self._principal_key(principal)
 
-        async def ranked() -> list[object]:
-            found = await self.client.zrangebyscore(key, f"({now}", "+inf", start=start, num=num)
-            return list(found)
+            async def ranked() -> list[str]:
+                found = await self.client.zrangebyscore(
+                    key, f"({now}", "+inf", start=start, num=num
+                )
+                return [_text(i) for i in found]
 
-        ids = [_text(i) for i in await _guard(ranked)]
+            ids = await _guard(ranked)
         if not ids:
             return []
 
@@ -227,19 +381,36 @@ class RedisSessionStore:
         return [r for r in records if r is not None and principal in (None, r.principal)]
 
     async def count(self, *, now: float) -> int:
+        if self.cluster:
+            return await _guard(lambda: self._cluster_count(now))
         return int(await _guard(lambda: self.client.zcount(self._all_key, f"({now}", "+inf")))
 
     async def expire(self, *, now: float) -> list[SessionRecord]:
-        await _guard(lambda: self.client.zremrangebyscore(self._all_key, "-inf", now))
+        keys = [self._shard(i) for i in range(SHARDS)] if self.cluster else [self._all_key]
+
+        async def prune() -> None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.zremrangebyscore(key, "-inf", now)
+                await pipe.execute()
+
+        await _guard(prune)
         return []  # Redis expires the sessions themselves (TTL)
 
     async def announce_ended(self, notice: str) -> None:
         """Tell every process that a session ended here (``kind:id``; best effort: the record is
-        gone already, so a process that misses this still refuses the id at its next lookup)."""
+        gone already, so a process that misses this still refuses the id at its next lookup).
+
+        On a cluster, classic ``PUBLISH`` reaches subscribers on every node."""
         await _guard(lambda: self.client.publish(self.ended_channel, notice))
 
     async def ended_sessions(self) -> AsyncIterator[str]:
-        """The notices processes announced, for as long as the caller keeps iterating."""
+        """The notices processes announced, for as long as the caller keeps iterating.
+
+        A lost connection (a failover) ends the iteration with :class:`StoreUnavailable`; the
+        caller iterates again, on a fresh subscription to whichever node now answers."""
+        if self.cluster:  # a cluster subscription picks its node from the slot map: load it
+            await _guard(self.client.initialize)
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         try:
             await _guard(lambda: pubsub.subscribe(self.ended_channel))
@@ -248,16 +419,164 @@ class RedisSessionStore:
                 if message is not None and message.get("type") == "message":
                     yield _text(message["data"])
         finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+            try:
+                await pubsub.aclose()
+            except Exception:  # closing a connection to a dead node: nothing left to release
+                logger.debug("Closing the session-end subscription failed")
 
     async def ping(self) -> bool:
         try:
             return bool(await self.client.ping())
-        except (RedisError, OSError):
+        except Exception:
             return False
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+    # -- durability ------------------------------------------------------------------------------
+
+    async def _durably(
+        self, script: Any, keys: list[str], args: list[str | int]
+    ) -> tuple[Any, int | None]:
+        """Run ``script``, then (when replicas are asked for) ``WAIT`` on the same connection:
+        one round trip in a pipeline. Returns the script's reply and the replicas that
+        confirmed (None: not asked)."""
+        if not self.wait_replicas:
+            return await script(keys=keys, args=args), None
+        async with self.client.pipeline(transaction=False) as pipe:
+            await script(keys=keys, args=args, client=pipe)
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            reply, acked = await pipe.execute()
+        return reply, int(acked)
+
+    def _confirmed(self, acked: int | None) -> None:
+        if acked is not None and acked < self.wait_replicas:
+            raise StoreUnavailable(f"only {acked} of {self.wait_replicas} replicas confirmed")
+
+    async def _cluster_wait(self, session_id: str) -> int | None:
+        """``WAIT`` on the master of ``session_id``'s slot, on one connection after a write of
+        the beacon key there (``WAIT`` counts from the connection's own last write; a cluster
+        pipeline cannot carry scripts, so the node's connection is used directly)."""
+        if not self.wait_replicas:
+            return None
+        key = self._ack_key(session_id)
+        node = self.client.get_node_from_key(key)
+        commands = [
+            PipelineCommand(0, "SET", key, "1", "PX", 1000),
+            PipelineCommand(1, "WAIT", self.wait_replicas, self.wait_timeout_ms),
+        ]
+        await node.execute_pipeline(commands)
+        results: list[Any] = [done.result for done in commands]
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return int(results[1])
+
+    # -- Redis Cluster: single-slot steps ---------------------------------------------------------
+
+    async def _create_in_cluster(
+        self, record: SessionRecord, *, ttl: float, now: float, caps: Caps
+    ) -> CreateOutcome:
+        sid = record.session_id
+        ttl_ms = _milliseconds(ttl)
+        skey, pkey, shard = (
+            self._session_key(sid),
+            self._principal_key(record.principal),
+            self._shard_key(sid),
+        )
+        claim: list[str | int] = [ttl_ms, pkey, *_values(record), record.handshake or ""]
+        if _text(await _guard(lambda: self._claim(keys=[skey], args=claim))) == "exists":
+            return CreateOutcome(created=False)
+        fence = repr(float(record.created_at))
+        admit: list[str | int] = [
+            sid,
+            repr(now),
+            ttl_ms,
+            caps.per_principal or 0,
+            "1" if caps.evict_oldest else "0",
+        ]
+        reply = [_text(part) for part in await _guard(lambda: self._admit(keys=[pkey], args=admit))]
+        if reply[0] == "principal":
+            await _guard(lambda: self._take(keys=[skey], args=[fence]))
+            raise CapExceeded("principal", caps.per_principal or 0)
+        victim = reply[1] if len(reply) > 1 else None
+        expires = now + ttl_ms / 1000
+        await _guard(lambda: self.client.zadd(shard, {sid: expires}))
+        over = victim is None and bool(caps.global_limit)
+        if over and await _guard(lambda: self._cluster_count(now)) > (caps.global_limit or 0):
+            await self._unindex(sid, pkey)
+            await _guard(lambda: self._take(keys=[skey], args=[fence]))
+            raise CapExceeded("global", caps.global_limit or 0)
+        evicted = await self._take_in_cluster(victim, "") if victim is not None else None
+        self._confirmed(await _guard(lambda: self._cluster_wait(sid)))
+        return CreateOutcome(created=True, evicted=(evicted,) if evicted else ())
+
+    async def _write_in_cluster(self, record: SessionRecord, *, ttl: float, now: float) -> bool:
+        sid = record.session_id
+        ttl_ms = _milliseconds(ttl)
+        args: list[str | int] = [
+            ttl_ms,
+            repr(float(record.created_at)),
+            repr(record.last_used),
+            repr(record.expires_at),
+            record.handshake or "",
+        ]
+        pkey = await _guard(lambda: self._touch(keys=[self._session_key(sid)], args=args))
+        if pkey is None:
+            return False
+        expires = repr(now + ttl_ms / 1000)
+        await _guard(lambda: self.client.zadd(self._shard_key(sid), {sid: float(expires)}))
+        if _text(pkey):
+            await _guard(lambda: self._index(keys=[_text(pkey)], args=[sid, expires, ttl_ms]))
+        self._confirmed(await _guard(lambda: self._cluster_wait(sid)))
+        return True
+
+    async def _take_in_cluster(self, session_id: str, fence: str) -> SessionRecord | None:
+        """Delete the session (fenced by creation time when ``fence``), then its index entries;
+        the record removed, or None when there was none."""
+        skey = self._session_key(session_id)
+        reply = await _guard(lambda: self._take(keys=[skey], args=[fence]))
+        pkey = _text(reply[1])
+        await self._unindex(session_id, pkey or None)
+        if not int(reply[0]):
+            return None
+        raw = [_text(part) for part in reply[2:]]
+        try:  # best effort: a deletion that no replica confirmed is still a deletion
+            await _guard(lambda: self._cluster_wait(session_id))
+        except StoreUnavailable:
+            logger.warning("A session deletion was not confirmed by a replica")
+        return _record(session_id, dict(zip(raw[::2], raw[1::2], strict=False))) or SessionRecord(
+            session_id, "", 0.0, 0.0, 0.0
+        )
+
+    async def _unindex(self, session_id: str, pkey: str | None) -> None:
+        async def unindex() -> None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.zrem(self._shard_key(session_id), session_id)
+                if pkey:
+                    pipe.zrem(pkey, session_id)
+                await pipe.execute()
+
+        await _guard(unindex)
+
+    async def _cluster_count(self, now: float) -> int:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for index in range(SHARDS):
+                pipe.zcount(self._shard(index), f"({now}", "+inf")
+            counts = await pipe.execute()
+        return sum(int(c) for c in counts)
+
+    async def _everyone(self, now: float, limit: int | None) -> list[str]:
+        """All shards' live ids, least recently used first (a merge of the shards' orders)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for index in range(SHARDS):
+                pipe.zrangebyscore(
+                    self._shard(index), f"({now}", "+inf", start=0 if limit else None,
+                    num=limit, withscores=True,
+                )  # fmt: skip
+            replies = await pipe.execute()
+        ranked = sorted((float(score), _text(sid)) for reply in replies for sid, score in reply)
+        return [sid for _, sid in ranked[:limit]]
 
 
 def _values(record: SessionRecord) -> list[str]:
@@ -297,9 +616,19 @@ def _text(value: object) -> str:
 
 
 async def _guard(call: Callable[[], Awaitable[T]]) -> T:
+    """Run one store call; whatever redis-py raises becomes :class:`StoreUnavailable` (a 503).
+
+    Not only ``RedisError``/``OSError``: mid-failover redis-py's cluster client has raised
+    ``AttributeError`` and ``TypeError`` from half-rebuilt connection state. A request must get
+    503 and Retry-After then, never 500; the exception is logged so a real bug is still seen."""
     try:
         return await call()
+    except StoreUnavailable:
+        raise
     except (RedisError, OSError) as exc:
+        raise StoreUnavailable(f"Redis unavailable ({type(exc).__name__})") from None
+    except Exception as exc:
+        logger.warning("Redis client failed unexpectedly (%s): store treated as unavailable", exc)
         raise StoreUnavailable(f"Redis unavailable ({type(exc).__name__})") from None
 
 
