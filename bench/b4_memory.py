@@ -99,10 +99,11 @@ async def hosted_sessions(count: int) -> float:
             answer = await call_asgi(app, scope, INITIALIZE)
             assert answer.status == 200, answer.body
         app.endpoint.release_idle(math.inf)  # past the warm period of the last requests
-        for _ in range(1000):  # released machinery unwinds within a few loop turns
+        for _ in range(100 * count):  # released machinery unwinds within a few loop turns each
             if not app.endpoint.running:
                 break
             await asyncio.sleep(0)
+        assert not app.endpoint.running, app.endpoint.running
         gc.collect()
         after = tracemalloc.get_traced_memory()[0]
         tracemalloc.stop()

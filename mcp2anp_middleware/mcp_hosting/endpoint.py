@@ -75,7 +75,8 @@ class MCPEndpoint:
     to clients in priming events. ``request_state_keys`` fixes the keys sealing session-less
     request state (else the backplane keeps a shared, rotated key); ``share_request_state=False``
     leaves the server's own request-state policy alone. A session's machinery stays warm for
-    ``warm_seconds`` after the worker's last request of it ends, so a busy session reuses it.
+    ``warm_seconds`` after the worker's last request of it ends, so a busy session reuses it;
+    at most ``max_warm`` sessions are kept warm (a burst of new sessions keeps the newest).
     """
 
     def __init__(
@@ -89,6 +90,7 @@ class MCPEndpoint:
         request_state_keys: Sequence[bytes | str] | None = None,
         share_request_state: bool = True,
         warm_seconds: float = 5.0,
+        max_warm: int = 256,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.server = server
@@ -106,6 +108,7 @@ class MCPEndpoint:
         self.lifespan_state: Any = None
         self.live: dict[str, LiveSession] = {}
         self.warm_seconds = warm_seconds
+        self.max_warm = max_warm
         self.clock = clock
         self._warm: OrderedDict[str, tuple[float, LiveSession]] = OrderedDict()
         """Machinery no request uses, kept until its deadline (oldest first)."""
@@ -289,27 +292,22 @@ class MCPEndpoint:
             if priming.event_id is not None:
                 await writer.event(priming, retry_ms=self.retry_ms)
         await live.feed(message, metadata)
-        async with anyio.create_task_group() as tasks:
-
-            async def watch_disconnect() -> None:
-                while (await request.receive())["type"] != "http.disconnect":
-                    pass
-                live.detach_stream(stream)  # later events go to the log and the relay
-
-            tasks.start_soon(watch_disconnect)
-            with events:
-                async for event in events:
-                    await writer.event(event)
-                    if event.final or not writer.open:
-                        break
-            if not writer.open:
-                live.detach_stream(stream)
-            await writer.finish()
-            # The request may go on after its stream ended (client gone, or the server closed
-            # the stream for polling): this request stays in flight until it is answered, so its
-            # session neither expires nor loses its machinery meanwhile.
-            await finished.wait()
-            tasks.cancel_scope.cancel()
+        # No watch for the client leaving: servers drop what is sent after that, and every event
+        # of a resumable stream is already logged and published when it gets here.
+        answered = False
+        with events:
+            async for event in events:
+                await writer.event(event, last=event.final)
+                answered = event.final
+                if answered or not writer.open:
+                    break
+        if not answered:  # the client left, or the stream was closed for polling
+            live.detach_stream(stream)
+        await writer.finish()
+        # The request may go on after its stream ended (client gone, or the server closed the
+        # stream for polling): this request stays in flight until it is answered, so its
+        # session neither expires nor loses its machinery meanwhile.
+        await finished.wait()
 
     async def _get(
         self, state: SessionState, scope: Scope, receive: Receive, send: Send, headers: Headers
@@ -490,9 +488,13 @@ class MCPEndpoint:
         live.users -= 1
         if live.users or live.finished:
             return
-        if self.warm_seconds > 0 and not live.done.is_set():
+        if self.warm_seconds > 0 and self.max_warm > 0 and not live.done.is_set():
             self._warm[live.session_id] = (self.clock() + self.warm_seconds, live)
             self._warm.move_to_end(live.session_id)
+            if len(self._warm) > self.max_warm:  # a burst of new sessions: keep the newest warm
+                _, (_, oldest) = self._warm.popitem(last=False)
+                self._forget(oldest)
+                oldest.close()
         else:
             self._forget(live)
             live.close()

@@ -88,7 +88,10 @@ class SharedRequestState:
     async def start(self, backplane: Backplane, tasks: TaskGroup) -> None:
         if self.fixed:
             return
-        self.codec.replace(await backplane.request_state_keys())
+        try:
+            self.codec.replace(await backplane.request_state_keys())
+        except Exception:  # the store is down: serve on a key of our own until it is back
+            logger.warning("Request-state keys not loaded (store unavailable); retrying")
         tasks.start_soon(self._refresh, backplane)
 
     async def _refresh(self, backplane: Backplane) -> None:

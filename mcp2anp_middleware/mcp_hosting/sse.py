@@ -33,7 +33,9 @@ class SSEWriter:
     async def start(self, headers: list[tuple[bytes, bytes]]) -> None:
         await self._write_raw(None, [*SSE_HEADERS, *headers])
 
-    async def event(self, event: Event, *, retry_ms: int | None = None) -> None:
+    async def event(self, event: Event, *, retry_ms: int | None = None, last: bool = False) -> None:
+        """Write one event; ``last`` ends the response with it (one send fewer than
+        :meth:`finish` after it)."""
         lines = []
         if event.event_id is not None:
             lines.append(f"id: {event.event_id}")
@@ -44,7 +46,9 @@ class SSEWriter:
         else:
             lines.append("event: message")
             lines.append(f"data: {event.payload}")
-        await self._write_raw(("\n".join(lines) + "\n\n").encode())
+        await self._write_raw(("\n".join(lines) + "\n\n").encode(), more=not last)
+        if last:
+            self.open = False
 
     async def keepalive(self) -> None:
         await self._write_raw(b": keepalive\n\n")
