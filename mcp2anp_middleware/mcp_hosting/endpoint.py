@@ -20,7 +20,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 from typing import Any
@@ -31,6 +31,7 @@ from mcp.server._streamable_http_modern import handle_modern_request
 from mcp.server.mcpserver import MCPServer
 from mcp.server.streamable_http import check_accept_headers
 from mcp.server.transport_security import TransportSecuritySettings
+from mcp.shared.message import ServerMessageMetadata
 from mcp_types import (
     JSONRPCError,
     JSONRPCNotification,
@@ -114,8 +115,7 @@ class MCPEndpoint:
         """Machinery no request uses, kept until its deadline (oldest first)."""
         self._by_instance: dict[int, LiveSession] = {}
         self._instances = 0
-        self.running = 0
-        """Machinery still running here (released machinery unwinds within a few loop turns)."""
+        self._teardowns = 0
         self._streams: dict[str, set[anyio.CancelScope]] = {}
         """Every GET stream open here, by session: ended with the session."""
         self._standalone: dict[str, anyio.CancelScope] = {}
@@ -264,50 +264,70 @@ class MCPEndpoint:
         sse: bool,
         resumable: bool,
     ) -> None:
-        opened = live.open_stream(message, request, sse=sse, resumable=resumable)
-        if opened is None:
-            await send_jsonrpc_error(
-                send,
-                409,
-                INVALID_REQUEST,
-                "A request with this id is already in flight in this session",
-                request_id=message.id,
-            )
-            return
-        events, finished, metadata = opened
+        """Run the request in this task, its events written as the server sends them."""
         stream = str(message.id)
         if not sse:
-            await live.feed(message, metadata)
-            with events:
-                async for event in events:
-                    if event.final:
-                        await _json_response(send, event.payload or "")
-                        return
-            await send_jsonrpc_error(send, 503, INTERNAL_ERROR, "Session ended during the request")
+            answers: list[str] = []
+
+            async def keep_answer(event: Event) -> None:
+                if event.final and event.payload is not None:
+                    answers.append(event.payload)  # a JSON body carries only the answer
+
+            if not live.begin(message, keep_answer, resumable=False):
+                await _in_flight_already(send, message)
+                return
+            await live.serve(message, self._metadata(live, stream, request, None, sse=False))
+            if answers:
+                await _json_response(send, answers[0])
+            else:
+                await send_jsonrpc_error(send, 503, INTERNAL_ERROR, "Session ended")
             return
         writer = SSEWriter(send)
+
+        async def write(event: Event) -> None:
+            await writer.event(event, last=event.final)
+
+        if not live.begin(message, write, resumable=resumable):
+            await _in_flight_already(send, message)
+            return
         await writer.start([])
         if resumable:
             priming = await self.record(live.session_id, Event(stream, None, None))
             if priming.event_id is not None:
                 await writer.event(priming, retry_ms=self.retry_ms)
-        await live.feed(message, metadata)
         # No watch for the client leaving: servers drop what is sent after that, and every event
-        # of a resumable stream is already logged and published when it gets here.
-        answered = False
-        with events:
-            async for event in events:
-                await writer.event(event, last=event.final)
-                answered = event.final
-                if answered or not writer.open:
-                    break
-        if not answered:  # the client left, or the stream was closed for polling
-            live.detach_stream(stream)
+        # of a resumable stream is logged and published before it is written. The request goes
+        # on (in flight, so its session cannot expire) until it is answered.
+        await live.serve(message, self._metadata(live, stream, request, writer, sse=True))
         await writer.finish()
-        # The request may go on after its stream ended (client gone, or the server closed the
-        # stream for polling): this request stays in flight until it is answered, so its
-        # session neither expires nor loses its machinery meanwhile.
-        await finished.wait()
+
+    def _metadata(
+        self,
+        live: LiveSession,
+        stream: str,
+        request: Request,
+        writer: SSEWriter | None,
+        *,
+        sse: bool,
+    ) -> ServerMessageMetadata:
+        closer: Callable[[], Awaitable[None]] | None = None
+        standalone_closer: Callable[[], Awaitable[None]] | None = None
+        if writer is not None and stream in live.resumable:
+
+            async def close_stream() -> None:
+                """SEP-1699 polling: end this response now; the request goes on, and the
+                client resumes with ``Last-Event-ID`` (on any worker)."""
+                live.detach(stream)
+                await writer.finish()
+
+            closer = close_stream
+            standalone_closer = self.close_standalone_streams_callback(live.session_id)
+        return ServerMessageMetadata(
+            request_context=request,
+            close_sse_stream=closer,
+            close_standalone_sse_stream=standalone_closer,
+            can_send_request=sse,
+        )
 
     async def _get(
         self, state: SessionState, scope: Scope, receive: Receive, send: Send, headers: Headers
@@ -431,12 +451,12 @@ class MCPEndpoint:
             }
             live = self.live.get(state.session_id)
             if live is not None:
-                await live.feed(message)
+                await live.notification(message)
             await self.backplane.relay.to_all(note)
             return
         live = self._acquire(state)
         try:
-            await live.feed(message)
+            await live.notification(message)
         finally:
             self._release(live)
 
@@ -449,11 +469,15 @@ class MCPEndpoint:
                 if live is None or live.session_id != session_id:
                     logger.debug("Answer for machinery that has ended dropped")
                     return
-                await live.feed(jsonrpc_message_adapter.validate_python(note["m"], by_name=False))
+                answer = jsonrpc_message_adapter.validate_python(note["m"], by_name=False)
+                if isinstance(answer, JSONRPCResponse | JSONRPCError) and answer.id is not None:
+                    live.answered(int(answer.id), answer)
             elif kind == "cancel" and isinstance(session_id, str):
                 live = self.live.get(session_id)
                 if live is not None:
-                    await live.feed(JSONRPCNotification.model_validate(note["m"], by_name=False))
+                    await live.notification(
+                        JSONRPCNotification.model_validate(note["m"], by_name=False)
+                    )
         except (KeyError, ValueError, TypeError, ValidationError):
             logger.warning("Malformed note between workers dropped")
 
@@ -466,27 +490,36 @@ class MCPEndpoint:
             live = LiveSession(self, state, self._instances)
             self.live[state.session_id] = live
             self._by_instance[live.instance] = live
-            assert self._tasks is not None
-            self._tasks.start_soon(self._run, live)
         else:
             self._warm.pop(state.session_id, None)
             live.refresh()
         live.users += 1
         return live
 
-    async def _run(self, live: LiveSession) -> None:
-        self.running += 1
-        try:
-            await live.run()
-        finally:
-            self.running -= 1
-            self._forget(live)
+    @property
+    def running(self) -> int:
+        """Sessions with a request running on this worker, and machinery still being torn down."""
+        return self._teardowns + sum(1 for live in self.live.values() if not live.finished)
+
+    def spawn(self, function: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        """Run ``function`` in the background (the teardown of ended machinery)."""
+        if self._tasks is None:
+            return
+        self._teardowns += 1
+
+        async def counted() -> None:
+            try:
+                await function(*args)
+            finally:
+                self._teardowns -= 1
+
+        self._tasks.start_soon(counted)
 
     def _release(self, live: LiveSession) -> None:
         """The worker's last request or stream of the session ended: keep the machinery warm
         for ``warm_seconds`` (the next request of a busy session reuses it), then close it."""
         live.users -= 1
-        if live.users or live.finished:
+        if live.users or not live.finished:
             return
         if self.warm_seconds > 0 and self.max_warm > 0 and not live.done.is_set():
             self._warm[live.session_id] = (self.clock() + self.warm_seconds, live)
@@ -586,6 +619,16 @@ class MCPEndpoint:
             await self.registry.save_handshake(state, text)
         except Exception:
             logger.warning("Session store unavailable: the handshake is kept in this process only")
+
+
+async def _in_flight_already(send: Send, message: JSONRPCRequest) -> None:
+    await send_jsonrpc_error(
+        send,
+        409,
+        INVALID_REQUEST,
+        "A request with this id is already in flight in this session",
+        request_id=message.id,
+    )
 
 
 async def _accepted(send: Send) -> None:

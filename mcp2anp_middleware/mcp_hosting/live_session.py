@@ -1,37 +1,45 @@
 """One session's SDK machinery in this worker, alive while a request or stream of it is open here.
 
-This is what the SDK's stateful mode keeps per session (a dispatcher reading the session's
-messages, a :class:`~mcp.server.connection.Connection` with its handshake, the response stream of
-each request), rebuilt on any worker from the session's record and released when the worker's
-last request of the session ends. The differences from the SDK's own transport are the ones that
-let a session span workers:
+This is what the SDK's stateful mode keeps per session (a :class:`~mcp.server.connection.
+Connection` with its handshake, and the SDK's own per-connection kernel,
+:class:`~mcp.server.runner.ServerRunner`), rebuilt on any worker from the session's record. Each
+request runs in the task of its own HTTP request: the kernel is called directly with a dispatch
+context of this module (no read and write streams, no task per request), and whatever the server
+sends goes straight to the request's response stream. The differences from the SDK's transport
+are the ones that let a session span workers:
 
 - the connection is born initialized from the stored :class:`Handshake` (``initialize`` may have
   been served by another worker);
 - a request sent to the client gets an id naming this worker and this machinery
   (``worker.instance.n``), so the client's answer, on whatever worker it lands, is relayed here;
-- every message for a stream not open on this worker (the standalone GET stream, a request
-  stream whose client left) is relayed to whoever holds it, after going into the event log when
-  the stream is resumable.
+- every message of a resumable stream (and of the standalone GET stream) is logged and published
+  before it is written, so a client that lost its stream resumes it on any worker.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from functools import partial
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from mcp.server.connection import Connection
-from mcp.server.runner import serve_connection
-from mcp.shared._context_streams import create_context_streams
-from mcp.shared.jsonrpc_dispatcher import JSONRPCDispatcher
-from mcp.shared.message import ServerMessageMetadata, SessionMessage
+from mcp.server.runner import ServerRunner, aclose_shielded
+from mcp.shared.dispatcher import CallOptions
+from mcp.shared.exceptions import MCPError, NoBackChannelError
+from mcp.shared.jsonrpc_dispatcher import (
+    cancelled_request_id_from_params,
+    handler_exception_to_error_data,
+    progress_token_from_params,
+)
+from mcp.shared.message import ServerMessageMetadata
 from mcp.shared.transport_context import TransportContext
 from mcp_types import (
+    CONNECTION_CLOSED,
+    REQUEST_TIMEOUT,
     ErrorData,
     JSONRPCError,
     JSONRPCNotification,
@@ -39,7 +47,6 @@ from mcp_types import (
     JSONRPCResponse,
     RequestId,
 )
-from starlette.requests import Request
 
 from mcp2anp_middleware.mcp_hosting.backplane import Event
 from mcp2anp_middleware.mcp_hosting.handshake import Handshake, below_level, decoded
@@ -56,7 +63,68 @@ STANDALONE = "_GET_stream"
 REQUEST_CANCELLED = -32800
 """The 2025-era wire ends a request's stream only with a response; a cancelled request gets this."""
 
-STREAM_BUFFER = 16
+Writer = Callable[[Event], Awaitable[None]]
+"""Where a request's events go on this worker: its HTTP response."""
+
+
+@dataclass(eq=False)
+class RequestChannel:
+    """The SDK's dispatch context for one request: what a handler sends goes to the request's
+    own stream; a request to the client waits for its answer here."""
+
+    live: LiveSession
+    request_id: RequestId | None
+    message_metadata: ServerMessageMetadata | None
+    transport: TransportContext
+    progress_token: str | int | None = None
+    cancel_requested: anyio.Event = field(default_factory=anyio.Event)
+    closed: bool = False
+
+    @property
+    def can_send_request(self) -> bool:
+        return self.transport.can_send_request and not self.closed
+
+    async def notify(
+        self, method: str, params: Mapping[str, Any] | None, opts: CallOptions | None = None
+    ) -> None:
+        if self.closed:
+            return
+        message = JSONRPCNotification(jsonrpc="2.0", method=method, params=_plain(params))
+        await self.live.send_out(message, self._stream())
+
+    async def send_raw_request(
+        self, method: str, params: Mapping[str, Any] | None, opts: CallOptions | None = None
+    ) -> dict[str, Any]:
+        if not self.can_send_request:
+            raise NoBackChannelError(method)
+        return await self.live.ask_client(method, params, opts, self._stream())
+
+    async def progress(
+        self, progress: float, total: float | None = None, message: str | None = None
+    ) -> None:
+        if self.progress_token is None:
+            return
+        params: dict[str, Any] = {"progressToken": self.progress_token, "progress": progress}
+        if total is not None:
+            params["total"] = total
+        if message is not None:
+            params["message"] = message
+        await self.notify("notifications/progress", params)
+
+    def _stream(self) -> str:
+        return STANDALONE if self.request_id is None else str(self.request_id)
+
+
+class _Answer:
+    """A request sent to the client, waiting for its answer (from any worker)."""
+
+    __slots__ = ("event", "outcome")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.outcome: dict[str, Any] | ErrorData = ErrorData(
+            code=CONNECTION_CLOSED, message="Session closed"
+        )
 
 
 class LiveSession:
@@ -66,54 +134,27 @@ class LiveSession:
         self.session_id = state.session_id
         self.instance = instance
         self.users = 0
-        self.sinks: dict[str, MemoryObjectSendStream[Event]] = {}
+        self.writers: dict[str, Writer] = {}
         """Response streams open on this worker, by stream (the request id as text)."""
-        self.finished: dict[str, anyio.Event] = {}
-        """Requests running here, set when their response has been routed."""
+        self.running: dict[str, tuple[anyio.CancelScope, RequestChannel]] = {}
+        """Requests running here, by stream."""
         self.resumable: set[str] = set()
-        self.json_only: set[str] = set()
-        self._set_levels: dict[str, str] = {}
-        self._initializing: str | None = None
+        self._asked: dict[int, _Answer] = {}
+        self._next_id = 0
         self._handshake_text = state.handshake
         self.handshake = decoded(state.handshake) if state.handshake else None
-        read_send, read_receive = create_context_streams[SessionMessage | Exception](0)
-        write_send, write_receive = create_context_streams[SessionMessage](0)
-        self._read_send = read_send
-        self._write_send = write_send
-        self._write_receive = write_receive
-        self.dispatcher: JSONRPCDispatcher[TransportContext] = JSONRPCDispatcher(
-            read_receive, write_send, inline_methods=frozenset({"initialize"})
-        )
         self.connection = (
-            self.handshake.connection(self.dispatcher, self.session_id)
+            self.handshake.connection(self, self.session_id)
             if self.handshake is not None
-            else Connection.for_loop(self.dispatcher, session_id=self.session_id)
+            else Connection.for_loop(self, session_id=self.session_id)
         )
+        self.runner = ServerRunner(endpoint.lowlevel, self.connection, endpoint.lifespan_state)
         self.done = anyio.Event()
 
-    # -- running ---------------------------------------------------------------------------------
-
-    async def run(self) -> None:
-        """Serve until :meth:`close`: the SDK's own per-connection kernel, fed by this worker."""
-        try:
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(self._route)
-                await serve_connection(
-                    self.endpoint.lowlevel,
-                    self.dispatcher,
-                    connection=self.connection,
-                    lifespan_state=self.endpoint.lifespan_state,
-                )
-                tasks.cancel_scope.cancel()
-        except Exception:
-            logger.exception("MCP session machinery failed")
-        finally:
-            for sink in self.sinks.values():
-                sink.close()
-            self.sinks.clear()
-            for waiter in self.finished.values():
-                waiter.set()
-            self.done.set()
+    @property
+    def finished(self) -> bool:
+        """Nothing runs here (no request, no request sent to the client awaits its answer)."""
+        return not self.running and not self._asked
 
     def refresh(self) -> None:
         """Reused for a new request: pick up a handshake change (a log level set through another
@@ -125,146 +166,183 @@ class LiveSession:
 
     def close(self) -> None:
         """End the machinery: requests still running are cancelled, open streams end."""
-        self._read_send.close()
+        if self.done.is_set():
+            return
+        self.done.set()
+        for scope, channel in self.running.values():
+            channel.closed = True
+            scope.cancel()
+        for answer in self._asked.values():
+            answer.event.set()
+        # The SDK's per-connection teardown, when a handler registered any (most leave the
+        # stack empty; unwinding an empty one would still arm a 5 s shielded timer).
+        if getattr(self.connection.exit_stack, "_exit_callbacks", True):
+            self.endpoint.spawn(aclose_shielded, self.connection)
 
-    async def feed(self, message: Any, metadata: ServerMessageMetadata | None = None) -> None:
-        """Hand a client message to the dispatcher, in the caller's context (so a handler sees
-        the request's context variables, as under the SDK's own transport)."""
-        try:
-            await self._read_send.send(SessionMessage(message, metadata=metadata))
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            logger.debug("Message for a session whose machinery has ended dropped")
+    # -- requests from the client ----------------------------------------------------------------
 
-    # -- requests --------------------------------------------------------------------------------
-
-    def open_stream(
-        self, request: JSONRPCRequest, http_request: Request, *, sse: bool, resumable: bool
-    ) -> tuple[MemoryObjectReceiveStream[Event], anyio.Event, ServerMessageMetadata] | None:
-        """Register the response stream of ``request``; None if its id is already in flight."""
+    def begin(self, request: JSONRPCRequest, writer: Writer, *, resumable: bool) -> bool:
+        """Register the response stream of ``request``; False if its id is already in flight."""
         stream = str(request.id)
-        if stream in self.finished:
-            return None
-        send, receive = anyio.create_memory_object_stream[Event](STREAM_BUFFER)
-        self.sinks[stream] = send
-        finished = self.finished[stream] = anyio.Event()
+        if stream in self.running or stream in self.writers:
+            return False
+        self.writers[stream] = writer
         if resumable:
             self.resumable.add(stream)
-        if not sse:
-            self.json_only.add(stream)
-        if request.method == "initialize":
-            self._initializing = stream
-        elif request.method == "logging/setLevel" and isinstance(request.params, dict):
-            level = request.params.get("level")
-            if isinstance(level, str):
-                self._set_levels[stream] = level
-        closer: Callable[[], Awaitable[None]] | None = None
-        standalone_closer: Callable[[], Awaitable[None]] | None = None
-        if resumable:
-            closer = partial(self._close_stream, stream)
-            standalone_closer = self.endpoint.close_standalone_streams_callback(self.session_id)
-        metadata = ServerMessageMetadata(
-            request_context=http_request,
-            close_sse_stream=closer,
-            close_standalone_sse_stream=standalone_closer,
-            on_request_unanswered=partial(self._unanswered, request.id),
-            can_send_request=sse,
+        return True
+
+    async def serve(self, request: JSONRPCRequest, metadata: ServerMessageMetadata) -> None:
+        """Run ``request`` through the SDK's kernel in this task; its answer (or, if it was
+        cancelled, error -32800, since this era's wire ends a stream only with an answer) is
+        the last event of its stream."""
+        stream = str(request.id)
+        channel = RequestChannel(
+            self,
+            request.id,
+            metadata,
+            TransportContext(kind="streamable-http", can_send_request=metadata.can_send_request),
+            progress_token_from_params(request.params),
         )
-        return receive, finished, metadata
+        scope = anyio.CancelScope()
+        self.running[stream] = (scope, channel)
+        answer: JSONRPCResponse | JSONRPCError | None = None
+        try:
+            with scope:
+                try:
+                    result = await self.runner.on_request(channel, request.method, request.params)
+                except Exception as exc:
+                    error = handler_exception_to_error_data(exc)
+                    if error is None:
+                        logger.exception("Handler for %r raised", request.method)
+                        error = ErrorData(code=0, message=str(exc))
+                    answer = JSONRPCError(jsonrpc="2.0", id=request.id, error=error)
+                else:
+                    answer = JSONRPCResponse(jsonrpc="2.0", id=request.id, result=result)
+                    await self._after_success(request)
+        finally:
+            channel.closed = True
+            self.running.pop(stream, None)
+        if answer is None or (channel.cancel_requested.is_set() and not self.done.is_set()):
+            cancelled = ErrorData(code=REQUEST_CANCELLED, message="Request cancelled")
+            answer = JSONRPCError(jsonrpc="2.0", id=request.id, error=cancelled)
+        await self.send_out(answer, stream, final=True)
 
-    def detach_stream(self, stream: str) -> None:
-        """The client left (or the stream was closed for polling): later messages of the stream
-        go to the relay, where a resumed stream on any worker picks them up."""
-        sink = self.sinks.pop(stream, None)
-        if sink is not None:
-            sink.close()
+    async def notification(self, message: JSONRPCNotification) -> None:
+        """A client notification: a cancellation stops the request it names (if it runs here);
+        every notification then goes to the server's own handlers."""
+        if message.method == "notifications/cancelled":
+            target = cancelled_request_id_from_params(message.params)
+            running = self.running.get(str(target)) if target is not None else None
+            if running is not None:
+                running[1].cancel_requested.set()
+                running[0].cancel()
+        channel = RequestChannel(
+            self, None, None, TransportContext(kind="streamable-http", can_send_request=False)
+        )
+        await self.runner.on_notify(channel, message.method, message.params)
 
-    async def _close_stream(self, stream: str) -> None:
-        self.detach_stream(stream)
+    def detach(self, stream: str) -> None:
+        """The stream's client left or the server closed it for polling: events are no longer
+        written here (resumable ones are logged and published all the same)."""
+        self.writers.pop(stream, None)
 
-    async def _unanswered(self, request_id: RequestId) -> None:
-        error = ErrorData(code=REQUEST_CANCELLED, message="Request cancelled")
-        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
-            await self._write_send.send(
-                SessionMessage(JSONRPCError(jsonrpc="2.0", id=request_id, error=error))
-            )
+    async def _after_success(self, request: JSONRPCRequest) -> None:
+        """Keep what a successful ``initialize`` or ``logging/setLevel`` changed in the session's
+        record, before the client can see the answer."""
+        changed: Handshake | None = None
+        if request.method == "initialize":
+            changed = Handshake.from_connection(self.connection)
+        elif request.method == "logging/setLevel" and self.handshake is not None:
+            level = (request.params or {}).get("level")
+            if isinstance(level, str):
+                changed = self.handshake.with_log_level(level)
+        if changed is not None:
+            self.handshake = changed
+            await self.endpoint.save_handshake(self.state, changed)
+            self._handshake_text = self.state.handshake
 
     # -- what the server sends -------------------------------------------------------------------
 
     def wire_id(self, local: RequestId) -> str:
         return f"{self.endpoint.backplane.relay.worker}.{self.instance}.{local}"
 
-    async def _route(self) -> None:
-        async for item in self._write_receive:
-            try:
-                await self._send_out(item)
-            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                continue
-            except Exception:
-                logger.exception("Could not route a message of an MCP session")
+    async def notify(
+        self, method: str, params: Mapping[str, Any] | None, opts: CallOptions | None = None
+    ) -> None:
+        """The connection's standalone channel (the session's GET stream, on any worker)."""
+        message = JSONRPCNotification(jsonrpc="2.0", method=method, params=_plain(params))
+        await self.send_out(message, STANDALONE)
 
-    async def _send_out(self, item: SessionMessage) -> None:
-        message = item.message
-        metadata = item.metadata
-        final = False
-        if isinstance(message, JSONRPCResponse | JSONRPCError):
-            if message.id is None:
-                stream = STANDALONE
-            else:
-                stream, final = str(message.id), True
-                if isinstance(message, JSONRPCResponse):
-                    await self._after_success(stream)
-        elif (
-            isinstance(metadata, ServerMessageMetadata) and metadata.related_request_id is not None
-        ):
-            stream = str(metadata.related_request_id)
-            if stream in self.json_only:
-                return  # a JSON body carries only the response
-        else:
-            stream = STANDALONE
-        if isinstance(message, JSONRPCRequest):
-            message = message.model_copy(update={"id": self.wire_id(message.id)})
-        elif isinstance(message, JSONRPCNotification):
-            if message.method == "notifications/message":
-                level = self.handshake.log_level if self.handshake is not None else None
-                if below_level(message.params, level):
-                    return
-            elif message.method == "notifications/cancelled" and isinstance(message.params, dict):
-                params = dict(message.params)
-                params["requestId"] = self.wire_id(params.get("requestId", ""))
-                message = message.model_copy(update={"params": params})
+    async def send_raw_request(
+        self, method: str, params: Mapping[str, Any] | None, opts: CallOptions | None = None
+    ) -> dict[str, Any]:
+        return await self.ask_client(method, params, opts, STANDALONE)
+
+    async def ask_client(
+        self,
+        method: str,
+        params: Mapping[str, Any] | None,
+        opts: CallOptions | None,
+        stream: str,
+    ) -> dict[str, Any]:
+        """Send a request to the client on ``stream`` and wait for its answer, which may be
+        POSTed to any worker (its id names this one)."""
+        if self.done.is_set():
+            raise MCPError(code=CONNECTION_CLOSED, message="Session closed")
+        self._next_id += 1
+        local = self._next_id
+        answer = self._asked[local] = _Answer()
+        message = JSONRPCRequest(
+            jsonrpc="2.0", id=self.wire_id(local), method=method, params=_plain(params)
+        )
+        timeout = (opts or {}).get("timeout")
+        try:
+            await self.send_out(message, stream)
+            with anyio.fail_after(timeout if timeout is not None else math.inf):
+                await answer.event.wait()
+        except TimeoutError:
+            cancel = {"requestId": self.wire_id(local), "reason": "timed out"}
+            await self.send_out(
+                JSONRPCNotification(jsonrpc="2.0", method="notifications/cancelled", params=cancel),
+                stream,
+            )
+            raise MCPError(code=REQUEST_TIMEOUT, message=f"Request {method!r} timed out") from None
+        finally:
+            self._asked.pop(local, None)
+        if isinstance(answer.outcome, ErrorData):
+            raise MCPError.from_error_data(answer.outcome)
+        return answer.outcome
+
+    def answered(self, local: int, message: JSONRPCResponse | JSONRPCError) -> None:
+        """The client's answer to one of this machinery's requests."""
+        answer = self._asked.get(local)
+        if answer is None:
+            logger.debug("Answer to a request no longer waiting dropped")
+            return
+        answer.outcome = message.error if isinstance(message, JSONRPCError) else message.result
+        answer.event.set()
+
+    async def send_out(self, message: Any, stream: str, *, final: bool = False) -> None:
+        """Log (resumable streams), publish (for followers on any worker), then write here."""
+        if isinstance(message, JSONRPCNotification) and message.method == "notifications/message":
+            level = self.handshake.log_level if self.handshake is not None else None
+            if below_level(message.params, level):
+                return
         payload = message.model_dump_json(by_alias=True, exclude_unset=True)
-        # A message of a resumable stream (and of the standalone stream) is logged, then
-        # published for whoever follows the stream on any worker, before it is written here:
-        # a client that left unnoticed loses nothing its resume cannot find.
         event = Event(stream, None, payload, final)
         if stream in self.resumable or (stream == STANDALONE and self.endpoint.resumable):
             event = await self.endpoint.record(self.session_id, event)
         elif stream == STANDALONE:
             await self.endpoint.publish(self.session_id, event)
-        sink = self.sinks.get(stream)
-        if sink is not None:
-            with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
-                await sink.send(event)
         if final:
-            self._set_levels.pop(stream, None)
             self.resumable.discard(stream)
-            self.json_only.discard(stream)
-            if stream in self.sinks:
-                self.sinks.pop(stream).close()
-            waiter = self.finished.pop(stream, None)
-            if waiter is not None:
-                waiter.set()
+            writer = self.writers.pop(stream, None)
+        else:
+            writer = self.writers.get(stream)
+        if writer is not None:
+            with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+                await writer(event)
 
-    async def _after_success(self, stream: str) -> None:
-        """Keep what a successful ``initialize`` or ``logging/setLevel`` changed in the session's
-        record, before the client can see the answer."""
-        changed: Handshake | None = None
-        if stream == self._initializing:
-            self._initializing = None
-            changed = Handshake.from_connection(self.connection)
-        elif (level := self._set_levels.pop(stream, None)) is not None and self.handshake:
-            changed = self.handshake.with_log_level(level)
-        if changed is not None:
-            self.handshake = changed
-            await self.endpoint.save_handshake(self.state, changed)
-            self._handshake_text = self.state.handshake
+
+def _plain(params: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    return None if params is None else dict(params)
