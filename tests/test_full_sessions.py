@@ -21,6 +21,7 @@ from mcp.client.session import ClientRequestContext
 from starlette.applications import Starlette
 
 from mcp2anp_middleware import ANPMiddleware
+from mcp2anp_middleware.mcp_hosting.backplane import MemoryEventLog, priming_id
 from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
 
 from .fidelity_server import Gate, fidelity_server
@@ -297,3 +298,21 @@ async def test_the_official_client_in_legacy_mode_gets_progress_logs_and_its_ans
             assert asked.content[0].text == "sampled: pong"  # type: ignore[union-attr]
             picked = await client.call_tool("pick", {})
             assert picked.content[0].text == "accept: teal"  # type: ignore[union-attr]
+
+
+async def test_a_priming_id_replays_its_own_stream_only_and_bad_ids_replay_nothing() -> None:
+    """Priming ids are written nowhere: the log's cursor and the stream's log name (never client
+    text, which could break the SSE framing) are enough to replay a stream."""
+    log = MemoryEventLog()
+    await log.append("s1", "aaaaaaaaaa.1.1", '{"early": true}')
+    primed = priming_id(log.anchor("s1"), "aaaaaaaaaa.1.2")
+    await log.append("s1", "aaaaaaaaaa.1.3", '{"other": true}')
+    later = await log.append("s1", "aaaaaaaaaa.1.2", '{"mine": true}', True)
+    found = await log.after("s1", primed)
+    assert found is not None
+    stream, events = found
+    assert stream == "aaaaaaaaaa.1.2"
+    assert [(e.event_id, e.payload, e.final) for e in events] == [(later, '{"mine": true}', True)]
+    for bad in ("", "x~aaaaaaaaaa.1.2", "1~client\nid", "1~aaaaaaaaaa.1", "999"):
+        assert await log.after("s1", bad) is None, bad
+    assert await log.after("another session", primed) == ("aaaaaaaaaa.1.2", [])

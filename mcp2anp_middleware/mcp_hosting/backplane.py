@@ -19,6 +19,7 @@ A session's requests may reach any worker, so three things cross worker boundari
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections import OrderedDict, deque
@@ -62,7 +63,13 @@ class EventLog(Protocol):
 
     async def after(self, session_id: str, event_id: str) -> tuple[str, list[Event]] | None:
         """The stream ``event_id`` belongs to and that stream's later events, oldest first; None
-        when the id is unknown to this session (never sent, trimmed, or expired)."""
+        when the id is unknown to this session (never sent, trimmed, or expired). A priming id
+        (:func:`priming_id`) names its stream itself."""
+        ...
+
+    def anchor(self, session_id: str) -> str:
+        """A cursor no later than any event appended to the session's log from now on: with
+        :func:`priming_id`, a priming event needs no write."""
         ...
 
     async def drop(self, session_id: str) -> None: ...
@@ -114,6 +121,23 @@ def new_worker_id() -> str:
     return secrets.token_hex(5)
 
 
+_LOG_STREAM = re.compile(r"^[0-9a-f]{10}\.\d{1,18}\.\d{1,18}$")
+
+
+def priming_id(anchor: str, stream: str) -> str:
+    """The id of a request stream's priming event: the log's cursor when the stream opened and
+    the stream's log name (``worker.instance.n``, never client text). Resuming from it replays
+    the stream's events after the cursor; nothing is written for it."""
+    return f"{anchor}~{stream}"
+
+
+def parse_priming_id(event_id: str) -> tuple[str, str] | None:
+    anchor, sep, stream = event_id.partition("~")
+    if not sep or not _LOG_STREAM.fullmatch(stream):
+        return None
+    return anchor, stream
+
+
 @dataclass(slots=True)
 class _Log:
     events: deque[Event]
@@ -149,14 +173,34 @@ class MemoryEventLog:
     async def after(self, session_id: str, event_id: str) -> tuple[str, list[Event]] | None:
         self._purge(self.clock())
         log = self._logs.get(session_id)
-        if log is None or not event_id.isdigit():
+        primed = parse_priming_id(event_id)
+        if primed is not None:
+            anchor, stream = primed
+            if not anchor.isdigit():
+                return None
+            seq = int(anchor)
+        elif event_id.isdigit():
+            seq = int(event_id)
+            found = (
+                next((e.stream for e in log.events if e.event_id == event_id), None)
+                if log
+                else None
+            )
+            if found is None:
+                return None
+            stream = found
+        else:
             return None
-        seq = int(event_id)
-        stream = next((e.stream for e in log.events if e.event_id == event_id), None)
-        if stream is None:
-            return None
-        later = [e for e in log.events if e.stream == stream and int(e.event_id or 0) > seq]
+        later = [
+            e
+            for e in (log.events if log else ())
+            if e.stream == stream and int(e.event_id or 0) > seq
+        ]
         return stream, later
+
+    def anchor(self, session_id: str) -> str:
+        log = self._logs.get(session_id)
+        return str(log.seq if log is not None else 0)
 
     async def drop(self, session_id: str) -> None:
         self._logs.pop(session_id, None)

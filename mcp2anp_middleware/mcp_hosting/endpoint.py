@@ -45,7 +45,13 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
-from mcp2anp_middleware.mcp_hosting.backplane import Backplane, Event, LocalBackplane, Note
+from mcp2anp_middleware.mcp_hosting.backplane import (
+    Backplane,
+    Event,
+    LocalBackplane,
+    Note,
+    priming_id,
+)
 from mcp2anp_middleware.mcp_hosting.handshake import Handshake
 from mcp2anp_middleware.mcp_hosting.live_session import STANDALONE, LiveSession
 from mcp2anp_middleware.mcp_hosting.request_state import SharedRequestState
@@ -63,6 +69,8 @@ from mcp2anp_middleware.sessions.state import SessionState
 logger = logging.getLogger("mcp2anp_middleware.mcp_hosting")
 
 SESSION_SCOPE_KEY = "mcp_session"
+RESUMED_SILENCE = 300.0
+"""Seconds a resumed request stream waits for an event (as long as events are kept)."""
 _WIRE_ID = re.compile(r"^([0-9a-f]{10})\.(\d{1,18})\.(-?\d{1,18})$")
 
 
@@ -291,10 +299,10 @@ class MCPEndpoint:
             await _in_flight_already(send, message)
             return
         await writer.start([])
-        if resumable:
-            priming = await self.record(live.session_id, Event(stream, None, None))
-            if priming.event_id is not None:
-                await writer.event(priming, retry_ms=self.retry_ms)
+        if resumable:  # an id to resume from before anything else is sent; nothing written
+            cursor = self.backplane.events.anchor(live.session_id)
+            primed = priming_id(cursor, live.resumable[stream])
+            await writer.event(Event(stream, primed, None), retry_ms=self.retry_ms)
         # No watch for the client leaving: servers drop what is sent after that, and every event
         # of a resumable stream is logged and published before it is written. The request goes
         # on (in flight, so its session cannot expire) until it is answered.
@@ -398,12 +406,22 @@ class MCPEndpoint:
                 tasks.cancel_scope.cancel()
 
             tasks.start_soon(watch_disconnect)
+            # A resumed request stream that stays silent longer than its events are kept (its
+            # request ended unseen, say) ends; the client may resume again. The standalone
+            # stream lasts as long as its client.
+            silent_since = anyio.current_time()
             while writer.open:
                 with anyio.move_on_after(KEEPALIVE_SECONDS) as idle:
                     event: Event = await live_events.receive()
                 if idle.cancelled_caught:
+                    if (
+                        stream != STANDALONE
+                        and anyio.current_time() - silent_since > RESUMED_SILENCE
+                    ):
+                        break
                     await writer.keepalive()
                     continue
+                silent_since = anyio.current_time()
                 if event.stream != stream or (
                     event.event_id is not None and event.event_id in seen
                 ):

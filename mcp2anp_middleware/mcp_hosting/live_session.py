@@ -138,7 +138,9 @@ class LiveSession:
         """Response streams open on this worker, by stream (the request id as text)."""
         self.running: dict[str, tuple[anyio.CancelScope, RequestChannel]] = {}
         """Requests running here, by stream."""
-        self.resumable: set[str] = set()
+        self.resumable: dict[str, str] = {}
+        """Resumable streams open here, and the name each one's events are logged under (unique
+        to the request, never client text: it goes into event ids)."""
         self._asked: dict[int, _Answer] = {}
         self._next_id = 0
         self._handshake_text = state.handshake
@@ -188,7 +190,10 @@ class LiveSession:
             return False
         self.writers[stream] = writer
         if resumable:
-            self.resumable.add(stream)
+            self._next_id += 1
+            self.resumable[stream] = (
+                f"{self.endpoint.backplane.relay.worker}.{self.instance}.{self._next_id}"
+            )
         return True
 
     async def serve(self, request: JSONRPCRequest, metadata: ServerMessageMetadata) -> None:
@@ -330,12 +335,18 @@ class LiveSession:
                 return
         payload = message.model_dump_json(by_alias=True, exclude_unset=True)
         event = Event(stream, None, payload, final)
-        if stream in self.resumable or (stream == STANDALONE and self.endpoint.resumable):
+        logged_as = self.resumable.get(stream)
+        if logged_as is not None:
+            logged = await self.endpoint.record(
+                self.session_id, Event(logged_as, None, payload, final)
+            )
+            event = Event(stream, logged.event_id, payload, final)
+        elif stream == STANDALONE and self.endpoint.resumable:
             event = await self.endpoint.record(self.session_id, event)
         elif stream == STANDALONE:
             await self.endpoint.publish(self.session_id, event)
         if final:
-            self.resumable.discard(stream)
+            self.resumable.pop(stream, None)
             writer = self.writers.pop(stream, None)
         else:
             writer = self.writers.get(stream)

@@ -28,6 +28,7 @@ import json
 import logging
 import re
 import secrets
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -46,6 +47,7 @@ from mcp2anp_middleware.mcp_hosting.backplane import (
     NoteHandler,
     deliver,
     new_worker_id,
+    parse_priming_id,
 )
 from mcp2anp_middleware.sessions.stores.redis_connect import AnyRedis
 
@@ -53,6 +55,7 @@ logger = logging.getLogger("mcp2anp_middleware.mcp_hosting")
 
 _EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 SUBSCRIBE_TIMEOUT = 5.0
+CLOCK_MARGIN_MS = 60_000
 KEY_ROTATION = 86_400.0
 KEY_STAGING = 180.0
 
@@ -121,24 +124,36 @@ class RedisEventLog:
         return _text(event_id)
 
     async def after(self, session_id: str, event_id: str) -> tuple[str, list[Event]] | None:
-        if not _EVENT_ID.fullmatch(event_id):
-            return None
         key = self.key(session_id)
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.xrange(key, event_id, event_id)
-            pipe.xrange(key, f"({event_id}", "+")
-            first, later = await pipe.execute()
-        if not first:
+        primed = parse_priming_id(event_id)
+        if primed is not None:
+            cursor, stream = primed
+            if not _EVENT_ID.fullmatch(cursor):
+                return None
+            later = await self.client.xrange(key, f"({cursor}", "+") or []
+        elif _EVENT_ID.fullmatch(event_id):
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.xrange(key, event_id, event_id)
+                pipe.xrange(key, f"({event_id}", "+")
+                first, later = await pipe.execute()
+            if not first:
+                return None
+            cursor, stream = event_id, _text(_fields(first[0][1]).get("s", ""))
+        else:
             return None
-        stream = _text(_fields(first[0][1]).get("s", ""))
         events = []
-        for entry_id, raw in later:
+        for entry_id, raw in later or []:
             fields = _fields(raw)
             if fields.get("s") != stream:
                 continue
             payload = fields.get("m") or None
             events.append(Event(stream, _text(entry_id), payload, fields.get("f") == "1"))
         return stream, events
+
+    def anchor(self, session_id: str) -> str:
+        """Redis stream ids start with Redis's clock in ms; this worker's clock, less a margin
+        for skew between the two, is a cursor before anything appended from now on."""
+        return f"{int(time.time() * 1000) - CLOCK_MARGIN_MS}-0"
 
     async def drop(self, session_id: str) -> None:
         await self.client.delete(self.key(session_id))
