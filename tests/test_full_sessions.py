@@ -19,9 +19,16 @@ import pytest
 from mcp import types
 from mcp.client.session import ClientRequestContext
 from starlette.applications import Starlette
+from starlette.types import Message
 
 from mcp2anp_middleware import ANPMiddleware
-from mcp2anp_middleware.mcp_hosting.backplane import MemoryEventLog, priming_id
+from mcp2anp_middleware.mcp_hosting.backplane import (
+    LISTENER_BUFFER,
+    Event,
+    LocalRelay,
+    MemoryEventLog,
+    priming_id,
+)
 from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
 
 from .fidelity_server import Gate, fidelity_server
@@ -316,3 +323,59 @@ async def test_a_priming_id_replays_its_own_stream_only_and_bad_ids_replay_nothi
     for bad in ("", "x~aaaaaaaaaa.1.2", "1~client\nid", "1~aaaaaaaaaa.1", "999"):
         assert await log.after("s1", bad) is None, bad
     assert await log.after("another session", primed) == ("aaaaaaaaaa.1.2", [])
+
+
+async def test_a_log_begun_again_after_its_retention_still_replays_from_a_priming_id() -> None:
+    """Event numbers never restart: a request silent for longer than the retention, whose
+    session's log was purged and begun again, still has its answer replayed."""
+    now = [0.0]
+    log = MemoryEventLog(retention=10.0, clock=lambda: now[0])
+    for _ in range(5):
+        await log.append("s1", "aaaaaaaaaa.1.1", "{}")
+    primed = priming_id(log.anchor("s1"), "aaaaaaaaaa.1.2")
+    now[0] = 60.0  # the log is purged with the next append, which begins it again
+    answer = await log.append("s1", "aaaaaaaaaa.1.2", '{"answer": 1}', True)
+    found = await log.after("s1", primed)
+    assert found is not None and [e.event_id for e in found[1]] == [answer]
+
+
+async def test_a_listener_too_far_behind_is_ended_rather_than_silently_skipped() -> None:
+    relay = LocalRelay()
+    async with relay.listen("s1") as events:
+        for n in range(LISTENER_BUFFER + 1):
+            await relay.publish("s1", Event("x", str(n), "{}"))
+        received = [event async for event in events]  # the buffered ones, then the end
+    assert [e.event_id for e in received] == [str(n) for n in range(LISTENER_BUFFER)]
+
+
+async def test_a_get_for_a_session_that_ended_meanwhile_is_answered_404(tmp_path: Path) -> None:
+    """The middleware found the session, then it ended before the endpoint opened its stream:
+    a JSON-RPC 404, and no stream held open for a session that is gone."""
+    async with workers(tmp_path, 1, None) as (worker,), httpx.AsyncClient() as http:
+        client = RawClient(http)
+        await client.initialize(worker.url)
+        registry = worker.app.registry
+        (state,) = registry.live_sessions()
+        endpoint = worker.app.endpoint
+        state.closed = True
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": "/mcp",
+            "headers": [(b"accept", b"text/event-stream")],
+            "state": {"mcp_session": state},
+        }
+        sent: list[Message] = []
+
+        async def receive() -> Message:
+            await anyio.sleep_forever()  # a client that stays
+            raise AssertionError("unreachable")
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        with anyio.fail_after(10):
+            await endpoint(scope, receive, send)
+        assert sent[0]["status"] == 404
+        assert json.loads(sent[1]["body"])["error"]["message"] == "Session not found"
+        assert not endpoint._streams

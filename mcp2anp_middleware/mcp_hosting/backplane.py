@@ -24,7 +24,7 @@ import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -154,6 +154,7 @@ class MemoryEventLog:
     retention: float = DEFAULT_RETENTION
     clock: Callable[[], float] = time.monotonic
     _logs: OrderedDict[str, _Log] = field(default_factory=OrderedDict)
+    _seq: int = 0
 
     async def append(
         self, session_id: str, stream: str, payload: str | None, final: bool = False
@@ -164,7 +165,8 @@ class MemoryEventLog:
         if log is None:
             log = _Log(deque(maxlen=self.max_events))
         self._logs[session_id] = log  # most recently touched last
-        log.seq += 1
+        self._seq += 1  # one counter for every log: a log purged and begun again goes on from it
+        log.seq = self._seq
         log.touched = now
         event_id = str(log.seq)
         log.events.append(Event(stream, event_id, payload, final))
@@ -199,8 +201,7 @@ class MemoryEventLog:
         return stream, later
 
     def anchor(self, session_id: str) -> str:
-        log = self._logs.get(session_id)
-        return str(log.seq if log is not None else 0)
+        return str(self._seq)
 
     async def drop(self, session_id: str) -> None:
         self._logs.pop(session_id, None)
@@ -254,11 +255,15 @@ class LocalRelay:
 
 
 def deliver(listeners: set[MemoryObjectSendStream[Event]] | None, event: Event) -> None:
-    """Hand ``event`` to each listener without waiting; a listener too far behind loses it (and
-    can resume from the event log, which has it)."""
+    """Hand ``event`` to each listener without waiting. A listener too far behind is closed:
+    its stream ends, and its client resumes from the event log, which has every event."""
     for listener in list(listeners or ()):
-        with suppress(anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+        try:
             listener.send_nowait(event)
+        except anyio.WouldBlock:
+            listener.close()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
 
 
 @dataclass

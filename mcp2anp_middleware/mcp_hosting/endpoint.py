@@ -349,6 +349,9 @@ class MCPEndpoint:
             return
         session_id = state.session_id
         last_event_id = headers.get("last-event-id")
+        if state.closed:  # ended since the middleware found it: no stream for a session gone
+            await send_jsonrpc_error(send, 404, INVALID_REQUEST, "Session not found")
+            return
         if last_event_id is None and session_id in self._standalone:
             await send_jsonrpc_error(
                 send, 409, INVALID_REQUEST, "Conflict: only one standalone stream per session"
@@ -359,9 +362,24 @@ class MCPEndpoint:
             self._standalone[session_id] = cancel
         self._streams.setdefault(session_id, set()).add(cancel)
         writer = SSEWriter(send)
+        refused = False
         try:
             with cancel:
-                async with self.backplane.relay.listen(session_id) as live_events:
+                try:
+                    listening = self.backplane.relay.listen(session_id)
+                    live_events = await listening.__aenter__()
+                except Exception:
+                    logger.warning("Relay unavailable: a stream could not be opened")
+                    await send_jsonrpc_error(
+                        send,
+                        503,
+                        INTERNAL_ERROR,
+                        "Streams are unavailable; retry shortly",
+                        headers=[(b"retry-after", b"2")],
+                    )
+                    refused = True
+                    return
+                try:
                     stream = STANDALONE
                     seen: set[str] = set()
                     if last_event_id is not None:
@@ -380,7 +398,13 @@ class MCPEndpoint:
                     else:
                         await writer.start([])
                     await self._follow(request, writer, live_events, stream, seen)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await listening.__aexit__(None, None, None)
         finally:
+            if not writer.started and not refused:  # the session ended before the stream began
+                with anyio.CancelScope(shield=True):
+                    await send_jsonrpc_error(send, 404, INVALID_REQUEST, "Session not found")
             await writer.finish()
             if self._standalone.get(session_id) is cancel:
                 del self._standalone[session_id]
@@ -412,7 +436,10 @@ class MCPEndpoint:
             silent_since = anyio.current_time()
             while writer.open:
                 with anyio.move_on_after(KEEPALIVE_SECONDS) as idle:
-                    event: Event = await live_events.receive()
+                    try:
+                        event: Event = await live_events.receive()
+                    except (anyio.EndOfStream, anyio.ClosedResourceError):
+                        break  # fell too far behind: the client resumes from the log
                 if idle.cancelled_caught:
                     if (
                         stream != STANDALONE
@@ -457,8 +484,11 @@ class MCPEndpoint:
         }
         if worker == self.backplane.relay.worker:
             await self._on_note(note)
-        else:
+            return
+        try:
             await self.backplane.relay.to_worker(worker, note)
+        except Exception:
+            logger.warning("Relay unavailable: an answer for another worker was not delivered")
 
     async def _notification(self, state: SessionState, message: JSONRPCNotification) -> None:
         if message.method == "notifications/cancelled":
@@ -470,7 +500,10 @@ class MCPEndpoint:
             live = self.live.get(state.session_id)
             if live is not None:
                 await live.notification(message)
-            await self.backplane.relay.to_all(note)
+            try:
+                await self.backplane.relay.to_all(note)
+            except Exception:
+                logger.warning("Relay unavailable: a cancellation reached this worker only")
             return
         live = self._acquire(state)
         try:
@@ -492,22 +525,26 @@ class MCPEndpoint:
                     live.answered(int(answer.id), answer)
             elif kind == "cancel" and isinstance(session_id, str):
                 live = self.live.get(session_id)
-                if live is not None:
-                    await live.notification(
-                        JSONRPCNotification.model_validate(note["m"], by_name=False)
-                    )
+                if live is not None:  # off the relay's reader: a slow handler stalls nothing
+                    cancel = JSONRPCNotification.model_validate(note["m"], by_name=False)
+                    self.spawn(live.notification, cancel)
         except (KeyError, ValueError, TypeError, ValidationError):
             logger.warning("Malformed note between workers dropped")
 
     # -- the machinery's lifecycle ---------------------------------------------------------------
 
     def _acquire(self, state: SessionState) -> LiveSession:
+        """The session's machinery on this worker (warm, or built now). For a session that ended
+        meanwhile it is built closed, so its request is answered and nothing is kept."""
         live = self.live.get(state.session_id)
         if live is None or live.done.is_set() or live.state is not state:
             self._instances += 1
             live = LiveSession(self, state, self._instances)
-            self.live[state.session_id] = live
-            self._by_instance[live.instance] = live
+            if state.closed:
+                live.close()
+            else:
+                self.live[state.session_id] = live
+                self._by_instance[live.instance] = live
         else:
             self._warm.pop(state.session_id, None)
             live.refresh()

@@ -145,13 +145,19 @@ class LiveSession:
         self._next_id = 0
         self._handshake_text = state.handshake
         self.handshake = decoded(state.handshake) if state.handshake else None
-        self.connection = (
-            self.handshake.connection(self, self.session_id)
-            if self.handshake is not None
-            else Connection.for_loop(self, session_id=self.session_id)
-        )
+        self.connection = self._connection()
         self.runner = ServerRunner(endpoint.lowlevel, self.connection, endpoint.lifespan_state)
         self.done = anyio.Event()
+
+    def _connection(self) -> Connection:
+        """Born initialized from the stored handshake; a handshake that no longer validates
+        leaves it uninitialized, and the SDK's own gate refuses the session's requests."""
+        if self.handshake is not None:
+            try:
+                return self.handshake.connection(self, self.session_id)
+            except ValueError:  # pydantic's ValidationError included
+                logger.warning("Stored MCP handshake unusable; serving the session uninitialized")
+        return Connection.for_loop(self, session_id=self.session_id)
 
     @property
     def finished(self) -> bool:
@@ -210,6 +216,9 @@ class LiveSession:
         )
         scope = anyio.CancelScope()
         self.running[stream] = (scope, channel)
+        if self.done.is_set():  # the session ended before this request got here
+            channel.closed = True
+            scope.cancel()
         answer: JSONRPCResponse | JSONRPCError | None = None
         try:
             with scope:
@@ -227,7 +236,10 @@ class LiveSession:
         finally:
             channel.closed = True
             self.running.pop(stream, None)
-        if answer is None or (channel.cancel_requested.is_set() and not self.done.is_set()):
+        if self.done.is_set() and answer is None:
+            ended = ErrorData(code=CONNECTION_CLOSED, message="Session ended")
+            answer = JSONRPCError(jsonrpc="2.0", id=request.id, error=ended)
+        elif answer is None or channel.cancel_requested.is_set():
             cancelled = ErrorData(code=REQUEST_CANCELLED, message="Request cancelled")
             answer = JSONRPCError(jsonrpc="2.0", id=request.id, error=cancelled)
         await self.send_out(answer, stream, final=True)
