@@ -18,6 +18,7 @@ import mcp
 import pytest
 from mcp import types
 from mcp.client.session import ClientRequestContext
+from mcp_types import PROTOCOL_VERSION_META_KEY
 from starlette.applications import Starlette
 from starlette.types import Message
 
@@ -379,3 +380,28 @@ async def test_a_get_for_a_session_that_ended_meanwhile_is_answered_404(tmp_path
         assert sent[0]["status"] == 404
         assert json.loads(sent[1]["body"])["error"]["message"] == "Session not found"
         assert not endpoint._streams
+
+
+async def test_a_handshake_session_refuses_a_request_in_the_session_less_envelope(
+    tmp_path: Path,
+) -> None:
+    """As the SDK's own handshake-era driver does: a request carrying the 2026-07-28 envelope
+    on a session opened with ``initialize`` is refused, not served under the wrong era."""
+    async with workers(tmp_path, 1, None) as (worker,), httpx.AsyncClient() as http:
+        client = RawClient(http)
+        await client.initialize(worker.url)
+        message = {
+            "jsonrpc": "2.0",
+            "id": 5,
+            "method": "tools/call",
+            "params": {
+                "name": "whoami",
+                "arguments": {},
+                "_meta": {PROTOCOL_VERSION_META_KEY: "2026-07-28"},
+            },
+        }
+        answer = await http.post(worker.url, json=message, headers=client.headers())
+        events = sse_events(answer.text)
+        assert events[-1]["data"]["error"]["code"] == -32600
+        # the id is free again, and the session still serves plain requests
+        assert json.loads(result_text(await client.call(worker.url, 5, "whoami")))["client"]

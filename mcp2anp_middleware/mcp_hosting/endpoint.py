@@ -284,7 +284,10 @@ class MCPEndpoint:
             if not live.begin(message, keep_answer, resumable=False):
                 await _in_flight_already(send, message)
                 return
-            await live.serve(message, self._metadata(live, stream, request, None, sse=False))
+            try:
+                await live.serve(message, self._metadata(live, stream, request, None, sse=False))
+            finally:
+                live.end(stream)
             if answers:
                 await _json_response(send, answers[0])
             else:
@@ -298,15 +301,18 @@ class MCPEndpoint:
         if not live.begin(message, write, resumable=resumable):
             await _in_flight_already(send, message)
             return
-        await writer.start([])
-        if resumable:  # an id to resume from before anything else is sent; nothing written
-            cursor = self.backplane.events.anchor(live.session_id)
-            primed = priming_id(cursor, live.resumable[stream])
-            await writer.event(Event(stream, primed, None), retry_ms=self.retry_ms)
-        # No watch for the client leaving: servers drop what is sent after that, and every event
-        # of a resumable stream is logged and published before it is written. The request goes
-        # on (in flight, so its session cannot expire) until it is answered.
-        await live.serve(message, self._metadata(live, stream, request, writer, sse=True))
+        try:
+            await writer.start([])
+            if resumable:  # an id to resume from before anything else is sent; nothing written
+                cursor = self.backplane.events.anchor(live.session_id)
+                primed = priming_id(cursor, live.resumable[stream])
+                await writer.event(Event(stream, primed, None), retry_ms=self.retry_ms)
+            # No watch for the client leaving: servers drop what is sent after that, and every
+            # event of a resumable stream is logged and published before it is written. The
+            # request goes on (in flight, so its session cannot expire) until it is answered.
+            await live.serve(message, self._metadata(live, stream, request, writer, sse=True))
+        finally:
+            live.end(stream)
         await writer.finish()
 
     def _metadata(

@@ -39,6 +39,8 @@ from mcp.shared.message import ServerMessageMetadata
 from mcp.shared.transport_context import TransportContext
 from mcp_types import (
     CONNECTION_CLOSED,
+    INVALID_REQUEST,
+    PROTOCOL_VERSION_META_KEY,
     REQUEST_TIMEOUT,
     ErrorData,
     JSONRPCError,
@@ -223,6 +225,12 @@ class LiveSession:
         try:
             with scope:
                 try:
+                    if request.method != "initialize" and _enveloped(request.params):
+                        raise MCPError(
+                            code=INVALID_REQUEST,
+                            message="This session serves the handshake protocol era; requests "
+                            "carrying the 2026-07-28 envelope are not accepted in it",
+                        )
                     result = await self.runner.on_request(channel, request.method, request.params)
                 except Exception as exc:
                     error = handler_exception_to_error_data(exc)
@@ -232,7 +240,8 @@ class LiveSession:
                     answer = JSONRPCError(jsonrpc="2.0", id=request.id, error=error)
                 else:
                     answer = JSONRPCResponse(jsonrpc="2.0", id=request.id, result=result)
-                    await self._after_success(request)
+                    with anyio.CancelScope(shield=True):  # committed: kept with its answer
+                        await self._after_success(request)
         finally:
             channel.closed = True
             self.running.pop(stream, None)
@@ -257,6 +266,12 @@ class LiveSession:
             self, None, None, TransportContext(kind="streamable-http", can_send_request=False)
         )
         await self.runner.on_notify(channel, message.method, message.params)
+
+    def end(self, stream: str) -> None:
+        """Whatever happened to the request (even a cancellation before it started), its id
+        is free again once its HTTP request is over."""
+        self.writers.pop(stream, None)
+        self.resumable.pop(stream, None)
 
     def detach(self, stream: str) -> None:
         """The stream's client left or the server closed it for polling: events are no longer
@@ -365,6 +380,13 @@ class LiveSession:
         if writer is not None:
             with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
                 await writer(event)
+
+
+def _enveloped(params: Mapping[str, Any] | None) -> bool:
+    """A request carrying the 2026-07-28 per-request envelope (its protocol version in
+    ``_meta``), which a handshake-era session does not serve, as in the SDK's own driver."""
+    meta = (params or {}).get("_meta")
+    return isinstance(meta, Mapping) and PROTOCOL_VERSION_META_KEY in meta
 
 
 def _plain(params: Mapping[str, Any] | None) -> dict[str, Any] | None:
