@@ -41,6 +41,7 @@ import cProfile
 import json
 import os
 import pstats
+import shutil
 import signal
 import socket
 import statistics
@@ -939,14 +940,16 @@ async def drive_profiled(stack: Server, expect: Expect, calls: int) -> float:
     return cpu_per_call
 
 
-def profile(store: str, calls: int = 300) -> None:
-    """Profile ``calls`` tool calls (both tools in turn) in the stack's process and report."""
+def profile(store: str, calls: int = 300, save: str | None = None) -> None:
+    """Profile ``calls`` tool calls (both tools in turn) in the stack's process and report;
+    with ``save``, the raw cProfile stats are also copied there (for ``pstats`` or snakeviz)."""
     with environment() as (settings, did, _), tempfile.TemporaryDirectory() as tmp:
         if store != "redis":
             settings = Settings(**{**settings.__dict__, "redis_url": ""})
         out = Path(tmp) / "stack.prof"
         agent = Server("agent", settings, port=int(settings.agent_base.rsplit(":", 1)[1]))
-        stack = Server("stack", settings, profile=str(out))
+        kind = "floor" if store == "floor" else "stack"
+        stack = Server(kind, settings, profile=str(out))
         try:
             agent.wait_ready()
             stack.wait_ready()
@@ -957,6 +960,8 @@ def profile(store: str, calls: int = 300) -> None:
             while not out.exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
             report_profile(str(out), calls, cpu_per_call, store)
+            if save:
+                shutil.copyfile(out, save)
         finally:
             stack.stop()
             agent.stop()
@@ -978,7 +983,10 @@ def entry() -> None:
     parser.add_argument("--port", type=int)
     parser.add_argument("--settings")
     parser.add_argument("--profile-out")
-    parser.add_argument("--profile", nargs="?", const="memory", choices=("memory", "redis"))
+    parser.add_argument(
+        "--profile", nargs="?", const="memory", choices=("memory", "redis", "floor")
+    )
+    parser.add_argument("--profile-save")
     known, rest = parser.parse_known_args()
     if known.serve:
         serve_child(
@@ -986,7 +994,7 @@ def entry() -> None:
         )
     elif known.profile:
         quiet_logs()
-        profile(known.profile)
+        profile(known.profile, save=known.profile_save)
     else:
         sys.argv = [sys.argv[0], *rest]
         run_module(main, __doc__ or "")

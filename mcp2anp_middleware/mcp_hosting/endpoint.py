@@ -22,6 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
+from functools import lru_cache
 from http import HTTPStatus
 from typing import Any
 
@@ -29,7 +30,6 @@ import anyio
 import pydantic_core
 from mcp.server._streamable_http_modern import handle_modern_request
 from mcp.server.mcpserver import MCPServer
-from mcp.server.streamable_http import check_accept_headers
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.message import ServerMessageMetadata
 from mcp_types import (
@@ -37,7 +37,6 @@ from mcp_types import (
     JSONRPCNotification,
     JSONRPCRequest,
     JSONRPCResponse,
-    jsonrpc_message_adapter,
 )
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, is_version_at_least
 from pydantic import ValidationError
@@ -55,7 +54,7 @@ from mcp2anp_middleware.mcp_hosting.backplane import (
 from mcp2anp_middleware.mcp_hosting.handshake import Handshake
 from mcp2anp_middleware.mcp_hosting.live_session import STANDALONE, LiveSession
 from mcp2anp_middleware.mcp_hosting.request_state import SharedRequestState
-from mcp2anp_middleware.mcp_hosting.sse import KEEPALIVE_SECONDS, SSEWriter
+from mcp2anp_middleware.mcp_hosting.sse import HOLD_SECONDS, KEEPALIVE_SECONDS, SSEWriter
 from mcp2anp_middleware.sessions.events import SessionEvent
 from mcp2anp_middleware.sessions.jsonrpc_errors import (
     INTERNAL_ERROR,
@@ -63,6 +62,7 @@ from mcp2anp_middleware.sessions.jsonrpc_errors import (
     PARSE_ERROR,
     send_jsonrpc_error,
 )
+from mcp2anp_middleware.sessions.middleware import MESSAGE_SCOPE_KEY
 from mcp2anp_middleware.sessions.registry import SessionRegistry
 from mcp2anp_middleware.sessions.state import SessionState
 
@@ -179,8 +179,8 @@ class MCPEndpoint:
     # -- requests --------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = Headers(scope=scope)
-        version = headers.get("mcp-protocol-version")
+        headers = _RequestHeaders(scope)
+        version = headers.version
         if version is not None and version not in HANDSHAKE_PROTOCOL_VERSIONS:
             await handle_modern_request(
                 self.lowlevel,
@@ -212,16 +212,21 @@ class MCPEndpoint:
             await self._get(state, scope, receive, send, headers)
 
     async def _post(
-        self, state: SessionState, scope: Scope, receive: Receive, send: Send, headers: Headers
+        self,
+        state: SessionState,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        headers: _RequestHeaders,
     ) -> None:
-        request = Request(scope, receive)
-        has_json, has_sse = check_accept_headers(request)
+        request = Request(scope, receive)  # the SDK hands it to handlers (ctx.request)
+        has_json, has_sse = accepted_types(headers.accept)
         if not has_json:
             await send_jsonrpc_error(
                 send, 406, INVALID_REQUEST, "Not Acceptable: client must accept application/json"
             )
             return
-        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        content_type = headers.content_type.split(";")[0].strip().lower()
         if content_type != "application/json":
             await send_jsonrpc_error(
                 send,
@@ -230,11 +235,11 @@ class MCPEndpoint:
                 "Unsupported Media Type: Content-Type must be application/json",
             )
             return
-        body = await request.body()
         try:
-            message = jsonrpc_message_adapter.validate_python(
-                pydantic_core.from_json(body), by_name=False
-            )
+            parsed = scope.get(MESSAGE_SCOPE_KEY)  # the session middleware parsed it already
+            if parsed is None:
+                parsed = pydantic_core.from_json(await request.body())
+            message = _jsonrpc_message(parsed)
         except ValueError:  # pydantic's ValidationError included
             await send_jsonrpc_error(send, 400, PARSE_ERROR, "Body is not a JSON-RPC message")
             return
@@ -249,7 +254,7 @@ class MCPEndpoint:
         sse = has_sse and not self.json_response
         # ``initialize`` is not resumable: its answer is held back until complete (it carries
         # the new session id), so no client could resume it midway.
-        version = headers.get("mcp-protocol-version", "2025-03-26")
+        version = headers.version or "2025-03-26"
         resumable = (
             sse
             and self.resumable
@@ -302,17 +307,18 @@ class MCPEndpoint:
             await _in_flight_already(send, message)
             return
         try:
-            await writer.start([])
-            if resumable:  # an id to resume from before anything else is sent; nothing written
+            priming: Event | None = None
+            if resumable:  # an id to resume from before anything else; nothing is written
                 cursor = self.backplane.events.anchor(live.session_id)
-                primed = priming_id(cursor, live.resumable[stream])
-                await writer.event(Event(stream, primed, None), retry_ms=self.retry_ms)
+                priming = Event(stream, priming_id(cursor, live.resumable[stream]), None)
+            writer.begin_held(priming, retry_ms=self.retry_ms, hold=HOLD_SECONDS)
             # No watch for the client leaving: servers drop what is sent after that, and every
             # event of a resumable stream is logged and published before it is written. The
             # request goes on (in flight, so its session cannot expire) until it is answered.
             await live.serve(message, self._metadata(live, stream, request, writer, sse=True))
         finally:
             live.end(stream)
+            writer.stop_holding()
         await writer.finish()
 
     def _metadata(
@@ -344,17 +350,22 @@ class MCPEndpoint:
         )
 
     async def _get(
-        self, state: SessionState, scope: Scope, receive: Receive, send: Send, headers: Headers
+        self,
+        state: SessionState,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        headers: _RequestHeaders,
     ) -> None:
         """The standalone stream, or a lost stream resumed from ``Last-Event-ID``."""
         request = Request(scope, receive)
-        if not check_accept_headers(request)[1]:
+        if not accepted_types(headers.accept)[1]:
             await send_jsonrpc_error(
                 send, 406, INVALID_REQUEST, "Not Acceptable: client must accept text/event-stream"
             )
             return
         session_id = state.session_id
-        last_event_id = headers.get("last-event-id")
+        last_event_id = headers.last_event_id
         if state.closed:  # ended since the middleware found it: no stream for a session gone
             await send_jsonrpc_error(send, 404, INVALID_REQUEST, "Session not found")
             return
@@ -526,7 +537,7 @@ class MCPEndpoint:
                 if live is None or live.session_id != session_id:
                     logger.debug("Answer for machinery that has ended dropped")
                     return
-                answer = jsonrpc_message_adapter.validate_python(note["m"], by_name=False)
+                answer = _jsonrpc_message(note["m"])
                 if isinstance(answer, JSONRPCResponse | JSONRPCError) and answer.id is not None:
                     live.answered(int(answer.id), answer)
             elif kind == "cancel" and isinstance(session_id, str):
@@ -746,3 +757,58 @@ def _jsonrpc_errors_only(send: Send) -> Send:
         await send(message)
 
     return sending
+
+
+class _RequestHeaders:
+    """The request headers this endpoint reads, found in one pass (the first of each)."""
+
+    __slots__ = ("accept", "content_type", "last_event_id", "version")
+
+    def __init__(self, scope: Scope) -> None:
+        self.version: str | None = None
+        self.accept = ""
+        self.content_type = ""
+        self.last_event_id: str | None = None
+        seen = 0
+        for name, value in scope["headers"]:
+            if name == b"mcp-protocol-version":
+                if self.version is None:
+                    self.version = value.decode("latin-1")
+            elif name == b"accept":
+                if not seen & 1:
+                    self.accept = value.decode("latin-1")
+                    seen |= 1
+            elif name == b"content-type":
+                if not seen & 2:
+                    self.content_type = value.decode("latin-1")
+                    seen |= 2
+            elif name == b"last-event-id" and self.last_event_id is None:
+                self.last_event_id = value.decode("latin-1")
+
+
+@lru_cache(maxsize=64)
+def accepted_types(accept: str) -> tuple[bool, bool]:
+    """Whether an ``Accept`` header takes JSON and SSE, wildcards included (RFC 9110 12.5.1),
+    as the SDK's transport decides; cached, since a client sends the same header every time."""
+    types = {part.split(";")[0].strip().lower() for part in accept.split(",")}
+    anything = "*/*" in types
+    return (
+        anything or "application/json" in types or "application/*" in types,
+        anything or "text/event-stream" in types or "text/*" in types,
+    )
+
+
+def _jsonrpc_message(
+    parsed: Any,
+) -> JSONRPCRequest | JSONRPCNotification | JSONRPCResponse | JSONRPCError:
+    """Validate one JSON-RPC message against the one model its members name, rather than
+    against the union of all four (which tries each in turn). ValueError if it is none."""
+    if not isinstance(parsed, dict):
+        raise ValueError("not a JSON-RPC message")
+    if "method" in parsed:
+        model: Any = JSONRPCRequest if "id" in parsed else JSONRPCNotification
+    else:
+        model = JSONRPCError if "error" in parsed else JSONRPCResponse
+    message: JSONRPCRequest | JSONRPCNotification | JSONRPCResponse | JSONRPCError
+    message = model.model_validate(parsed, by_name=False)
+    return message

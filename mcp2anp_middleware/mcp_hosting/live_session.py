@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import pydantic_core
 from mcp.server.connection import Connection
 from mcp.server.runner import ServerRunner, aclose_shielded
 from mcp.shared.dispatcher import CallOptions
@@ -221,7 +222,7 @@ class LiveSession:
         if self.done.is_set():  # the session ended before this request got here
             channel.closed = True
             scope.cancel()
-        answer: JSONRPCResponse | JSONRPCError | None = None
+        answer: str | None = None
         try:
             with scope:
                 try:
@@ -237,21 +238,23 @@ class LiveSession:
                     if error is None:
                         logger.exception("Handler for %r raised", request.method)
                         error = ErrorData(code=0, message=str(exc))
-                    answer = JSONRPCError(jsonrpc="2.0", id=request.id, error=error)
+                    answer = _error_json(request.id, error)
                 else:
-                    answer = JSONRPCResponse(jsonrpc="2.0", id=request.id, result=result)
-                    with anyio.CancelScope(shield=True):  # committed: kept with its answer
-                        await self._after_success(request)
+                    # The result is the SDK's wire form already: framed as is, no model between.
+                    answer = _answer_json(request.id, result)
+                    if request.method in _HANDSHAKE_CHANGES:
+                        with anyio.CancelScope(shield=True):  # committed: kept with its answer
+                            await self._after_success(request)
         finally:
             channel.closed = True
             self.running.pop(stream, None)
         if self.done.is_set() and answer is None:
             ended = ErrorData(code=CONNECTION_CLOSED, message="Session ended")
-            answer = JSONRPCError(jsonrpc="2.0", id=request.id, error=ended)
+            answer = _error_json(request.id, ended)
         elif answer is None or channel.cancel_requested.is_set():
             cancelled = ErrorData(code=REQUEST_CANCELLED, message="Request cancelled")
-            answer = JSONRPCError(jsonrpc="2.0", id=request.id, error=cancelled)
-        await self.send_out(answer, stream, final=True)
+            answer = _error_json(request.id, cancelled)
+        await self.emit(answer, stream, final=True)
 
     async def notification(self, message: JSONRPCNotification) -> None:
         """A client notification: a cancellation stops the request it names (if it runs here);
@@ -360,7 +363,10 @@ class LiveSession:
             level = self.handshake.log_level if self.handshake is not None else None
             if below_level(message.params, level):
                 return
-        payload = message.model_dump_json(by_alias=True, exclude_unset=True)
+        await self.emit(message.model_dump_json(by_alias=True, exclude_unset=True), stream, final)
+
+    async def emit(self, payload: str, stream: str, final: bool = False) -> None:
+        """Send one serialized message: see :meth:`send_out`."""
         event = Event(stream, None, payload, final)
         logged_as = self.resumable.get(stream)
         if logged_as is not None:
@@ -380,6 +386,21 @@ class LiveSession:
         if writer is not None:
             with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
                 await writer(event)
+
+
+_HANDSHAKE_CHANGES = frozenset({"initialize", "logging/setLevel"})
+"""Requests whose success changes the session's stored handshake (see ``_after_success``)."""
+
+
+def _answer_json(request_id: RequestId, result: dict[str, Any]) -> str:
+    """A JSON-RPC response as the SDK's transports write it (keys in this order)."""
+    return pydantic_core.to_json({"jsonrpc": "2.0", "id": request_id, "result": result}).decode()
+
+
+def _error_json(request_id: RequestId, error: ErrorData) -> str:
+    return JSONRPCError(jsonrpc="2.0", id=request_id, error=error).model_dump_json(
+        by_alias=True, exclude_unset=True
+    )
 
 
 def _enveloped(params: Mapping[str, Any] | None) -> bool:

@@ -8,9 +8,15 @@ writing, never to fail.
 
 from __future__ import annotations
 
-from starlette.types import Send
+import asyncio
+
+from starlette.types import Message, Send
 
 from mcp2anp_middleware.mcp_hosting.backplane import Event
+
+HOLD_SECONDS = 0.1
+"""How long a request's response headers and priming event wait for its first event, to go out
+in one write with it (see :meth:`SSEWriter.begin_held`)."""
 
 KEEPALIVE_SECONDS = 15.0
 """A comment line this often keeps idle streams alive through proxies and load balancers."""
@@ -23,30 +29,52 @@ SSE_HEADERS = [
 
 
 class SSEWriter:
-    """Writes events until the client is gone; ``open`` tells whether writing still reaches it."""
+    """Writes events until the client is gone; ``open`` tells whether writing still reaches it.
+
+    A request's stream begins *held*: its headers and priming event wait (at most ``hold``
+    seconds, see :meth:`begin_held`) for its first real event and go out with it, so a quick
+    request costs the server two writes (headers, then the whole body) instead of three or four.
+    """
 
     def __init__(self, send: Send) -> None:
         self._send = send
         self.open = True
         self.started = False
+        self._held_start: Message | None = None
+        self._held_body = b""
+        self._flushing: asyncio.Future[None] | None = None
+        """The task sending what was held, once the hold is over."""
+        self._timer: asyncio.TimerHandle | None = None
 
     async def start(self, headers: list[tuple[bytes, bytes]]) -> None:
         await self._write_raw(None, [*SSE_HEADERS, *headers])
 
+    def begin_held(self, priming: Event | None, *, retry_ms: int | None, hold: float) -> None:
+        """Start the response (with ``priming``, an id to resume from, if given), held back
+        until the first event, the end of the stream, or ``hold`` seconds, whichever is first.
+
+        Holding is safe: the priming event still precedes everything else on the wire, and a
+        client needs it only if the request outlives a quick answer."""
+        self._held_start = {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": list(SSE_HEADERS),
+        }
+        self._held_body = b"" if priming is None else _frame(priming, retry_ms)
+        self.started = True
+        self._timer = asyncio.get_running_loop().call_later(hold, self._flush_soon)
+
+    def stop_holding(self) -> None:
+        """No flush after the hold any more (the request is over; :meth:`finish` sends what is
+        still held)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     async def event(self, event: Event, *, retry_ms: int | None = None, last: bool = False) -> None:
         """Write one event; ``last`` ends the response with it (one send fewer than
         :meth:`finish` after it)."""
-        lines = []
-        if event.event_id is not None:
-            lines.append(f"id: {event.event_id}")
-        if retry_ms is not None:
-            lines.append(f"retry: {retry_ms}")
-        if event.payload is None:
-            lines.append("data: ")  # a priming event: an id to resume from, nothing to read
-        else:
-            lines.append("event: message")
-            lines.append(f"data: {event.payload}")
-        await self._write_raw(("\n".join(lines) + "\n\n").encode(), more=not last)
+        await self._write_raw(_frame(event, retry_ms), more=not last)
         if last:
             self.open = False
 
@@ -58,6 +86,12 @@ class SSEWriter:
             await self._write_raw(b"", more=False)
         self.open = False
 
+    def _flush_soon(self) -> None:
+        """The hold is over: send what is held now (in a task of its own: sending awaits)."""
+        self._timer = None
+        if self._held_start is not None:
+            self._flushing = asyncio.ensure_future(self._write_raw(b""))
+
     async def _write_raw(
         self,
         body: bytes | None,
@@ -65,13 +99,43 @@ class SSEWriter:
         *,
         more: bool = True,
     ) -> None:
+        flushing = self._flushing
+        if flushing is not None and self._held_start is None:
+            if flushing is asyncio.current_task():
+                return  # the flush found its work done: an event took the held part with it
+            if not flushing.done():
+                await asyncio.shield(flushing)  # the held part is on its way: stay behind it
         if not self.open:
             return
         try:
-            if headers is not None:
+            if self._held_start is not None:
+                start, self._held_start = self._held_start, None
+                held, self._held_body = self._held_body, b""
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+                await self._send(start)
+                body = held + (body or b"")
+                await self._send({"type": "http.response.body", "body": body, "more_body": more})
+            elif headers is not None:
                 await self._send({"type": "http.response.start", "status": 200, "headers": headers})
                 self.started = True
             else:
                 await self._send({"type": "http.response.body", "body": body, "more_body": more})
         except Exception:  # the client is gone (servers differ in how they say so)
             self.open = False
+
+
+def _frame(event: Event, retry_ms: int | None) -> bytes:
+    """One event as SSE lines."""
+    lines = []
+    if event.event_id is not None:
+        lines.append(f"id: {event.event_id}")
+    if retry_ms is not None:
+        lines.append(f"retry: {retry_ms}")
+    if event.payload is None:
+        lines.append("data: ")  # a priming event: an id to resume from, nothing to read
+    else:
+        lines.append("event: message")
+        lines.append(f"data: {event.payload}")
+    return ("\n".join(lines) + "\n\n").encode()

@@ -21,6 +21,7 @@ from mcp2anp_middleware.authentication.base import (
     StaticConfigAuthenticator,
     credentials_from_headers,
 )
+from mcp2anp_middleware.logging_setup import HotPathLogger
 from mcp2anp_middleware.sessions.admin import SessionAdminApp
 from mcp2anp_middleware.sessions.background import BackgroundRunner, Service
 from mcp2anp_middleware.sessions.clock import Clock, system_clock
@@ -52,9 +53,13 @@ from mcp2anp_middleware.sessions.stats import SessionStatsApp, session_statistic
 from mcp2anp_middleware.sessions.stores.base import CapExceeded, SessionStore, StoreUnavailable
 
 logger = structlog.get_logger("mcp2anp_middleware.sessions.middleware")
+_hot_logger = HotPathLogger("mcp2anp_middleware.sessions.middleware")
 
 SESSION_SCOPE_KEY = "mcp_session"
 """Key of the :class:`SessionState` in ``scope["state"]`` (``request.state.mcp_session``)."""
+MESSAGE_SCOPE_KEY = "mcp2anp.message"
+"""Scope key of the request's JSON body as the middleware parsed it (POST only), so the MCP app
+reads and parses the body once per request rather than twice."""
 
 SESSION_HEADER = "mcp-session-id"
 _SESSION_HEADER_B = SESSION_HEADER.encode()
@@ -361,7 +366,7 @@ class MCPSessionMiddleware:
             await call.send_tracked({"type": "http.response.start", "status": 204, "headers": []})
             await call.send_tracked({"type": "http.response.body", "body": b""})
             return
-        logger.debug("Using existing session", session_id=short_id(raw))
+        _hot_logger.get().debug("Using existing session", session_id=short_id(raw))
         await self._serve(call, found, call.scope, created=None)
 
     async def _handshake(self, call: _Call, config: SessionConfig) -> None:
@@ -382,7 +387,9 @@ class MCPSessionMiddleware:
     async def _read_message(self, call: _Call) -> Any:
         """Read the body (bounded in size and time), hand it on to the app, and parse it."""
         try:
-            with anyio.fail_after(self.limits.body_timeout):
+            # asyncio's own timeout: an anyio cancel scope costs several times more, and this
+            # runs for every POST (the package serves asyncio servers only).
+            async with asyncio.timeout(self.limits.body_timeout):
                 body = await read_body(call.scope, call.receive, self.limits.max_body_size)
         except BodyTooLarge:
             message = f"Request body exceeds {self.limits.max_body_size} bytes"
@@ -468,6 +475,8 @@ class MCPSessionMiddleware:
         """
         scope = dict(scope)
         scope["state"] = {**scope.get("state", {}), SESSION_SCOPE_KEY: state}
+        if call.message is not None:  # read here already: the app need not parse it again
+            scope[MESSAGE_SCOPE_KEY] = call.message
         registry = self.registry
         committed = created is None
         held_start: Message | None = None
@@ -494,14 +503,18 @@ class MCPSessionMiddleware:
             committed = True
             return True
 
+        async def send_existing(message: Message) -> None:
+            """The common case, a request of an existing session: no id to add or commit."""
+            if message["type"] == "http.response.start":
+                _strip_session_header(message)
+            await call.send_tracked(message)
+
         async def send_with_session(message: Message) -> None:
             nonlocal held_start, held_size
             if call.replaced:
                 return
             if message["type"] == "http.response.start":
-                message.setdefault("headers", [])  # optional in ASGI; MutableHeaders needs it
-                headers = MutableHeaders(scope=message)
-                del headers[SESSION_HEADER]  # this middleware is the only source of session ids
+                _strip_session_header(message)
                 if created is _Creation.HANDSHAKE:
                     held_start = message
                     return
@@ -537,7 +550,9 @@ class MCPSessionMiddleware:
                 await registry.discard(state)
             raise _unavailable() from None
         try:
-            await self.mcp_app(scope, call.receive, send_with_session)
+            await self.mcp_app(
+                scope, call.receive, send_existing if created is None else send_with_session
+            )
         finally:
             if committed:
                 try:
@@ -552,6 +567,17 @@ class MCPSessionMiddleware:
     async def statistics(self) -> dict[str, Any]:
         """Counters and gauges for monitoring (also served at ``stats_path`` when enabled)."""
         return await session_statistics(self.registry, started_at=self.started_at)
+
+
+def _strip_session_header(start: Message) -> None:
+    """This middleware is the only source of session ids: drop any the app set itself."""
+    headers = start.get("headers")
+    if headers is None:
+        start["headers"] = []  # optional in ASGI; later code appends to it
+    elif not isinstance(headers, list) or any(
+        name.lower() == _SESSION_HEADER_B for name, _ in headers
+    ):
+        start["headers"] = [(n, v) for n, v in headers if n.lower() != _SESSION_HEADER_B]
 
 
 def _initialize_succeeded(start: Message, body: bytes) -> bool:
