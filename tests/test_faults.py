@@ -418,7 +418,8 @@ async def test_redis_dying_between_lookup_and_use_releases_the_in_flight_mark(
     """The store fails after the session was found (or reserved) but before the app runs."""
     server = RedisServer(tmp_path / "redis", persist=True)
     server.start()
-    store = RedisThatDies.from_url(server.url, timeout=1.0, touch_interval=0)
+    # recheck=0: every lookup reads the store, so it can die right after one
+    store = RedisThatDies.from_url(server.url, timeout=1.0, touch_interval=0, recheck=0)
     store.server = server
     middleware = middleware_with(GatedApp(), store=store, shutdown_grace=1.0)
     registry = middleware.registry

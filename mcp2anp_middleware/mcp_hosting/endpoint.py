@@ -55,6 +55,7 @@ from mcp2anp_middleware.mcp_hosting.handshake import Handshake
 from mcp2anp_middleware.mcp_hosting.live_session import STANDALONE, LiveSession
 from mcp2anp_middleware.mcp_hosting.request_state import SharedRequestState
 from mcp2anp_middleware.mcp_hosting.sse import HOLD_SECONDS, KEEPALIVE_SECONDS, SSEWriter
+from mcp2anp_middleware.mcp_hosting.tracing import spans_when_traced
 from mcp2anp_middleware.sessions.events import SessionEvent
 from mcp2anp_middleware.sessions.jsonrpc_errors import (
     INTERNAL_ERROR,
@@ -104,6 +105,7 @@ class MCPEndpoint:
     ) -> None:
         self.server = server
         self.lowlevel = server._lowlevel_server
+        spans_when_traced(self.lowlevel.middleware)
         self.json_response = json_response
         self.resumable = resumable
         self.retry_ms = retry_ms

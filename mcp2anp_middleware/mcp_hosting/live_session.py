@@ -80,8 +80,23 @@ class RequestChannel:
     message_metadata: ServerMessageMetadata | None
     transport: TransportContext
     progress_token: str | int | None = None
-    cancel_requested: anyio.Event = field(default_factory=anyio.Event)
     closed: bool = False
+    cancelled_by_client: bool = False
+    _cancel_event: anyio.Event | None = field(default=None, repr=False)
+
+    @property
+    def cancel_requested(self) -> anyio.Event:
+        """Set when the client cancels the request; made on first use (few handlers ask)."""
+        if self._cancel_event is None:
+            self._cancel_event = anyio.Event()
+            if self.cancelled_by_client:
+                self._cancel_event.set()
+        return self._cancel_event
+
+    def request_cancel(self) -> None:
+        self.cancelled_by_client = True
+        if self._cancel_event is not None:
+            self._cancel_event.set()
 
     @property
     def can_send_request(self) -> bool:
@@ -251,7 +266,7 @@ class LiveSession:
         if self.done.is_set() and answer is None:
             ended = ErrorData(code=CONNECTION_CLOSED, message="Session ended")
             answer = _error_json(request.id, ended)
-        elif answer is None or channel.cancel_requested.is_set():
+        elif answer is None or channel.cancelled_by_client:
             cancelled = ErrorData(code=REQUEST_CANCELLED, message="Request cancelled")
             answer = _error_json(request.id, cancelled)
         await self.emit(answer, stream, final=True)
@@ -263,7 +278,7 @@ class LiveSession:
             target = cancelled_request_id_from_params(message.params)
             running = self.running.get(str(target)) if target is not None else None
             if running is not None:
-                running[1].cancel_requested.set()
+                running[1].request_cancel()
                 running[0].cancel()
         channel = RequestChannel(
             self, None, None, TransportContext(kind="streamable-http", can_send_request=False)

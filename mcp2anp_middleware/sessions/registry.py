@@ -155,6 +155,15 @@ class SessionRegistry:
         self.lease = lease
         """Least a busy session's store record is kept for (the sweep renews it): the middleware
         sets twice the cleanup interval, so a lease never lapses between two sweeps."""
+        self._in_place: bool = getattr(self.store, "writes_in_place", False)
+        """The store's writes complete without suspending (the memory store): no ordering."""
+        self.recheck: float = getattr(self.store, "recheck", 0.0)
+        """Seconds a lookup trusts the store's last word on a session this process holds, while
+        it follows the store's notices of ended sessions (see :meth:`get`)."""
+        self._followed_since = math.inf
+        """Since when notices are followed without a gap (inf: not followed now)."""
+        self._notices = 0
+        """Notices received so far (a read that saw one arrive confirms nothing)."""
         self.events = SessionEvents()
         self.stats = RegistryStats()
         self.accepting = True
@@ -416,7 +425,17 @@ class SessionRegistry:
 
         None covers unknown, deleted, expired and another principal's sessions alike, so a caller
         cannot tell them apart.
+
+        A session this process holds, that the store confirmed within ``recheck`` seconds, is
+        not read again while this process follows the store's notices: any end (a DELETE, an
+        eviction, a revocation, on any process) arrives as a notice within milliseconds, and a
+        handshake change as a notice to read it again. Only a notice lost without the
+        subscription failing could go unseen, and then for ``recheck`` seconds at most.
         """
+        state = self._live.get(session_id)
+        if state is not None and self._confirmed(state, config, implicit):
+            return state
+        notices = self._notices
         record = await self.store.read(session_id)
         if record is None:
             self._ended(session_id, SessionEventKind.EXPIRED)
@@ -431,7 +450,26 @@ class SessionRegistry:
             return None
         if state.config != config:  # credential rotated or restored session: use the latest
             state.config = config
+        if notices == self._notices:  # a notice during the read may concern what it returned
+            state.confirmed_at = self.clock()
         return state
+
+    def _confirmed(self, state: SessionState, config: SessionConfig, implicit: bool) -> bool:
+        """Whether ``state`` may be served without reading the store (see :meth:`get`)."""
+        if not self.recheck or state.closed:
+            return False
+        now = self.clock()
+        if not (
+            self._followed_since <= state.confirmed_at and now - state.confirmed_at < self.recheck
+        ):
+            return False
+        if state.principal != config.principal or state.implicit != implicit:
+            return False
+        if self._expired(state, now) is not None:  # this process's own view: ask the store
+            return False
+        if state.config != config:
+            state.config = config
+        return True
 
     async def acquire(self, state: SessionState) -> None:
         """A request starts using ``state``: it cannot expire until :meth:`release`."""
@@ -463,6 +501,7 @@ class SessionRegistry:
         state.handshake = sys.intern(handshake)
         if not state.reserved and not state.closed:
             await self._sync(state, force=True)
+            await self._notify(f"{CHANGED}:{state.session_id}")  # other processes read it again
 
     def leave(self, state: SessionState) -> None:
         """A refused creating request ends: drop its in-flight mark; :meth:`discard` follows."""
@@ -604,13 +643,23 @@ class SessionRegistry:
             while True:
                 try:
                     async for notice in listen():
+                        self._notices += 1
                         kind, _, session_id = notice.partition(":")
-                        self._ended(session_id, _KINDS.get(kind, SessionEventKind.DELETED))
+                        if kind == SUBSCRIBED:  # no gap from here: confirmations count again
+                            self._followed_since = self.clock()
+                        elif kind == CHANGED:
+                            self._unconfirm(session_id)
+                        else:
+                            self._ended(session_id, _KINDS.get(kind, SessionEventKind.DELETED))
                 except StoreUnavailable:
+                    self._followed_since = math.inf  # notices may be missed: read every time
                     await asyncio.sleep(1.0)  # the store is away: lookups refuse ended ids
                 except Exception:
+                    self._followed_since = math.inf
                     logger.exception("Following other processes' session ends failed")
                     await asyncio.sleep(1.0)
+                finally:
+                    self._followed_since = math.inf
 
         task = asyncio.get_running_loop().create_task(follow(), name="mcp2anp-session-follow")
         try:
@@ -619,6 +668,11 @@ class SessionRegistry:
             task.cancel()
             with suppress(asyncio.CancelledError):
                 await task
+
+    def _unconfirm(self, session_id: str) -> None:
+        state = self._live.get(session_id)
+        if state is not None:
+            state.confirmed_at = -math.inf
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -630,6 +684,15 @@ class SessionRegistry:
             return None
         if not force and state.last_accessed - state.synced_at < self.touch_interval:
             return None
+        if self._in_place:  # the write cannot be overtaken: it never suspends
+            now = self.clock()
+            record, ttl = self._record(state, now, renew=renew)
+            state.leased = self._leased(state, renew)
+            written = await self.store.write(record, ttl=ttl, now=now)
+            state.synced_at = record.last_used
+            if written:
+                state.confirmed_at = now
+            return written
         # One write per session at a time, each computed when its turn comes: a sweep renewing a
         # lease and the end of the last request must reach the store in the order they decided,
         # or a lease could outlive the request it was for.
@@ -643,6 +706,8 @@ class SessionRegistry:
             state.leased = self._leased(state, renew)
             written = await self.store.write(record, ttl=ttl, now=now)
             state.synced_at = record.last_used
+            if written:
+                state.confirmed_at = now
             return written
         finally:
             del self._writes[id(state)]
@@ -734,11 +799,20 @@ class SessionRegistry:
 
     async def _announce(self, session_id: str, kind: SessionEventKind) -> None:
         """Tell other processes (shared stores only) as ``kind:id``, so they emit the same kind."""
+        await self._notify(f"{kind}:{session_id}")
+
+    async def _notify(self, notice: str) -> None:
         announce = getattr(self.store, "announce_ended", None)
         if announce is not None:
             with suppress(StoreUnavailable):
-                await announce(f"{kind}:{session_id}")
+                await announce(notice)
 
+
+SUBSCRIBED = "subscribed"
+"""A store's notice stream says it is subscribed (``subscribed:``): no notice is missed from
+then on, until the stream fails."""
+CHANGED = "changed"
+"""``changed:id``: the session's record changed (its handshake): read it again at the next use."""
 
 _KINDS = {
     "expired": SessionEventKind.EXPIRED,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ class SessionState:
         "attachments",
         "closed",
         "config",
+        "confirmed_at",
         "created_at",
         "handshake",
         "implicit",
@@ -72,6 +74,9 @@ class SessionState:
         self.implicit = implicit
         self.closed = False
         self.store_mark: str | None = None
+        self.confirmed_at = -math.inf
+        """When the store last confirmed the session (a read found it, or it took a write): a
+        shared store whose ends this process follows is not asked again for ``recheck`` s."""
         self.handshake: str | None = None
         """The MCP handshake (compact JSON) once ``initialize`` is done; kept in the store so any
         process serves the session initialized. Interned: sessions of one client share it."""

@@ -22,6 +22,12 @@ class InMemorySessionStore:
 
     default_touch_interval = 0.0
 
+    @property
+    def writes_in_place(self) -> bool:
+        """:meth:`write` never suspends, so a registry need not order writes to one session
+        (unless a subclass wrote its own ``write``)."""
+        return type(self).write is InMemorySessionStore.write
+
     def __init__(self, *, batch: int = 1000) -> None:
         self.batch = max(1, batch)
         self._records: dict[str, SessionRecord] = {}

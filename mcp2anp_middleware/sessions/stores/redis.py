@@ -215,6 +215,7 @@ class RedisSessionStore:
         touch_interval: float = 30.0,
         wait_replicas: int = 0,
         wait_timeout: float = 0.5,
+        recheck: float = 1.0,
     ) -> None:
         if "{" in prefix or "}" in prefix:
             raise ValueError("the Redis key prefix must not contain braces (hash tags)")
@@ -222,6 +223,9 @@ class RedisSessionStore:
         self.prefix = prefix
         self.cluster = isinstance(client, RedisCluster)
         self.default_touch_interval = touch_interval
+        self.recheck = recheck
+        """Seconds a process trusts its last read of a session it holds while following the
+        notices of :meth:`ended_sessions` (0: read on every request)."""
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = max(1, int(wait_timeout * 1000))
         self._all_key = f"{prefix}all"
@@ -246,6 +250,7 @@ class RedisSessionStore:
         timeout: float = 2.0,
         wait_replicas: int | None = None,
         wait_timeout: float | None = None,
+        recheck: float = 1.0,
     ) -> Self:
         """A store for ``redis://``, ``redis+sentinel://`` or ``redis+cluster://`` URLs (see
         :mod:`.redis_connect`); ``wait_replicas``/``wait_timeout`` override the URL's."""
@@ -254,6 +259,7 @@ class RedisSessionStore:
             target.client,
             prefix=prefix,
             touch_interval=touch_interval,
+            recheck=recheck,
             wait_replicas=target.wait_replicas if wait_replicas is None else wait_replicas,
             wait_timeout=target.wait_timeout_ms / 1000 if wait_timeout is None else wait_timeout,
         )
@@ -411,13 +417,17 @@ class RedisSessionStore:
         caller iterates again, on a fresh subscription to whichever node now answers."""
         if self.cluster:  # a cluster subscription picks its node from the slot map: load it
             await _guard(self.client.initialize)
-        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        pubsub = self.client.pubsub()
         try:
             await _guard(lambda: pubsub.subscribe(self.ended_channel))
             while True:
                 message = await _guard(lambda: pubsub.get_message(timeout=5.0))
-                if message is not None and message.get("type") == "message":
+                if message is None:
+                    continue
+                if message.get("type") == "message":
                     yield _text(message["data"])
+                elif message.get("type") == "subscribe":
+                    yield "subscribed:"  # Redis confirmed it: from here on no notice is missed
         finally:
             try:
                 await pubsub.aclose()

@@ -1,0 +1,38 @@
+"""The SDK's OpenTelemetry spans, made only when something records them.
+
+The SDK wraps every request in a span (:class:`mcp.server._otel.OpenTelemetryMiddleware`, first
+in ``Server.middleware``). With only the OpenTelemetry API installed and no tracer provider set,
+every span is a non-recording one, yet building it (attributes, the trace context extracted from
+``_meta``, attaching and detaching it as the current context) was about a tenth of the SDK's
+cost per request. :class:`SpansWhenTraced` takes its place: while the global tracer provider is
+the API's placeholder it passes the request straight on; once a provider is installed (at any
+time, ``trace.set_tracer_provider`` or ``OTEL_PYTHON_TRACER_PROVIDER``) it makes the SDK's span
+exactly as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mcp.server._otel import OpenTelemetryMiddleware
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
+from opentelemetry.trace import ProxyTracerProvider, get_tracer_provider
+
+
+class SpansWhenTraced(OpenTelemetryMiddleware):
+    """:class:`OpenTelemetryMiddleware`, skipped while no tracer provider is installed."""
+
+    async def __call__(
+        self, ctx: ServerRequestContext[Any, Any], call_next: CallNext
+    ) -> HandlerResult:
+        if isinstance(get_tracer_provider(), ProxyTracerProvider):
+            return await call_next(ctx)
+        return await super().__call__(ctx, call_next)
+
+
+def spans_when_traced(middleware: list[Any]) -> None:
+    """Swap the SDK's own span middleware in a server's ``middleware`` list (in place) for
+    :class:`SpansWhenTraced`; subclasses of it, and any other middleware, are left alone."""
+    for index, entry in enumerate(middleware):
+        if type(entry) is OpenTelemetryMiddleware:
+            middleware[index] = SpansWhenTraced()

@@ -1,0 +1,173 @@
+"""Lookups that trust the store's recent word: with Redis, a process that follows the store's
+notices does not read a session it holds again within ``recheck`` seconds; every end and every
+handshake change still reaches it at once (a real redis-server, two registries)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import pytest
+
+from mcp2anp_middleware import SessionConfig
+from mcp2anp_middleware.sessions.clock import ManualClock
+from mcp2anp_middleware.sessions.events import SessionEvent, SessionEventKind
+from mcp2anp_middleware.sessions.registry import SessionRegistry
+from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
+
+from .redis_server import RedisServer
+
+pytestmark = pytest.mark.anyio
+
+ALICE = SessionConfig(principal="alice")
+BOB = SessionConfig(principal="bob")
+
+
+class CountingStore(RedisSessionStore):
+    """The real Redis store, counting its reads; a read can be held at a gate."""
+
+    reads = 0
+    gate: asyncio.Event | None = None
+    reading: asyncio.Event | None = None
+
+    async def read(self, session_id: str) -> Any:
+        self.reads += 1
+        found = await super().read(session_id)
+        if self.gate is not None and self.reading is not None:
+            self.reading.set()
+            await self.gate.wait()
+        return found
+
+
+@asynccontextmanager
+async def two_workers(
+    redis_server: RedisServer, prefix: str, clock: ManualClock, *, follow_b: bool = True
+) -> AsyncIterator[tuple[SessionRegistry, SessionRegistry, CountingStore]]:
+    """Workers A and B on one Redis; B follows the store's notices (until subscribed)."""
+    store_a = CountingStore.from_url(redis_server.url, prefix=prefix)
+    store_b = CountingStore.from_url(redis_server.url, prefix=prefix)
+    worker_a = SessionRegistry(store=store_a, session_timeout=60.0, clock=clock)
+    worker_b = SessionRegistry(store=store_b, session_timeout=60.0, clock=clock)
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(store_a.aclose)
+        stack.push_async_callback(store_b.aclose)
+        if follow_b:
+            await stack.enter_async_context(worker_b.follow_other_processes())
+            await _following(worker_b)
+        yield worker_a, worker_b, store_b
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Until ``condition`` holds: a notice crossed Redis (bounded, so a missing one fails)."""
+
+    async def poll() -> None:
+        while not condition():  # noqa: ASYNC110 (set by another connection's pub/sub reader)
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(poll(), 10)
+
+
+async def _following(worker: SessionRegistry) -> None:
+    """Until the worker's subscription is confirmed by Redis (it connects on its own)."""
+    await until(lambda: worker._followed_since != float("inf"))
+
+
+async def _event(worker: SessionRegistry, kind: SessionEventKind, session_id: str) -> None:
+    seen = asyncio.Event()
+
+    def on_event(event: SessionEvent) -> None:
+        if event.kind is kind and event.session_id == session_id:
+            seen.set()
+
+    unsubscribe = worker.subscribe(on_event)
+    try:
+        await asyncio.wait_for(seen.wait(), 10)
+    finally:
+        unsubscribe()
+
+
+async def test_a_held_session_is_read_once_per_recheck(redis_server: RedisServer) -> None:
+    clock = ManualClock()
+    async with two_workers(redis_server, "recheck1:", clock) as (worker_a, worker_b, store_b):
+        state = worker_a.new_session(ALICE)
+        await worker_a.register(state)
+        first = await worker_b.get(state.session_id, ALICE)
+        assert first is not None and store_b.reads == 1
+        for _ in range(5):  # within recheck: no read, the same object
+            assert await worker_b.get(state.session_id, ALICE) is first
+        assert store_b.reads == 1
+        assert await worker_b.get(state.session_id, BOB) is None  # still bound to alice
+        clock.advance(store_b.recheck)
+        assert await worker_b.get(state.session_id, ALICE) is first
+        assert store_b.reads == 3  # BOB's lookup read; the one after recheck read again
+
+
+async def test_a_delete_elsewhere_is_refused_at_once_within_recheck(
+    redis_server: RedisServer,
+) -> None:
+    clock = ManualClock()
+    async with two_workers(redis_server, "recheck2:", clock) as (worker_a, worker_b, _):
+        state = worker_a.new_session(ALICE)
+        await worker_a.register(state)
+        assert await worker_b.get(state.session_id, ALICE) is not None
+        ended = asyncio.create_task(_event(worker_b, SessionEventKind.DELETED, state.session_id))
+        await asyncio.sleep(0)  # subscribed before the delete
+        assert await worker_a.remove(state.session_id, reason="deleted")
+        await ended
+        assert await worker_b.get(state.session_id, ALICE) is None
+
+
+async def test_a_handshake_change_elsewhere_is_read_at_the_next_lookup(
+    redis_server: RedisServer,
+) -> None:
+    clock = ManualClock()
+    async with two_workers(redis_server, "recheck3:", clock) as (worker_a, worker_b, store_b):
+        state = worker_a.new_session(ALICE)
+        await worker_a.register(state)
+        await worker_a.save_handshake(state, '{"v":1}')
+        in_b = await worker_b.get(state.session_id, ALICE)
+        assert in_b is not None and in_b.handshake == '{"v":1}'
+        await worker_a.save_handshake(state, '{"v":2}')
+        await until(lambda: in_b.confirmed_at == float("-inf"))  # the "changed" notice came
+        assert (await worker_b.get(state.session_id, ALICE)) is in_b
+        assert in_b.handshake == '{"v":2}'
+        assert store_b.reads == 2
+
+
+async def test_a_notice_during_a_read_leaves_the_result_unconfirmed(
+    redis_server: RedisServer,
+) -> None:
+    clock = ManualClock()
+    async with two_workers(redis_server, "recheck4:", clock) as (worker_a, worker_b, store_b):
+        state = worker_a.new_session(ALICE)
+        other = worker_a.new_session(ALICE)
+        await worker_a.register(state)
+        await worker_a.register(other)
+        store_b.gate, store_b.reading = asyncio.Event(), asyncio.Event()
+        lookup = asyncio.create_task(worker_b.get(state.session_id, ALICE))
+        await asyncio.wait_for(store_b.reading.wait(), 10)
+        noticed = worker_b._notices
+        assert await worker_a.remove(other.session_id, reason="deleted")  # any notice will do
+        await until(lambda: worker_b._notices != noticed)
+        store_b.gate.set()
+        found = await lookup
+        assert found is not None and found.confirmed_at == float("-inf")
+        store_b.gate = None
+        assert await worker_b.get(state.session_id, ALICE) is found
+        assert store_b.reads == 2  # not trusted: read again
+
+
+async def test_without_following_every_lookup_reads(redis_server: RedisServer) -> None:
+    clock = ManualClock()
+    async with two_workers(redis_server, "recheck5:", clock, follow_b=False) as (
+        worker_a,
+        worker_b,
+        store_b,
+    ):
+        state = worker_a.new_session(ALICE)
+        await worker_a.register(state)
+        for _ in range(3):
+            assert await worker_b.get(state.session_id, ALICE) is not None
+        assert store_b.reads == 3
