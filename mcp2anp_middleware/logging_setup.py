@@ -128,13 +128,14 @@ class _AnpModuleLogging:
         self.log(logging.CRITICAL, msg, *args, **kwargs)
 
     def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
-        logger = logging.getLogger("anp")
+        logger = _ANP_LOGGER
         if logger.isEnabledFor(level):
             # The record names anp's calling line, not these two frames.
             kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 2
             logger.log(level, msg, *args, **kwargs)
 
 
+_ANP_LOGGER = logging.getLogger("anp")  # loggers live as long as the process
 _ANP_MODULE_LOGGING = _AnpModuleLogging()
 
 
@@ -152,7 +153,8 @@ redact_library_logs()
 
 
 class HotPathLogger:
-    """A structlog logger for lines logged on every request, bound once per configuration.
+    """A structlog logger for lines logged on every request or session, bound once per
+    configuration.
 
     ``structlog.get_logger()`` returns a lazy proxy that builds a new bound logger on every
     call, about 6 µs even when the line is filtered out, which is a lot for a line logged per
@@ -178,3 +180,7 @@ class HotPathLogger:
             self._bound = structlog.get_logger(self._name).bind()
             self._built_for = key
         return self._bound
+
+    def __getattr__(self, name: str) -> Any:
+        """``logger.info(...)`` and the like, on the logger bound for the configuration."""
+        return getattr(self.get(), name)

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-import structlog
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.types import CallToolResult, TextContent
 from pydantic import Field, WithJsonSchema
@@ -35,6 +34,7 @@ from mcp2anp_middleware.anp_tools.http import ANPHttpClient, HttpResult
 from mcp2anp_middleware.anp_tools.signing import SessionSigner
 from mcp2anp_middleware.anp_tools.url_policy import URLPolicy
 from mcp2anp_middleware.log_redaction import redact_urls
+from mcp2anp_middleware.logging_setup import HotPathLogger
 from mcp2anp_middleware.sessions.clock import Clock, system_clock
 from mcp2anp_middleware.sessions.events import SessionEvent
 from mcp2anp_middleware.sessions.middleware import SESSION_SCOPE_KEY
@@ -43,7 +43,7 @@ from mcp2anp_middleware.sessions.state import SessionConfig, SessionState
 ATTACHMENT = "anp"
 """Key of the session's :class:`ANPToolHandler` in :attr:`SessionState.attachments`."""
 
-logger = structlog.get_logger("mcp2anp_middleware.tools")
+logger = HotPathLogger("mcp2anp_middleware.tools")  # bound once, not per line
 
 FETCH_DOC_DESCRIPTION = (
     "Fetch an ANP (Agent Network Protocol) document by URL, signed with this session's DID: an "

@@ -204,6 +204,10 @@ class MemoryEventLog:
         return str(self._seq)
 
     async def drop(self, session_id: str) -> None:
+        self.drop_now(session_id)
+
+    def drop_now(self, session_id: str) -> None:
+        """:meth:`drop` without awaiting (nothing to wait for in memory)."""
         self._logs.pop(session_id, None)
 
     def _purge(self, now: float) -> None:

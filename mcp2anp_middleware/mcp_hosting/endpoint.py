@@ -643,7 +643,12 @@ class MCPEndpoint:
             live.close()
         for cancel in list(self._streams.get(event.session_id, ())):
             cancel.cancel()
-        if self._tasks is not None and event.kind.value != "closed":
+        if event.kind.value == "closed":  # only this worker let go of it: the log stays
+            return
+        drop_now = getattr(self.backplane.events, "drop_now", None)
+        if drop_now is not None:  # in memory: no task for it
+            drop_now(event.session_id)
+        elif self._tasks is not None:
             self._tasks.start_soon(self._drop_events, event.session_id)
 
     async def _drop_events(self, session_id: str) -> None:

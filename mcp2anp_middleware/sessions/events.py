@@ -18,14 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import structlog
-
+from mcp2anp_middleware.logging_setup import HotPathLogger
 from mcp2anp_middleware.sessions.ids import short_id
 
 if TYPE_CHECKING:
     from mcp2anp_middleware.sessions.state import SessionState
 
-logger = structlog.get_logger("mcp2anp_middleware.sessions")
+logger = HotPathLogger("mcp2anp_middleware.sessions")  # per-session lines: bound once
 
 
 class SessionEventKind(enum.StrEnum):

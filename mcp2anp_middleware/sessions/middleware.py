@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import structlog
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -52,8 +51,9 @@ from mcp2anp_middleware.sessions.state_file import load_state_file, save_state_f
 from mcp2anp_middleware.sessions.stats import SessionStatsApp, session_statistics
 from mcp2anp_middleware.sessions.stores.base import CapExceeded, SessionStore, StoreUnavailable
 
-logger = structlog.get_logger("mcp2anp_middleware.sessions.middleware")
-_hot_logger = HotPathLogger("mcp2anp_middleware.sessions.middleware")
+logger = HotPathLogger(
+    "mcp2anp_middleware.sessions.middleware"
+)  # lines per request and per session: bound once
 
 SESSION_SCOPE_KEY = "mcp_session"
 """Key of the :class:`SessionState` in ``scope["state"]`` (``request.state.mcp_session``)."""
@@ -366,7 +366,7 @@ class MCPSessionMiddleware:
             await call.send_tracked({"type": "http.response.start", "status": 204, "headers": []})
             await call.send_tracked({"type": "http.response.body", "body": b""})
             return
-        _hot_logger.get().debug("Using existing session", session_id=short_id(raw))
+        logger.debug("Using existing session", session_id=short_id(raw))
         await self._serve(call, found, call.scope, created=None)
 
     async def _handshake(self, call: _Call, config: SessionConfig) -> None:

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import structlog
 
+from mcp2anp_middleware.logging_setup import HotPathLogger
 from mcp2anp_middleware.sessions.clock import Clock, system_clock
 from mcp2anp_middleware.sessions.events import (
     SessionEvent,
@@ -49,7 +49,7 @@ from mcp2anp_middleware.sessions.stores.base import (
 )
 from mcp2anp_middleware.sessions.stores.memory import InMemorySessionStore
 
-logger = structlog.get_logger("mcp2anp_middleware.sessions")
+logger = HotPathLogger("mcp2anp_middleware.sessions")  # per-session lines: bound once
 
 _SWEEP_BATCH = 500
 _RETRY_FIRST = 0.1
