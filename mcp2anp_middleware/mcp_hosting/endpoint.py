@@ -301,11 +301,7 @@ class MCPEndpoint:
                 await send_jsonrpc_error(send, 503, INTERNAL_ERROR, "Session ended")
             return
         writer = SSEWriter(send)
-
-        async def write(event: Event) -> None:
-            await writer.event(event, last=event.final)
-
-        if not live.begin(message, write, resumable=resumable):
+        if not live.begin(message, writer.write, resumable=resumable):
             await _in_flight_already(send, message)
             return
         try:

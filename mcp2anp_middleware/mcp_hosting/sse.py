@@ -78,6 +78,12 @@ class SSEWriter:
         if last:
             self.open = False
 
+    async def write(self, event: Event) -> None:
+        """A request's event; its answer (``final``) ends the response."""
+        await self._write_raw(_frame(event, None), more=not event.final)
+        if event.final:
+            self.open = False
+
     async def keepalive(self) -> None:
         await self._write_raw(b": keepalive\n\n")
 

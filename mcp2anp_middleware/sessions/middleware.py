@@ -357,7 +357,10 @@ class MCPSessionMiddleware:
         if not is_well_formed_session_id(raw):
             raise _Refusal(400, INVALID_REQUEST, "Malformed Mcp-Session-Id header", "malformed")
         registry = self.registry
-        found = await _store_call(registry.get(raw, config))
+        try:
+            found = await registry.get(raw, config)
+        except StoreUnavailable:
+            raise _unavailable() from None
         if found is None:
             raise _Refusal(404, INVALID_REQUEST, "Session not found", "unknown_session")
         if call.method == "DELETE":
@@ -504,10 +507,14 @@ class MCPSessionMiddleware:
             return True
 
         async def send_existing(message: Message) -> None:
-            """The common case, a request of an existing session: no id to add or commit."""
+            """The common case, a request of an existing session: no id to add or commit
+            (``send_tracked`` inlined: this runs for every message of every answer)."""
             if message["type"] == "http.response.start":
                 _strip_session_header(message)
-            await call.send_tracked(message)
+                call.started = True
+            elif not message.get("more_body", False):
+                call.finished = True
+            await call.send(message)
 
         async def send_with_session(message: Message) -> None:
             nonlocal held_start, held_size

@@ -39,7 +39,7 @@ from mcp2anp_middleware.sessions.events import (
     SessionListener,
 )
 from mcp2anp_middleware.sessions.ids import new_session_id, short_id
-from mcp2anp_middleware.sessions.state import SessionConfig, SessionState
+from mcp2anp_middleware.sessions.state import NEVER, SessionConfig, SessionState
 from mcp2anp_middleware.sessions.stores.base import (
     CapExceeded,
     Caps,
@@ -450,7 +450,7 @@ class SessionRegistry:
             return None
         if state.config != config:  # credential rotated or restored session: use the latest
             state.config = config
-        if notices == self._notices:  # a notice during the read may concern what it returned
+        if self.recheck and notices == self._notices:  # else a notice may concern this read
             state.confirmed_at = self.clock()
         return state
 
@@ -672,7 +672,7 @@ class SessionRegistry:
     def _unconfirm(self, session_id: str) -> None:
         state = self._live.get(session_id)
         if state is not None:
-            state.confirmed_at = -math.inf
+            state.confirmed_at = NEVER
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -690,7 +690,7 @@ class SessionRegistry:
             state.leased = self._leased(state, renew)
             written = await self.store.write(record, ttl=ttl, now=now)
             state.synced_at = record.last_used
-            if written:
+            if written and self.recheck:
                 state.confirmed_at = now
             return written
         # One write per session at a time, each computed when its turn comes: a sweep renewing a
@@ -706,7 +706,7 @@ class SessionRegistry:
             state.leased = self._leased(state, renew)
             written = await self.store.write(record, ttl=ttl, now=now)
             state.synced_at = record.last_used
-            if written:
+            if written and self.recheck:
                 state.confirmed_at = now
             return written
         finally:

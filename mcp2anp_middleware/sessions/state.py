@@ -28,6 +28,10 @@ class SessionConfig:
     private_key_pem: str | None = field(default=None, repr=False)
 
 
+NEVER = -math.inf
+"""``confirmed_at`` of a session the store has not confirmed yet (one float for all)."""
+
+
 class SessionState:
     """One session as this process holds it (``request.state.mcp_session`` in the app).
 
@@ -74,7 +78,7 @@ class SessionState:
         self.implicit = implicit
         self.closed = False
         self.store_mark: str | None = None
-        self.confirmed_at = -math.inf
+        self.confirmed_at = NEVER
         """When the store last confirmed the session (a read found it, or it took a write): a
         shared store whose ends this process follows is not asked again for ``recheck`` s."""
         self.handshake: str | None = None
