@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 import mcp
 import pytest
@@ -30,6 +31,7 @@ from mcp2anp_middleware.mcp_hosting.backplane import (
     MemoryEventLog,
     priming_id,
 )
+from mcp2anp_middleware.mcp_hosting.redis_backplane import RedisRelay
 from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
 
 from .fidelity_server import Gate, fidelity_server
@@ -149,6 +151,43 @@ async def test_every_worker_serves_the_session_with_its_handshake(
         assert set(b.app.endpoint.live) == {client.session_id}
         assert b.app.endpoint.release_idle(math.inf) == 1 and a.app.endpoint.release_idle(math.inf)
         assert not a.app.endpoint.live and not b.app.endpoint.live
+
+
+async def test_a_dropped_stream_nobody_can_resume_cancels_its_request(tmp_path: Path) -> None:
+    """A 2025-06-18 client (SSE without event ids) leaves while its tool waits for a sampling
+    answer: the request is cancelled instead of holding the session in flight for ever."""
+    old = "2025-06-18"
+    async with workers(tmp_path, 1, None) as (worker,), httpx.AsyncClient() as http:
+        hello = {
+            "jsonrpc": "2.0",
+            "id": 0,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": old,
+                "capabilities": {"sampling": {}},
+                "clientInfo": {"name": "old-client", "version": "1"},
+            },
+        }
+        answer = await http.post(worker.url, json=hello, headers=ACCEPT)
+        headers = {**ACCEPT, "Mcp-Session-Id": answer.headers["mcp-session-id"]}
+        headers["MCP-Protocol-Version"] = old
+        note = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+        assert (await http.post(worker.url, json=note, headers=headers)).status_code == 202
+        call = {"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {"name": "ask"}}
+        async with http.stream("POST", worker.url, json=call, headers=headers) as stream:
+            async for line in stream.aiter_lines():
+                if "sampling/createMessage" in line:
+                    break
+            assert worker.app.registry.in_flight == 1
+        # the client is gone (its connection closed with the stream)
+
+        async def settled() -> None:
+            while worker.app.registry.in_flight:  # noqa: ASYNC110 (set by the server's task)
+                await anyio.sleep(0.01)
+
+        with anyio.fail_after(10):
+            await settled()
+        assert not worker.app.endpoint.live[answer.headers["mcp-session-id"]].running
 
 
 async def test_a_sampling_answer_posted_to_the_other_worker_reaches_the_waiting_tool(
@@ -347,6 +386,41 @@ async def test_a_listener_too_far_behind_is_ended_rather_than_silently_skipped()
             await relay.publish("s1", Event("x", str(n), "{}"))
         received = [event async for event in events]  # the buffered ones, then the end
     assert [e.event_id for e in received] == [str(n) for n in range(LISTENER_BUFFER)]
+
+
+async def test_a_second_listener_waits_for_the_pending_subscription(
+    redis_server: RedisServer,
+) -> None:
+    """Two GET streams of one session open on one worker at once: the second must not replay the
+    log before Redis confirmed the channel's subscription either, or an event published between
+    its replay and the confirmation would reach neither."""
+    client = RedisSessionStore.from_url(redis_server.url, prefix="pending:").client
+    relay = RedisRelay(client, prefix="pending:")
+    relay._pubsub = client.pubsub()  # no reader: the confirmation stays pending until set here
+    joined: list[str] = []
+
+    async def join(name: str, leave: anyio.Event) -> None:
+        async with relay.listen("s1"):
+            joined.append(name)
+            await leave.wait()
+
+    leave = anyio.Event()
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(join, "first", leave)
+        with anyio.fail_after(10):
+            while relay.channel("s1") not in relay._confirmed:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        tasks.start_soon(join, "second", leave)
+        for _ in range(50):
+            await anyio.lowlevel.checkpoint()
+        assert joined == []  # both wait for the one subscription
+        relay._confirmed[relay.channel("s1")].set()
+        with anyio.fail_after(10):
+            while len(joined) < 2:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        leave.set()
+    await relay._pubsub.aclose()
+    await client.aclose()
 
 
 async def test_a_get_for_a_session_that_ended_meanwhile_is_answered_404(tmp_path: Path) -> None:

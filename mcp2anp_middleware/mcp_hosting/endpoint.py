@@ -16,6 +16,7 @@ binds its registry, so a host that passes only a store gets the matching one).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -291,9 +292,11 @@ class MCPEndpoint:
             if not live.begin(message, keep_answer, resumable=False):
                 await _in_flight_already(send, message)
                 return
+            watching = _cancel_when_gone(request.receive, live, stream)
             try:
                 await live.serve(message, self._metadata(live, stream, request, None, sse=False))
             finally:
+                watching.cancel()
                 live.end(stream)
             if answers:
                 await _json_response(send, answers[0])
@@ -304,17 +307,22 @@ class MCPEndpoint:
         if not live.begin(message, writer.write, resumable=resumable):
             await _in_flight_already(send, message)
             return
+        watch: asyncio.Task[None] | None = None
         try:
             priming: Event | None = None
             if resumable:  # an id to resume from before anything else; nothing is written
                 cursor = self.backplane.events.anchor(live.session_id)
                 priming = Event(stream, priming_id(cursor, live.resumable[stream]), None)
             writer.begin_held(priming, retry_ms=self.retry_ms, hold=HOLD_SECONDS)
-            # No watch for the client leaving: servers drop what is sent after that, and every
-            # event of a resumable stream is logged and published before it is written. The
-            # request goes on (in flight, so its session cannot expire) until it is answered.
+            # A resumable stream needs no watch for its client leaving: servers drop what is
+            # sent after that, and every event is logged and published before it is written, so
+            # the request goes on (in flight, its session kept) until it is answered. A stream
+            # nobody can resume is watched: once its client is gone, the request is cancelled.
+            watch = None if resumable else _cancel_when_gone(request.receive, live, stream)
             await live.serve(message, self._metadata(live, stream, request, writer, sse=True))
         finally:
+            if watch is not None:
+                watch.cancel()
             live.end(stream)
             writer.stop_holding()
         await writer.finish()
@@ -760,6 +768,26 @@ def _jsonrpc_errors_only(send: Send) -> Send:
         await send(message)
 
     return sending
+
+
+def _cancel_when_gone(receive: Receive, live: LiveSession, stream: str) -> asyncio.Task[None]:
+    """Watch a request whose answer nobody could fetch again (a JSON answer, or an SSE stream
+    without event ids): when its client disconnects, cancel the request, so a tool waiting for
+    the client (sampling, elicitation) or a slow agent stops holding the session in flight.
+
+    Started right before the request runs (it is registered before the watch first runs)."""
+
+    async def watch() -> None:
+        while True:
+            try:
+                message = await receive()
+            except Exception:  # servers differ in how they say the client is gone
+                break
+            if message["type"] == "http.disconnect":
+                break
+        live.cancel(stream)
+
+    return asyncio.ensure_future(watch())
 
 
 class _RequestHeaders:

@@ -276,14 +276,19 @@ class LiveSession:
         every notification then goes to the server's own handlers."""
         if message.method == "notifications/cancelled":
             target = cancelled_request_id_from_params(message.params)
-            running = self.running.get(str(target)) if target is not None else None
-            if running is not None:
-                running[1].request_cancel()
-                running[0].cancel()
+            if target is not None:
+                self.cancel(str(target))
         channel = RequestChannel(
             self, None, None, TransportContext(kind="streamable-http", can_send_request=False)
         )
         await self.runner.on_notify(channel, message.method, message.params)
+
+    def cancel(self, stream: str) -> None:
+        """Cancel the request of ``stream`` if it runs here (answered -32800)."""
+        running = self.running.get(stream)
+        if running is not None:
+            running[1].request_cancel()
+            running[0].cancel()
 
     def end(self, stream: str) -> None:
         """Whatever happened to the request (even a cancellation before it started), its id

@@ -284,14 +284,19 @@ class RedisRelay:
         listeners.add(send)
         channel = self.channel(session_id)
         try:
-            if first and self._pubsub is not None:
-                confirmed = self._confirmed[channel] = anyio.Event()
-                await self._pubsub.subscribe(channel)
-                # Whatever is read from the event log after this was either logged before, or
-                # will arrive here: nothing falls between the two.
-                with anyio.move_on_after(SUBSCRIBE_TIMEOUT):
-                    await confirmed.wait()
-                self._confirmed.pop(channel, None)
+            if self._pubsub is not None:
+                # Whatever is read from the event log after the subscription is confirmed was
+                # either logged before, or will arrive here: nothing falls between the two. A
+                # listener joining while the first one's subscription is pending waits for it too.
+                confirmed = self._confirmed.get(channel)
+                if first:
+                    confirmed = self._confirmed[channel] = anyio.Event()
+                    await self._pubsub.subscribe(channel)
+                if confirmed is not None:
+                    with anyio.move_on_after(SUBSCRIBE_TIMEOUT):
+                        await confirmed.wait()
+                if first:
+                    self._confirmed.pop(channel, None)
             yield receive
         finally:
             listeners.discard(send)
