@@ -99,40 +99,46 @@ class _AnpModuleLogging:
     """Stands in for the ``logging`` module inside anp's modules: their module-level calls
     (``logging.info(...)``) go to the ``anp`` logger instead of the root logger.
 
-    On the root logger, a host logging at INFO pays for a whole record (caller lookup included)
-    on every signed request, only for :class:`_DropAnpRootChatter` to drop it. On ``anp`` (held
-    at WARNING, with the URL redaction attached) an INFO call costs one level check. Anything
-    else anp reads from ``logging`` (``getLogger``, levels) is the real module's.
+    On the root logger, a host logging at INFO paid for a whole record (caller lookup included)
+    on every signed request, only for :class:`_DropAnpRootChatter` to drop it. Here the same
+    rule holds at no cost: below WARNING nothing is logged, whatever level the ``anp`` logger is
+    set to (anp's DEBUG lines include whole signed Authorization headers); warnings and errors
+    reach the ``anp`` logger, with the URL redaction attached. Anything else anp reads from
+    ``logging`` (``getLogger``, levels) is the real module's.
     """
 
     def __getattr__(self, name: str) -> Any:
         return getattr(logging, name)
 
     def debug(self, msg: object, *args: object, **kwargs: Any) -> None:
-        self.log(logging.DEBUG, msg, *args, **kwargs)
+        return None
 
     def info(self, msg: object, *args: object, **kwargs: Any) -> None:
-        self.log(logging.INFO, msg, *args, **kwargs)
+        return None
 
     def warning(self, msg: object, *args: object, **kwargs: Any) -> None:
-        self.log(logging.WARNING, msg, *args, **kwargs)
+        self._emit(logging.WARNING, msg, args, kwargs)
 
     def error(self, msg: object, *args: object, **kwargs: Any) -> None:
-        self.log(logging.ERROR, msg, *args, **kwargs)
+        self._emit(logging.ERROR, msg, args, kwargs)
 
     def exception(self, msg: object, *args: object, **kwargs: Any) -> None:
         kwargs.setdefault("exc_info", True)
-        self.log(logging.ERROR, msg, *args, **kwargs)
+        self._emit(logging.ERROR, msg, args, kwargs)
 
     def critical(self, msg: object, *args: object, **kwargs: Any) -> None:
-        self.log(logging.CRITICAL, msg, *args, **kwargs)
+        self._emit(logging.CRITICAL, msg, args, kwargs)
 
     def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
-        logger = _ANP_LOGGER
-        if logger.isEnabledFor(level):
-            # The record names anp's calling line, not these two frames.
-            kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 2
-            logger.log(level, msg, *args, **kwargs)
+        self._emit(level, msg, args, kwargs)
+
+    @staticmethod
+    def _emit(level: int, msg: object, args: tuple[object, ...], kwargs: dict[str, Any]) -> None:
+        if level < logging.WARNING or not _ANP_LOGGER.isEnabledFor(level):
+            return
+        # The record names anp's calling line, not the two frames of this class.
+        kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 2
+        _ANP_LOGGER.log(level, msg, *args, **kwargs)
 
 
 _ANP_LOGGER = logging.getLogger("anp")  # loggers live as long as the process

@@ -190,6 +190,20 @@ async def test_a_dropped_stream_nobody_can_resume_cancels_its_request(tmp_path: 
         assert not worker.app.endpoint.live[answer.headers["mcp-session-id"]].running
 
 
+async def test_a_body_no_answer_could_echo_is_a_parse_error(tmp_path: Path) -> None:
+    """An id with a lone surrogate escape parses with ``json.loads`` but could never be written
+    back: refused as the SDK's transports refuse it (400, -32700), never a 500."""
+    async with workers(tmp_path, 1, None) as (worker,), httpx.AsyncClient() as http:
+        client = RawClient(http)
+        await client.initialize(worker.url)
+        body = b'{"jsonrpc":"2.0","id":"\\ud800","method":"ping"}'
+        for accept in ("application/json, text/event-stream", "application/json"):
+            headers = {**client.headers(), "Accept": accept, "Content-Type": "application/json"}
+            answer = await http.post(worker.url, content=body, headers=headers)
+            assert answer.status_code == 400, answer.text
+            assert answer.json()["error"]["code"] == -32700
+
+
 async def test_a_sampling_answer_posted_to_the_other_worker_reaches_the_waiting_tool(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:

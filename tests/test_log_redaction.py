@@ -218,20 +218,26 @@ def test_anp_root_logger_warnings_are_redacted_and_chatter_dropped(collected: _C
 
 
 def test_anp_module_level_logging_goes_to_the_anp_logger(collected: _Collect) -> None:
-    """anp's own ``logging.info(...)`` calls reach the ``anp`` logger (one level check there,
-    no record built for the root logger to drop); its warnings keep anp's calling line and
-    lose URL secrets."""
+    """anp's own ``logging.info(...)`` calls build no record for the root logger to drop, and
+    log nothing below WARNING whatever the ``anp`` logger's level; its warnings reach the ``anp``
+    logger, keep anp's calling line and lose URL secrets."""
     import anp.authentication.did_wba_authenticator as anp_module
 
     tame_anp_logging()
-    logging.getLogger("anp").setLevel(logging.WARNING)
+    logging.getLogger("anp").setLevel(logging.DEBUG)  # even so: anp's DEBUG lines hold secrets
     module_logging: Any = anp_module.logging
     assert module_logging is not logging
     assert module_logging.getLogger is logging.getLogger  # the rest is the real module's
     module_logging.info("Generated HTTP signature headers for %s", f"https://e/?k={SECRET}")
+    module_logging.debug("Generated Authorization header: %s", f"DIDWba signature={SECRET}")
+    module_logging.log(logging.INFO, "Token %s", SECRET)
     module_logging.warning("fetch failed %s", f"https://e/doc?k={SECRET}")
-    assert collected.lines == ["WARNING anp fetch failed https://e/doc"]
-    assert collected.records[0].filename == os.path.basename(__file__)
+    module_logging.log(logging.ERROR, "gave up on %s", f"https://e/doc?k={SECRET}")
+    assert collected.lines == [
+        "WARNING anp fetch failed https://e/doc",
+        "ERROR anp gave up on https://e/doc",
+    ]
+    assert {r.filename for r in collected.records} == {os.path.basename(__file__)}
 
 
 # ---------------------------------------------------------------------------------------------

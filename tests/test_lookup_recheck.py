@@ -15,6 +15,7 @@ from mcp2anp_middleware import SessionConfig
 from mcp2anp_middleware.sessions.clock import ManualClock
 from mcp2anp_middleware.sessions.events import SessionEvent, SessionEventKind
 from mcp2anp_middleware.sessions.registry import SessionRegistry
+from mcp2anp_middleware.sessions.state import NEVER
 from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
 
 from .redis_server import RedisServer
@@ -71,7 +72,7 @@ async def until(condition: Callable[[], bool]) -> None:
 
 async def _following(worker: SessionRegistry) -> None:
     """Until the worker's subscription is confirmed by Redis (it connects on its own)."""
-    await until(lambda: worker._followed_since != float("inf"))
+    await until(lambda: worker.following)
 
 
 async def _event(worker: SessionRegistry, kind: SessionEventKind, session_id: str) -> None:
@@ -171,3 +172,23 @@ async def test_without_following_every_lookup_reads(redis_server: RedisServer) -
         for _ in range(3):
             assert await worker_b.get(state.session_id, ALICE) is not None
         assert store_b.reads == 3
+
+
+async def test_a_new_subscription_forgets_earlier_confirmations(redis_server: RedisServer) -> None:
+    """Notices sent while the subscription was down are lost: once it is back, every session
+    is read again before it is trusted."""
+    clock = ManualClock()
+    async with two_workers(redis_server, "recheck6:", clock) as (worker_a, worker_b, store_b):
+        state = worker_a.new_session(ALICE)
+        await worker_a.register(state)
+        in_b = await worker_b.get(state.session_id, ALICE)
+        assert in_b is not None and in_b.confirmed_at != NEVER
+        killer = RedisSessionStore.from_url(redis_server.url, prefix="recheck6:").client
+        await killer.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        await killer.aclose()
+        await until(lambda: not worker_b.following)
+        await until(lambda: worker_b.following)  # subscribed again
+        assert in_b.confirmed_at == NEVER
+        reads = store_b.reads
+        assert await worker_b.get(state.session_id, ALICE) is in_b
+        assert store_b.reads == reads + 1

@@ -292,6 +292,7 @@ class MCPEndpoint:
             if not live.begin(message, keep_answer, resumable=False):
                 await _in_flight_already(send, message)
                 return
+            await request.body()  # kept for handlers that ask: the watch reads what follows
             watching = _cancel_when_gone(request.receive, live, stream)
             try:
                 await live.serve(message, self._metadata(live, stream, request, None, sse=False))
@@ -318,7 +319,9 @@ class MCPEndpoint:
             # sent after that, and every event is logged and published before it is written, so
             # the request goes on (in flight, its session kept) until it is answered. A stream
             # nobody can resume is watched: once its client is gone, the request is cancelled.
-            watch = None if resumable else _cancel_when_gone(request.receive, live, stream)
+            if not resumable:
+                await request.body()  # kept for handlers that ask: the watch reads what follows
+                watch = _cancel_when_gone(request.receive, live, stream)
             await live.serve(message, self._metadata(live, stream, request, writer, sse=True))
         finally:
             if watch is not None:

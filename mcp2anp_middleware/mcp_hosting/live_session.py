@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import pydantic_core
 from mcp.server.connection import Connection
 from mcp.server.runner import ServerRunner, aclose_shielded
 from mcp.shared.dispatcher import CallOptions
@@ -40,6 +39,7 @@ from mcp.shared.message import ServerMessageMetadata
 from mcp.shared.transport_context import TransportContext
 from mcp_types import (
     CONNECTION_CLOSED,
+    INTERNAL_ERROR,
     INVALID_REQUEST,
     PROTOCOL_VERSION_META_KEY,
     REQUEST_TIMEOUT,
@@ -50,6 +50,7 @@ from mcp_types import (
     JSONRPCResponse,
     RequestId,
 )
+from pydantic import TypeAdapter
 
 from mcp2anp_middleware.mcp_hosting.backplane import Event
 from mcp2anp_middleware.mcp_hosting.handshake import Handshake, below_level, decoded
@@ -256,10 +257,16 @@ class LiveSession:
                     answer = _error_json(request.id, error)
                 else:
                     # The result is the SDK's wire form already: framed as is, no model between.
-                    answer = _answer_json(request.id, result)
-                    if request.method in _HANDSHAKE_CHANGES:
-                        with anyio.CancelScope(shield=True):  # committed: kept with its answer
-                            await self._after_success(request)
+                    try:
+                        answer = _answer_json(request.id, result)
+                    except ValueError:  # pydantic's serialization errors included
+                        logger.exception("Result of %r could not be serialized", request.method)
+                        failed = ErrorData(code=INTERNAL_ERROR, message="Internal error")
+                        answer = _error_json(request.id, failed)
+                    else:
+                        if request.method in _HANDSHAKE_CHANGES:
+                            with anyio.CancelScope(shield=True):  # committed: kept with it
+                                await self._after_success(request)
         finally:
             channel.closed = True
             self.running.pop(stream, None)
@@ -412,15 +419,24 @@ _HANDSHAKE_CHANGES = frozenset({"initialize", "logging/setLevel"})
 """Requests whose success changes the session's stored handshake (see ``_after_success``)."""
 
 
+_WIRE = TypeAdapter(dict[str, Any])
+
+
 def _answer_json(request_id: RequestId, result: dict[str, Any]) -> str:
-    """A JSON-RPC response as the SDK's transports write it (keys in this order)."""
-    return pydantic_core.to_json({"jsonrpc": "2.0", "id": request_id, "result": result}).decode()
+    """A JSON-RPC response as the SDK's transports write it: keys in this order, models a
+    middleware may have left in the result dumped by alias and without their unset fields."""
+    answer = {"jsonrpc": "2.0", "id": request_id, "result": result}
+    return _WIRE.dump_json(answer, by_alias=True, exclude_unset=True).decode()
 
 
 def _error_json(request_id: RequestId, error: ErrorData) -> str:
-    return JSONRPCError(jsonrpc="2.0", id=request_id, error=error).model_dump_json(
-        by_alias=True, exclude_unset=True
-    )
+    try:
+        return JSONRPCError(jsonrpc="2.0", id=request_id, error=error).model_dump_json(
+            by_alias=True, exclude_unset=True
+        )
+    except ValueError:  # a message or data that cannot be written (a lone surrogate...)
+        bare = ErrorData(code=error.code, message="Error")
+        return JSONRPCError(jsonrpc="2.0", id=request_id, error=bare).model_dump_json()
 
 
 def _enveloped(params: Mapping[str, Any] | None) -> bool:

@@ -42,8 +42,10 @@ class SSEWriter:
         self.started = False
         self._held_start: Message | None = None
         self._held_body = b""
-        self._flushing: asyncio.Future[None] | None = None
-        """The task sending what was held, once the hold is over."""
+        self._held_sent: asyncio.Future[None] | None = None
+        """Done once the held part is on the wire: every other write waits for it."""
+        self._flush_task: asyncio.Task[None] | None = None
+        """The task sending what is held when the hold is over (kept: tasks are weakly held)."""
         self._timer: asyncio.TimerHandle | None = None
 
     async def start(self, headers: list[tuple[bytes, bytes]]) -> None:
@@ -96,7 +98,11 @@ class SSEWriter:
         """The hold is over: send what is held now (in a task of its own: sending awaits)."""
         self._timer = None
         if self._held_start is not None:
-            self._flushing = asyncio.ensure_future(self._write_raw(b""))
+            self._flush_task = asyncio.ensure_future(self._flush_held())
+
+    async def _flush_held(self) -> None:
+        if self._held_start is not None:  # else an event took it with it meanwhile
+            await self._write_raw(b"")
 
     async def _write_raw(
         self,
@@ -105,12 +111,9 @@ class SSEWriter:
         *,
         more: bool = True,
     ) -> None:
-        flushing = self._flushing
-        if flushing is not None and self._held_start is None:
-            if flushing is asyncio.current_task():
-                return  # the flush found its work done: an event took the held part with it
-            if not flushing.done():
-                await asyncio.shield(flushing)  # the held part is on its way: stay behind it
+        held_sent = self._held_sent
+        if held_sent is not None and not held_sent.done():
+            await asyncio.shield(held_sent)  # the held part is on its way: stay behind it
         if not self.open:
             return
         try:
@@ -120,9 +123,14 @@ class SSEWriter:
                 if self._timer is not None:
                     self._timer.cancel()
                     self._timer = None
-                await self._send(start)
-                body = held + (body or b"")
-                await self._send({"type": "http.response.body", "body": body, "more_body": more})
+                self._held_sent = asyncio.get_running_loop().create_future()
+                try:
+                    await self._send(start)
+                    body = held + (body or b"")
+                    message = {"type": "http.response.body", "body": body, "more_body": more}
+                    await self._send(message)
+                finally:
+                    self._held_sent.set_result(None)
             elif headers is not None:
                 await self._send({"type": "http.response.start", "status": 200, "headers": headers})
                 self.started = True

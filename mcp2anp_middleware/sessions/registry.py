@@ -160,8 +160,9 @@ class SessionRegistry:
         self.recheck: float = getattr(self.store, "recheck", 0.0)
         """Seconds a lookup trusts the store's last word on a session this process holds, while
         it follows the store's notices of ended sessions (see :meth:`get`)."""
-        self._followed_since = math.inf
-        """Since when notices are followed without a gap (inf: not followed now)."""
+        self.following = False
+        """Whether the store's notices are followed now, with no gap since the confirmations
+        held (each new subscription forgets every earlier confirmation)."""
         self._notices = 0
         """Notices received so far (a read that saw one arrive confirms nothing)."""
         self.events = SessionEvents()
@@ -427,10 +428,12 @@ class SessionRegistry:
         cannot tell them apart.
 
         A session this process holds, that the store confirmed within ``recheck`` seconds, is
-        not read again while this process follows the store's notices: any end (a DELETE, an
-        eviction, a revocation, on any process) arrives as a notice within milliseconds, and a
-        handshake change as a notice to read it again. Only a notice lost without the
-        subscription failing could go unseen, and then for ``recheck`` seconds at most.
+        not read again while this process follows the store's notices: a DELETE, an eviction or
+        a revocation on any process arrives as a notice within milliseconds, and a handshake
+        change as a notice to read it again. Expiry is judged here from this process's own view
+        (anything past it reads the store). What could go unseen, for ``recheck`` seconds at
+        most: a notice lost without the subscription failing, a record whose TTL ran out within
+        ``recheck`` of this process's last read, a creation another process refused.
         """
         state = self._live.get(session_id)
         if state is not None and self._confirmed(state, config, implicit):
@@ -459,10 +462,8 @@ class SessionRegistry:
         if not self.recheck or state.closed:
             return False
         now = self.clock()
-        if not (
-            self._followed_since <= state.confirmed_at and now - state.confirmed_at < self.recheck
-        ):
-            return False
+        if not self.following or not 0 <= now - state.confirmed_at < self.recheck:
+            return False  # (a clock that stepped back confirms nothing either)
         if state.principal != config.principal or state.implicit != implicit:
             return False
         if self._expired(state, now) is not None:  # this process's own view: ask the store
@@ -645,21 +646,23 @@ class SessionRegistry:
                     async for notice in listen():
                         self._notices += 1
                         kind, _, session_id = notice.partition(":")
-                        if kind == SUBSCRIBED:  # no gap from here: confirmations count again
-                            self._followed_since = self.clock()
+                        if kind == SUBSCRIBED:  # no gap from here: new confirmations count
+                            for state in self._live.values():
+                                state.confirmed_at = NEVER
+                            self.following = True
                         elif kind == CHANGED:
                             self._unconfirm(session_id)
                         else:
                             self._ended(session_id, _KINDS.get(kind, SessionEventKind.DELETED))
                 except StoreUnavailable:
-                    self._followed_since = math.inf  # notices may be missed: read every time
+                    self.following = False  # notices may be missed: read every time
                     await asyncio.sleep(1.0)  # the store is away: lookups refuse ended ids
                 except Exception:
-                    self._followed_since = math.inf
+                    self.following = False
                     logger.exception("Following other processes' session ends failed")
                     await asyncio.sleep(1.0)
                 finally:
-                    self._followed_since = math.inf
+                    self.following = False
 
         task = asyncio.get_running_loop().create_task(follow(), name="mcp2anp-session-follow")
         try:
@@ -690,8 +693,6 @@ class SessionRegistry:
             state.leased = self._leased(state, renew)
             written = await self.store.write(record, ttl=ttl, now=now)
             state.synced_at = record.last_used
-            if written and self.recheck:
-                state.confirmed_at = now
             return written
         # One write per session at a time, each computed when its turn comes: a sweep renewing a
         # lease and the end of the last request must reach the store in the order they decided,
@@ -704,9 +705,10 @@ class SessionRegistry:
             now = self.clock()
             record, ttl = self._record(state, now, renew=renew)
             state.leased = self._leased(state, renew)
+            notices = self._notices
             written = await self.store.write(record, ttl=ttl, now=now)
             state.synced_at = record.last_used
-            if written and self.recheck:
+            if written and self.recheck and notices == self._notices:  # as in :meth:`get`
                 state.confirmed_at = now
             return written
         finally:

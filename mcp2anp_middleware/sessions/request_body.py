@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+import pydantic_core
 from starlette.types import Message, Receive, Scope
 
 
@@ -53,12 +53,16 @@ def replay(body: bytes, receive: Receive) -> Receive:
 
 
 def parse_json(body: bytes | None) -> Any:
-    """The parsed body, or None when absent or not JSON."""
+    """The parsed body, or None when absent or not JSON.
+
+    Parsed as the SDK's transports parse it (``pydantic_core.from_json``): what passes here is
+    what the app can serialize back. ``json.loads`` would let a lone surrogate (``"\\ud800"``)
+    through, which no answer echoing it could then be written with."""
     if not body:
         return None
     try:
-        return json.loads(body)
-    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
+        return pydantic_core.from_json(body)
+    except (ValueError, RecursionError):  # ValueError: not JSON, or absurdly deep nesting
         return None
 
 

@@ -1,0 +1,92 @@
+"""The SSE writer's held start: a request's headers and priming event go out with its first
+event (or when the hold is over), first on the wire, whoever writes and however sends interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from starlette.types import Message
+
+from mcp2anp_middleware.mcp_hosting.backplane import Event
+from mcp2anp_middleware.mcp_hosting.sse import SSEWriter
+
+pytestmark = pytest.mark.anyio
+
+
+class Wire:
+    """An ASGI ``send`` that suspends while sending the headers (as flow control or any awaiting
+    send wrapper may) and refuses a body before them, as servers do."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self.sent_something = asyncio.Event()
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            await asyncio.sleep(0)
+        elif not any(m["type"] == "http.response.start" for m in self.messages):
+            raise RuntimeError("body before start")
+        self.messages.append(message)
+        self.sent_something.set()
+
+    def bodies(self) -> list[bytes]:
+        return [m["body"] for m in self.messages if m["type"] == "http.response.body"]
+
+
+PRIMING = Event("7", "cursor.w.1.1", None)
+
+
+async def test_the_held_start_and_priming_go_out_with_the_first_event() -> None:
+    wire = Wire()
+    writer = SSEWriter(wire.send)
+    writer.begin_held(PRIMING, retry_ms=1000, hold=60)
+    assert wire.messages == []
+    await writer.write(Event("7", None, '{"answer":1}', True))
+    assert [m["type"] for m in wire.messages] == ["http.response.start", "http.response.body"]
+    body = wire.bodies()[0]
+    assert body.startswith(b"id: cursor.w.1.1\nretry: 1000\ndata: \n\n")
+    assert body.endswith(b'event: message\ndata: {"answer":1}\n\n')
+    assert wire.messages[-1]["more_body"] is False and not writer.open
+
+
+async def test_concurrent_events_wait_for_the_held_start_in_flight() -> None:
+    """Two tasks of one request write at once while the headers are being sent: the second
+    waits, nothing is written before the headers, the stream stays open for the answer."""
+    wire = Wire()
+    writer = SSEWriter(wire.send)
+    writer.begin_held(None, retry_ms=None, hold=60)
+    await asyncio.gather(
+        writer.write(Event("7", None, '{"p":1}')), writer.write(Event("7", None, '{"p":2}'))
+    )
+    assert writer.open
+    await writer.write(Event("7", None, '{"answer":1}', True))
+    assert wire.bodies() == [
+        b'event: message\ndata: {"p":1}\n\n',
+        b'event: message\ndata: {"p":2}\n\n',
+        b'event: message\ndata: {"answer":1}\n\n',
+    ]
+
+
+async def test_when_the_hold_is_over_the_start_and_priming_go_out_alone() -> None:
+    wire = Wire()
+    writer = SSEWriter(wire.send)
+    writer.begin_held(PRIMING, retry_ms=None, hold=0)
+    await asyncio.wait_for(wire.sent_something.wait(), 10)
+    while len(wire.messages) < 2:  # noqa: ASYNC110 (the flush task's second send)
+        await asyncio.sleep(0)
+    assert wire.bodies() == [b"id: cursor.w.1.1\ndata: \n\n"]
+    assert wire.messages[-1]["more_body"] is True
+    await writer.write(Event("7", None, '{"answer":1}', True))
+    assert wire.bodies()[-1] == b'event: message\ndata: {"answer":1}\n\n'
+
+
+async def test_finishing_a_held_stream_sends_what_is_held_and_ends_it() -> None:
+    wire = Wire()
+    writer = SSEWriter(wire.send)
+    writer.begin_held(PRIMING, retry_ms=None, hold=60)
+    writer.stop_holding()
+    await writer.finish()
+    assert wire.bodies() == [b"id: cursor.w.1.1\ndata: \n\n"]
+    assert wire.messages[-1]["more_body"] is False
