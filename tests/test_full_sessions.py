@@ -86,15 +86,16 @@ def sse_events(text: str) -> list[dict[str, Any]]:
 class RawClient:
     """The protocol by hand: which worker each request goes to is the test's choice."""
 
-    def __init__(self, http: httpx.AsyncClient) -> None:
+    def __init__(self, http: httpx.AsyncClient, protocol: str = PROTOCOL) -> None:
         self.http = http
+        self.protocol = protocol
         self.session_id = ""
 
     def headers(self, **extra: str) -> dict[str, str]:
         return {
             **ACCEPT,
             "Mcp-Session-Id": self.session_id,
-            "MCP-Protocol-Version": PROTOCOL,
+            "MCP-Protocol-Version": self.protocol,
             **extra,
         }
 
@@ -104,7 +105,7 @@ class RawClient:
             "id": 0,
             "method": "initialize",
             "params": {
-                "protocolVersion": PROTOCOL,
+                "protocolVersion": self.protocol,
                 "capabilities": {"sampling": {}, "elicitation": {}},
                 "clientInfo": {"name": "raw-client", "version": "1"},
             },
@@ -156,24 +157,11 @@ async def test_every_worker_serves_the_session_with_its_handshake(
 async def test_a_dropped_stream_nobody_can_resume_cancels_its_request(tmp_path: Path) -> None:
     """A 2025-06-18 client (SSE without event ids) leaves while its tool waits for a sampling
     answer: the request is cancelled instead of holding the session in flight for ever."""
-    old = "2025-06-18"
     async with workers(tmp_path, 1, None) as (worker,), httpx.AsyncClient() as http:
-        hello = {
-            "jsonrpc": "2.0",
-            "id": 0,
-            "method": "initialize",
-            "params": {
-                "protocolVersion": old,
-                "capabilities": {"sampling": {}},
-                "clientInfo": {"name": "old-client", "version": "1"},
-            },
-        }
-        answer = await http.post(worker.url, json=hello, headers=ACCEPT)
-        headers = {**ACCEPT, "Mcp-Session-Id": answer.headers["mcp-session-id"]}
-        headers["MCP-Protocol-Version"] = old
-        note = {"jsonrpc": "2.0", "method": "notifications/initialized"}
-        assert (await http.post(worker.url, json=note, headers=headers)).status_code == 202
+        client = RawClient(http, protocol="2025-06-18")
+        await client.initialize(worker.url)
         call = {"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {"name": "ask"}}
+        headers = client.headers()
         async with http.stream("POST", worker.url, json=call, headers=headers) as stream:
             async for line in stream.aiter_lines():
                 if "sampling/createMessage" in line:
@@ -187,7 +175,7 @@ async def test_a_dropped_stream_nobody_can_resume_cancels_its_request(tmp_path: 
 
         with anyio.fail_after(10):
             await settled()
-        assert not worker.app.endpoint.live[answer.headers["mcp-session-id"]].running
+        assert not worker.app.endpoint.live[client.session_id].running
 
 
 async def test_a_body_no_answer_could_echo_is_a_parse_error(tmp_path: Path) -> None:

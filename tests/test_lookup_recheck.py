@@ -15,7 +15,7 @@ from mcp2anp_middleware import SessionConfig
 from mcp2anp_middleware.sessions.clock import ManualClock
 from mcp2anp_middleware.sessions.events import SessionEvent, SessionEventKind
 from mcp2anp_middleware.sessions.registry import SessionRegistry
-from mcp2anp_middleware.sessions.state import NEVER
+from mcp2anp_middleware.sessions.state import NEVER, SessionState
 from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
 
 from .redis_server import RedisServer
@@ -60,6 +60,13 @@ async def two_workers(
         yield worker_a, worker_b, store_b
 
 
+async def made_on(worker: SessionRegistry) -> SessionState:
+    """A new session of alice's, registered by ``worker``."""
+    state = worker.new_session(ALICE)
+    await worker.register(state)
+    return state
+
+
 async def until(condition: Callable[[], bool]) -> None:
     """Until ``condition`` holds: a notice crossed Redis (bounded, so a missing one fails)."""
 
@@ -92,8 +99,7 @@ async def _event(worker: SessionRegistry, kind: SessionEventKind, session_id: st
 async def test_a_held_session_is_read_once_per_recheck(redis_server: RedisServer) -> None:
     clock = ManualClock()
     async with two_workers(redis_server, "recheck1:", clock) as (worker_a, worker_b, store_b):
-        state = worker_a.new_session(ALICE)
-        await worker_a.register(state)
+        state = await made_on(worker_a)
         first = await worker_b.get(state.session_id, ALICE)
         assert first is not None and store_b.reads == 1
         for _ in range(5):  # within recheck: no read, the same object
@@ -110,8 +116,7 @@ async def test_a_delete_elsewhere_is_refused_at_once_within_recheck(
 ) -> None:
     clock = ManualClock()
     async with two_workers(redis_server, "recheck2:", clock) as (worker_a, worker_b, _):
-        state = worker_a.new_session(ALICE)
-        await worker_a.register(state)
+        state = await made_on(worker_a)
         assert await worker_b.get(state.session_id, ALICE) is not None
         ended = asyncio.create_task(_event(worker_b, SessionEventKind.DELETED, state.session_id))
         await asyncio.sleep(0)  # subscribed before the delete
@@ -125,13 +130,12 @@ async def test_a_handshake_change_elsewhere_is_read_at_the_next_lookup(
 ) -> None:
     clock = ManualClock()
     async with two_workers(redis_server, "recheck3:", clock) as (worker_a, worker_b, store_b):
-        state = worker_a.new_session(ALICE)
-        await worker_a.register(state)
+        state = await made_on(worker_a)
         await worker_a.save_handshake(state, '{"v":1}')
         in_b = await worker_b.get(state.session_id, ALICE)
         assert in_b is not None and in_b.handshake == '{"v":1}'
         await worker_a.save_handshake(state, '{"v":2}')
-        await until(lambda: in_b.confirmed_at == float("-inf"))  # the "changed" notice came
+        await until(lambda: in_b.confirmed_at == NEVER)  # the "changed" notice came
         assert (await worker_b.get(state.session_id, ALICE)) is in_b
         assert in_b.handshake == '{"v":2}'
         assert store_b.reads == 2
@@ -142,10 +146,7 @@ async def test_a_notice_during_a_read_leaves_the_result_unconfirmed(
 ) -> None:
     clock = ManualClock()
     async with two_workers(redis_server, "recheck4:", clock) as (worker_a, worker_b, store_b):
-        state = worker_a.new_session(ALICE)
-        other = worker_a.new_session(ALICE)
-        await worker_a.register(state)
-        await worker_a.register(other)
+        state, other = await made_on(worker_a), await made_on(worker_a)
         store_b.gate, store_b.reading = asyncio.Event(), asyncio.Event()
         lookup = asyncio.create_task(worker_b.get(state.session_id, ALICE))
         await asyncio.wait_for(store_b.reading.wait(), 10)
@@ -154,7 +155,7 @@ async def test_a_notice_during_a_read_leaves_the_result_unconfirmed(
         await until(lambda: worker_b._notices != noticed)
         store_b.gate.set()
         found = await lookup
-        assert found is not None and found.confirmed_at == float("-inf")
+        assert found is not None and found.confirmed_at == NEVER
         store_b.gate = None
         assert await worker_b.get(state.session_id, ALICE) is found
         assert store_b.reads == 2  # not trusted: read again
@@ -167,8 +168,7 @@ async def test_without_following_every_lookup_reads(redis_server: RedisServer) -
         worker_b,
         store_b,
     ):
-        state = worker_a.new_session(ALICE)
-        await worker_a.register(state)
+        state = await made_on(worker_a)
         for _ in range(3):
             assert await worker_b.get(state.session_id, ALICE) is not None
         assert store_b.reads == 3
@@ -179,8 +179,7 @@ async def test_a_new_subscription_forgets_earlier_confirmations(redis_server: Re
     is read again before it is trusted."""
     clock = ManualClock()
     async with two_workers(redis_server, "recheck6:", clock) as (worker_a, worker_b, store_b):
-        state = worker_a.new_session(ALICE)
-        await worker_a.register(state)
+        state = await made_on(worker_a)
         in_b = await worker_b.get(state.session_id, ALICE)
         assert in_b is not None and in_b.confirmed_at != NEVER
         killer = RedisSessionStore.from_url(redis_server.url, prefix="recheck6:").client
