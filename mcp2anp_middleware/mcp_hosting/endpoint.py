@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
@@ -138,13 +139,17 @@ class MCPEndpoint:
         """Called by the middleware: session events tear machinery down, and a Redis store
         brings the Redis backplane (unless one was given)."""
         self.registry = registry
-        if not self._backplane_given:
-            from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
+        # A Redis store's module is loaded by whoever made the store; without one, redis (an
+        # optional extra) may not be installed at all, so it is looked up, never imported here.
+        redis_stores = sys.modules.get("mcp2anp_middleware.sessions.stores.redis")
+        if (
+            not self._backplane_given
+            and redis_stores is not None
+            and isinstance(registry.store, redis_stores.RedisSessionStore)
+        ):
+            from mcp2anp_middleware.mcp_hosting.redis_backplane import RedisBackplane
 
-            if isinstance(registry.store, RedisSessionStore):
-                from mcp2anp_middleware.mcp_hosting.redis_backplane import RedisBackplane
-
-                self.backplane = RedisBackplane(registry.store.client, prefix=registry.store.prefix)
+            self.backplane = RedisBackplane(registry.store.client, prefix=registry.store.prefix)
 
     # -- service ---------------------------------------------------------------------------------
 
