@@ -39,6 +39,7 @@ import pytest
 from mcp import types
 from mcp.client.session import ClientRequestContext
 
+from .messages import INITIALIZE, MCP_HEADERS
 from .processes import clean_env, stop_process, wait_listening
 from .redis_server import RedisServer
 from .servers import free_port
@@ -347,19 +348,9 @@ def test_suite_lists_the_known_server_scenarios() -> None:
 def test_haproxy_alternates_workers_and_they_share_sessions(balanced: BalancedSetup) -> None:
     """Consecutive requests on one keep-alive connection reach both workers, and a session
     created by one is served by the other (the Redis store is really shared)."""
-    headers = {"Accept": "application/json, text/event-stream"}
-    initialize = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": "2025-11-25",
-            "capabilities": {},
-            "clientInfo": {"name": "alternation-test", "version": "1.0"},
-        },
-    }
+    headers = MCP_HEADERS
     with httpx.Client(timeout=30) as http:
-        first = http.post(balanced.url, json=initialize, headers=headers)
+        first = http.post(balanced.url, json=INITIALIZE, headers=headers)
         assert first.status_code == 200, first.text
         session_id = first.headers["mcp-session-id"]
         follow_up = {**headers, "Mcp-Session-Id": session_id, "MCP-Protocol-Version": "2025-11-25"}
@@ -439,17 +430,7 @@ def test_a_stream_dropped_after_priming_resumes_through_the_other_worker(
     """A 2025-11-25 client drops a tool call's stream after its priming event and resumes with
     ``Last-Event-ID``; round-robin sends the resume to the other worker, which replays the log
     (and follows the call live if it is still running there)."""
-    accept = {"Accept": "application/json, text/event-stream"}
-    initialize = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": "2025-11-25",
-            "capabilities": {},
-            "clientInfo": {"name": "resume-test", "version": "1.0"},
-        },
-    }
+    accept = MCP_HEADERS
     call = {
         "jsonrpc": "2.0",
         "id": 2,
@@ -457,7 +438,7 @@ def test_a_stream_dropped_after_priming_resumes_through_the_other_worker(
         "params": {"name": "steps", "arguments": {}, "_meta": {"progressToken": "t"}},
     }
     with httpx.Client(timeout=30) as http:
-        opened = http.post(balanced.url, json=initialize, headers=accept)
+        opened = http.post(balanced.url, json=INITIALIZE, headers=accept)
         headers = {
             **accept,
             "Mcp-Session-Id": opened.headers["mcp-session-id"],
