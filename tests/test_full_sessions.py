@@ -83,6 +83,16 @@ def sse_events(text: str) -> list[dict[str, Any]]:
     return events
 
 
+def answer_events(answer: httpx.Response) -> list[dict[str, Any]]:
+    """The events of a POST's answer: an SSE stream, or a quick answer as one JSON body (the
+    endpoint streams only what needs a stream)."""
+    content_type = answer.headers["content-type"]
+    if content_type.startswith("application/json"):
+        return [{"id": None, "data": answer.json()}]
+    assert content_type.startswith("text/event-stream"), content_type
+    return sse_events(answer.text)
+
+
 class RawClient:
     """The protocol by hand: which worker each request goes to is the test's choice."""
 
@@ -125,8 +135,7 @@ class RawClient:
         }
         answer = await self.http.post(url, json=message, headers=self.headers())
         assert answer.status_code == 200, answer.text
-        assert answer.headers["content-type"].startswith("text/event-stream")
-        return sse_events(answer.text)
+        return answer_events(answer)
 
 
 def result_text(events: list[dict[str, Any]]) -> str:
@@ -152,6 +161,27 @@ async def test_every_worker_serves_the_session_with_its_handshake(
         assert set(b.app.endpoint.live) == {client.session_id}
         assert b.app.endpoint.release_idle(math.inf) == 1 and a.app.endpoint.release_idle(math.inf)
         assert not a.app.endpoint.live and not b.app.endpoint.live
+
+
+async def test_a_quick_answer_is_plain_json_and_costs_no_event_log_write(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """An answer ready before anything of its stream went out is the whole response, as JSON:
+    the client never saw an event id to resume with, so the answer is not logged (no Redis
+    write). A request that sends something first streams, and its events are logged."""
+    async with workers(tmp_path, 1, redis_server) as (worker,), httpx.AsyncClient() as http:
+        client = RawClient(http)
+        await client.initialize(worker.url)
+        message = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "whoami"}}
+        answer = await http.post(worker.url, json=message, headers=client.headers())
+        assert answer.headers["content-type"] == "application/json"
+        assert json.loads(answer.json()["result"]["content"][0]["text"])["client"] == "raw-client"
+        log_key = f"fidelity:log:{client.session_id}"
+        assert await redis_server_keys(redis_server, log_key) == 0
+        events = await client.call(worker.url, 2, "chatty")
+        assert events[0]["data"] is None and events[0]["id"]  # the priming event
+        assert all(event["id"] for event in events)
+        assert await redis_server_keys(redis_server, log_key) == 1
 
 
 async def test_a_dropped_stream_nobody_can_resume_cancels_its_request(tmp_path: Path) -> None:
@@ -477,7 +507,7 @@ async def test_a_handshake_session_refuses_a_request_in_the_session_less_envelop
             },
         }
         answer = await http.post(worker.url, json=message, headers=client.headers())
-        events = sse_events(answer.text)
+        events = answer_events(answer)
         assert events[-1]["data"]["error"]["code"] == -32600
         # the id is free again, and the session still serves plain requests
         assert json.loads(result_text(await client.call(worker.url, 5, "whoami")))["client"]

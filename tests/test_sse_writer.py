@@ -42,13 +42,35 @@ async def test_the_held_start_and_priming_go_out_with_the_first_event() -> None:
     wire = Wire()
     writer = SSEWriter(wire.send)
     writer.begin_held(PRIMING, retry_ms=1000, hold=60)
-    assert wire.messages == []
-    await writer.write(Event("7", None, '{"answer":1}', True))
+    assert wire.messages == [] and writer.unseen
+    await writer.write(Event("7", None, '{"note":1}'))
     assert [m["type"] for m in wire.messages] == ["http.response.start", "http.response.body"]
+    assert not writer.unseen
     body = wire.bodies()[0]
     assert body.startswith(b"id: cursor.w.1.1\nretry: 1000\ndata: \n\n")
-    assert body.endswith(b'event: message\ndata: {"answer":1}\n\n')
+    assert body.endswith(b'event: message\ndata: {"note":1}\n\n')
+    await writer.write(Event("7", "cursor.w.1.2", '{"answer":1}', True))
+    assert wire.bodies()[1] == b'id: cursor.w.1.2\nevent: message\ndata: {"answer":1}\n\n'
     assert wire.messages[-1]["more_body"] is False and not writer.open
+
+
+async def test_an_answer_that_comes_while_held_is_the_whole_json_response() -> None:
+    """Nothing to stream and nothing to resume: the client gets the answer as JSON, and no
+    priming event (it could never use it)."""
+    wire = Wire()
+    writer = SSEWriter(wire.send)
+    writer.begin_held(PRIMING, retry_ms=1000, hold=60)
+    await writer.write(Event("7", None, '{"answer":1}', True))
+    start, body = wire.messages
+    assert start["status"] == 200
+    assert dict(start["headers"]) == {
+        b"content-type": b"application/json",
+        b"content-length": b"12",
+    }
+    assert body == {"type": "http.response.body", "body": b'{"answer":1}', "more_body": False}
+    assert not writer.open
+    await writer.finish()  # nothing more goes out
+    assert len(wire.messages) == 2
 
 
 async def test_concurrent_events_wait_for_the_held_start_in_flight() -> None:

@@ -288,13 +288,8 @@ class MCPEndpoint:
         """Run the request in this task, its events written as the server sends them."""
         stream = str(message.id)
         if not sse:
-            answers: list[str] = []
-
-            async def keep_answer(event: Event) -> None:
-                if event.final and event.payload is not None:
-                    answers.append(event.payload)  # a JSON body carries only the answer
-
-            if not live.begin(message, keep_answer, resumable=False):
+            answers = _AnswerKeeper()
+            if not live.begin(message, answers, resumable=False):
                 await _in_flight_already(send, message)
                 return
             await request.body()  # kept for handlers that ask: the watch reads what follows
@@ -304,13 +299,13 @@ class MCPEndpoint:
             finally:
                 watching.cancel()
                 live.end(stream)
-            if answers:
-                await _json_response(send, answers[0])
+            if answers.answer is not None:
+                await _json_response(send, answers.answer)
             else:
                 await send_jsonrpc_error(send, 503, INTERNAL_ERROR, "Session ended")
             return
         writer = SSEWriter(send)
-        if not live.begin(message, writer.write, resumable=resumable):
+        if not live.begin(message, writer, resumable=resumable):
             await _in_flight_already(send, message)
             return
         watch: asyncio.Task[None] | None = None
@@ -710,6 +705,19 @@ class MCPEndpoint:
             await self.registry.save_handshake(state, text)
         except Exception:
             logger.warning("Session store unavailable: the handshake is kept in this process only")
+
+
+class _AnswerKeeper:
+    """The writer of a JSON response: it keeps the answer (a JSON body carries nothing else)."""
+
+    unseen = True
+
+    def __init__(self) -> None:
+        self.answer: str | None = None
+
+    async def write(self, event: Event) -> None:
+        if event.final and event.payload is not None:
+            self.answer = event.payload
 
 
 async def _in_flight_already(send: Send, message: JSONRPCRequest) -> None:

@@ -21,9 +21,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from mcp.server.connection import Connection
@@ -67,8 +67,17 @@ STANDALONE = "_GET_stream"
 REQUEST_CANCELLED = -32800
 """The 2025-era wire ends a request's stream only with a response; a cancelled request gets this."""
 
-Writer = Callable[[Event], Awaitable[None]]
-"""Where a request's events go on this worker: its HTTP response."""
+
+class Writer(Protocol):
+    """Where a request's events go on this worker: its HTTP response."""
+
+    async def write(self, event: Event) -> None: ...
+
+    @property
+    def unseen(self) -> bool:
+        """Nothing was sent yet: an answer now is the whole response, and nobody can resume
+        it (so it need not be logged)."""
+        ...
 
 
 @dataclass(eq=False)
@@ -396,6 +405,12 @@ class LiveSession:
         """Send one serialized message: see :meth:`send_out`."""
         event = Event(stream, None, payload, final)
         logged_as = self.resumable.get(stream)
+        if final and logged_as is not None:
+            # An answer that is the whole response (nothing of it was sent: no priming id, no
+            # event id) can never be resumed; not logging it saves a store round trip.
+            unseen = self.writers.get(stream)
+            if unseen is not None and unseen.unseen:
+                logged_as = None
         if logged_as is not None:
             logged = await self.endpoint.record(
                 self.session_id, Event(logged_as, None, payload, final)
@@ -412,7 +427,7 @@ class LiveSession:
             writer = self.writers.get(stream)
         if writer is not None:
             with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
-                await writer(event)
+                await writer.write(event)
 
 
 _HANDSHAKE_CHANGES = frozenset({"initialize", "logging/setLevel"})

@@ -28,12 +28,17 @@ SSE_HEADERS = [
 ]
 
 
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
 class SSEWriter:
     """Writes events until the client is gone; ``open`` tells whether writing still reaches it.
 
     A request's stream begins *held*: its headers and priming event wait (at most ``hold``
-    seconds, see :meth:`begin_held`) for its first real event and go out with it, so a quick
-    request costs the server two writes (headers, then the whole body) instead of three or four.
+    seconds, see :meth:`begin_held`) for its first real event. If that event is the answer, the
+    response is plain JSON: there was nothing to stream, and nothing to resume (the client never
+    saw an event id). Otherwise the held part goes out with the event, so a request costs the
+    server two writes (headers, then the body) instead of three or four.
     """
 
     def __init__(self, send: Send) -> None:
@@ -66,6 +71,12 @@ class SSEWriter:
         self.started = True
         self._timer = asyncio.get_running_loop().call_later(hold, self._flush_soon)
 
+    @property
+    def unseen(self) -> bool:
+        """Nothing of the response has been sent: its answer, if it comes now, goes out alone
+        as JSON, and the client never holds an id to resume it with."""
+        return self._held_start is not None
+
     def stop_holding(self) -> None:
         """No flush after the hold any more (the request is over; :meth:`finish` sends what is
         still held)."""
@@ -81,8 +92,12 @@ class SSEWriter:
             self.open = False
 
     async def write(self, event: Event) -> None:
-        """A request's event; its answer (``final``) ends the response."""
-        await self._write_raw(_frame(event, None), more=not event.final)
+        """A request's event; its answer (``final``) ends the response, as the whole JSON body
+        if nothing was sent before it."""
+        if event.final and self._held_start is not None and event.payload is not None:
+            await self._write_raw(event.payload.encode(), more=False, as_json=True)
+        else:
+            await self._write_raw(_frame(event, None), more=not event.final)
         if event.final:
             self.open = False
 
@@ -110,6 +125,7 @@ class SSEWriter:
         headers: list[tuple[bytes, bytes]] | None = None,
         *,
         more: bool = True,
+        as_json: bool = False,
     ) -> None:
         held_sent = self._held_sent
         if held_sent is not None and not held_sent.done():
@@ -125,6 +141,10 @@ class SSEWriter:
                     self._timer = None
                 self._held_sent = asyncio.get_running_loop().create_future()
                 try:
+                    if as_json:  # the answer alone, instead of the held stream
+                        held = b""
+                        length = str(len(body or b"")).encode()
+                        start["headers"] = [*JSON_HEADERS, (b"content-length", length)]
                     await self._send(start)
                     body = held + (body or b"")
                     message = {"type": "http.response.body", "body": body, "more_body": more}
