@@ -29,7 +29,7 @@ from mcp2anp_middleware.log_redaction import redact_library_logs
 from mcp2anp_middleware.sessions.events import SessionEvent, SessionEventKind
 from mcp2anp_middleware.sessions.middleware import MCPSessionMiddleware
 from mcp2anp_middleware.sessions.policy import RequestLimits, SessionPolicy
-from mcp2anp_middleware.sessions.request_helpers import session_from_request
+from mcp2anp_middleware.sessions.request_helpers import current_session, session_from_request
 from mcp2anp_middleware.sessions.state import SessionConfig, SessionState
 from mcp2anp_middleware.version import __version__
 
@@ -55,6 +55,7 @@ __all__ = [
     "StaticKeyAuthenticator",
     "URLPolicy",
     "__version__",
+    "current_session",
     "ensure_dev_identity",
     "session_from_request",
 ]

@@ -170,22 +170,33 @@ class HotPathLogger:
 
     def __init__(self, name: str) -> None:
         self._name = name
-        self._built_for: tuple[object, ...] = ()
+        self._built_for: tuple[object, object, object, object] | None = None
         self._bound: Any = None
 
     def get(self) -> Any:
         config = structlog.get_config()
-        key = (
-            config["wrapper_class"],
-            config["logger_factory"],
-            config["processors"],
-            config["context_class"],
-        )
         built = self._built_for
-        if len(built) != len(key) or any(a is not b for a, b in zip(built, key, strict=True)):
+        if (
+            built is None
+            or built[0] is not config["wrapper_class"]
+            or built[1] is not config["logger_factory"]
+            or built[2] is not config["processors"]
+            or built[3] is not config["context_class"]
+        ):
             self._bound = structlog.get_logger(self._name).bind()
-            self._built_for = key
+            self._built_for = (
+                config["wrapper_class"],
+                config["logger_factory"],
+                config["processors"],
+                config["context_class"],
+            )
         return self._bound
+
+    def enabled(self, level: int) -> bool:
+        """Whether a line at ``level`` would be logged (True when the logger cannot tell), so
+        a caller skips building the fields of a line that would be filtered out."""
+        check = getattr(self.get(), "is_enabled_for", None)
+        return True if check is None else bool(check(level))
 
     def __getattr__(self, name: str) -> Any:
         """``logger.info(...)`` and the like, on the logger bound for the configuration."""

@@ -12,6 +12,7 @@ a stable code.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -38,7 +39,7 @@ from mcp2anp_middleware.logging_setup import HotPathLogger
 from mcp2anp_middleware.sessions.clock import Clock, system_clock
 from mcp2anp_middleware.sessions.events import SessionEvent
 from mcp2anp_middleware.sessions.middleware import SESSION_SCOPE_KEY
-from mcp2anp_middleware.sessions.state import SessionConfig, SessionState
+from mcp2anp_middleware.sessions.state import SERVING, SessionConfig, SessionState
 
 ATTACHMENT = "anp"
 """Key of the session's :class:`ANPToolHandler` in :attr:`SessionState.attachments`."""
@@ -349,8 +350,6 @@ class ANPToolkit:
         server.add_tool(anp_invokeOpenRPC, name="anp_invokeOpenRPC", description=INVOKE_DESCRIPTION)
 
     async def _run(self, ctx: Context, tool: str, call: Any, **log_fields: str) -> CallToolResult:
-        # URLs come from the client and may carry secrets in their query: host and path only.
-        log_fields = {name: redact_urls(value) for name, value in log_fields.items()}
         state = _session_of(ctx)
         try:
             if state is None:
@@ -370,20 +369,32 @@ class ANPToolkit:
                     "INTERNAL_ERROR", f"the tool failed unexpectedly ({type(exc).__name__})"
                 ) from None
         except ANPToolError as exc:
-            logger.info("ANP tool failed", tool=tool, code=exc.code, **log_fields)
+            logger.info("ANP tool failed", tool=tool, code=exc.code, **_redacted(log_fields))
             body = exc.to_payload()
             return CallToolResult(
                 content=[TextContent(type="text", text=json.dumps(body, ensure_ascii=False))],
                 structured_content=body,
                 is_error=True,
             )
-        logger.debug("ANP tool succeeded", tool=tool, **log_fields)
+        if logger.enabled(logging.DEBUG):  # the fields cost more than the filtered line
+            logger.debug("ANP tool succeeded", tool=tool, **_redacted(log_fields))
         return CallToolResult(
             content=[TextContent(type="text", text=text)], structured_content=payload
         )
 
 
+def _redacted(log_fields: dict[str, str]) -> dict[str, str]:
+    """URLs come from the client and may carry secrets in their query: host and path only."""
+    return {name: redact_urls(value) for name, value in log_fields.items()}
+
+
 def _session_of(ctx: Context) -> SessionState | None:
+    """The call's session: the one the middleware serves in this task (cheap), else the one on
+    the request's scope (a server run some other way; reaching it through the context costs a
+    few pydantic attribute look-ups)."""
+    state = SERVING.get()()
+    if state is not None:
+        return state
     request = ctx.request_context.request
     if request is None:
         return None

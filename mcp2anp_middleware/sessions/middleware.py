@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import logging
 import time
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,7 @@ from mcp2anp_middleware.sessions.request_body import (
     read_body,
     replay,
 )
-from mcp2anp_middleware.sessions.state import SessionConfig, SessionState
+from mcp2anp_middleware.sessions.state import SERVING, SessionConfig, SessionState
 from mcp2anp_middleware.sessions.state_file import load_state_file, save_state_file
 from mcp2anp_middleware.sessions.stats import SessionStatsApp, session_statistics
 from mcp2anp_middleware.sessions.stores.base import CapExceeded, SessionStore, StoreUnavailable
@@ -369,7 +371,8 @@ class MCPSessionMiddleware:
             await call.send_tracked({"type": "http.response.start", "status": 204, "headers": []})
             await call.send_tracked({"type": "http.response.body", "body": b""})
             return
-        logger.debug("Using existing session", session_id=short_id(raw))
+        if logger.enabled(logging.DEBUG):
+            logger.debug("Using existing session", session_id=short_id(raw))
         await self._serve(call, found, call.scope, created=None)
 
     async def _handshake(self, call: _Call, config: SessionConfig) -> None:
@@ -556,11 +559,13 @@ class MCPSessionMiddleware:
             if created is not None:
                 await registry.discard(state)
             raise _unavailable() from None
+        serving_token = SERVING.set(weakref.ref(state))  # the app's code finds its session
         try:
             await self.mcp_app(
                 scope, call.receive, send_existing if created is None else send_with_session
             )
         finally:
+            SERVING.reset(serving_token)
             if committed:
                 try:
                     with anyio.CancelScope(shield=True):

@@ -7,7 +7,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from mcp2anp_middleware.sessions.middleware import SESSION_SCOPE_KEY
-from mcp2anp_middleware.sessions.state import SessionState
+from mcp2anp_middleware.sessions.state import SERVING, SessionState
+
+
+def current_session() -> SessionState | None:
+    """The session of the MCP request being served in this task (a tool's session, from
+    inside the tool), or None outside one. Set by the middleware for the app's whole run, so it
+    holds in every task the request starts too."""
+    return SERVING.get()()
 
 
 def session_from_scope(scope: Mapping[str, Any]) -> SessionState | None:

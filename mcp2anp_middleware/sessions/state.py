@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,14 @@ class SessionConfig:
     did_document: str | None = field(default=None, repr=False)
     private_key_pem: str | None = field(default=None, repr=False)
 
+
+SERVING: ContextVar[Callable[[], SessionState | None]] = ContextVar(
+    "mcp2anp_serving", default=lambda: None
+)
+"""The session of the request this task serves (a weak reference: call it): set by the
+middleware around the app, so code the request runs (a tool, however deep in the SDK) finds its
+session without the request. Weak, because a task or timer started during a request (a pooled
+connection's, say) keeps that request's context as long as it lives."""
 
 NEVER = -math.inf
 """``confirmed_at`` of a session the store has not confirmed yet (one float for all)."""
