@@ -293,7 +293,7 @@ class MCPEndpoint:
                 await _in_flight_already(send, message)
                 return
             await request.body()  # kept for handlers that ask: the watch reads what follows
-            watching = _cancel_when_gone(request.receive, live, stream)
+            watching = _CancelWhenGone(request.receive, live, stream)
             try:
                 await live.serve(message, self._metadata(live, stream, request, None, sse=False))
             finally:
@@ -308,7 +308,7 @@ class MCPEndpoint:
         if not live.begin(message, writer, resumable=resumable):
             await _in_flight_already(send, message)
             return
-        watch: asyncio.Task[None] | None = None
+        watch: _CancelWhenGone | None = None
         try:
             priming: Event | None = None
             if resumable:  # an id to resume from before anything else; nothing is written
@@ -321,7 +321,7 @@ class MCPEndpoint:
             # nobody can resume is watched: once its client is gone, the request is cancelled.
             if not resumable:
                 await request.body()  # kept for handlers that ask: the watch reads what follows
-                watch = _cancel_when_gone(request.receive, live, stream)
+                watch = _CancelWhenGone(request.receive, live, stream)
             await live.serve(message, self._metadata(live, stream, request, writer, sse=True))
         finally:
             if watch is not None:
@@ -786,24 +786,39 @@ def _jsonrpc_errors_only(send: Send) -> Send:
     return sending
 
 
-def _cancel_when_gone(receive: Receive, live: LiveSession, stream: str) -> asyncio.Task[None]:
+class _CancelWhenGone:
     """Watch a request whose answer nobody could fetch again (a JSON answer, or an SSE stream
     without event ids): when its client disconnects, cancel the request, so a tool waiting for
     the client (sampling, elicitation) or a slow agent stops holding the session in flight.
 
-    Started right before the request runs (it is registered before the watch first runs)."""
+    The watch starts only once the request has run for ``HOLD_SECONDS``: most requests are
+    answered sooner, and a watch costs a task. Started right before the request runs, so the
+    request is registered before the watch first runs."""
 
-    async def watch() -> None:
+    def __init__(self, receive: Receive, live: LiveSession, stream: str) -> None:
+        self._receive = receive
+        self._live = live
+        self._stream = stream
+        self._task: asyncio.Task[None] | None = None
+        self._timer = asyncio.get_running_loop().call_later(HOLD_SECONDS, self._start)
+
+    def _start(self) -> None:
+        self._task = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
         while True:
             try:
-                message = await receive()
+                message = await self._receive()
             except Exception:  # servers differ in how they say the client is gone
                 break
             if message["type"] == "http.disconnect":
                 break
-        live.cancel(stream)
+        self._live.cancel(self._stream)
 
-    return asyncio.ensure_future(watch())
+    def cancel(self) -> None:
+        self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
 
 
 class _RequestHeaders:

@@ -52,6 +52,7 @@ from mcp_types import (
 )
 from pydantic import TypeAdapter
 
+from mcp2anp_middleware.cancel_scope import cancel_scope
 from mcp2anp_middleware.mcp_hosting.backplane import Event
 from mcp2anp_middleware.mcp_hosting.handshake import Handshake, below_level, decoded
 from mcp2anp_middleware.sessions.state import SessionState
@@ -242,7 +243,7 @@ class LiveSession:
             TransportContext(kind="streamable-http", can_send_request=metadata.can_send_request),
             progress_token_from_params(request.params),
         )
-        scope = anyio.CancelScope()
+        scope = cancel_scope()
         self.running[stream] = (scope, channel)
         if self.done.is_set():  # the session ended before this request got here
             channel.closed = True

@@ -46,7 +46,8 @@ class SSEWriter:
         self.open = True
         self.started = False
         self._held_start: Message | None = None
-        self._held_body = b""
+        self._held_priming: tuple[Event, int | None] | None = None
+        """The priming event held with the start (framed only if it goes out)."""
         self._held_sent: asyncio.Future[None] | None = None
         """Done once the held part is on the wire: every other write waits for it."""
         self._flush_task: asyncio.Task[None] | None = None
@@ -67,7 +68,7 @@ class SSEWriter:
             "status": 200,
             "headers": list(SSE_HEADERS),
         }
-        self._held_body = b"" if priming is None else _frame(priming, retry_ms)
+        self._held_priming = None if priming is None else (priming, retry_ms)
         self.started = True
         self._timer = asyncio.get_running_loop().call_later(hold, self._flush_soon)
 
@@ -95,11 +96,26 @@ class SSEWriter:
         """A request's event; its answer (``final``) ends the response, as the whole JSON body
         if nothing was sent before it."""
         if event.final and self._held_start is not None and event.payload is not None:
-            await self._write_raw(event.payload.encode(), more=False, as_json=True)
-        else:
-            await self._write_raw(_frame(event, None), more=not event.final)
+            await self._answer_alone(self._held_start, event.payload.encode())
+            return
+        await self._write_raw(_frame(event, None), more=not event.final)
         if event.final:
             self.open = False
+
+    async def _answer_alone(self, start: Message, body: bytes) -> None:
+        """The answer came while the start was held: it is the response, as JSON (no other
+        writer can be sending: one would have taken the held start, and none comes after the
+        answer)."""
+        self._held_start = None
+        self._held_priming = None
+        self.stop_holding()
+        self.open = False
+        start["headers"] = [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+        try:
+            await self._send(start)
+            await self._send({"type": "http.response.body", "body": body, "more_body": False})
+        except Exception:  # the client is gone (servers differ in how they say so)
+            return
 
     async def keepalive(self) -> None:
         await self._write_raw(b": keepalive\n\n")
@@ -125,7 +141,6 @@ class SSEWriter:
         headers: list[tuple[bytes, bytes]] | None = None,
         *,
         more: bool = True,
-        as_json: bool = False,
     ) -> None:
         held_sent = self._held_sent
         if held_sent is not None and not held_sent.done():
@@ -135,16 +150,13 @@ class SSEWriter:
         try:
             if self._held_start is not None:
                 start, self._held_start = self._held_start, None
-                held, self._held_body = self._held_body, b""
+                priming, self._held_priming = self._held_priming, None
+                held = b"" if priming is None else _frame(*priming)
                 if self._timer is not None:
                     self._timer.cancel()
                     self._timer = None
                 self._held_sent = asyncio.get_running_loop().create_future()
                 try:
-                    if as_json:  # the answer alone, instead of the held stream
-                        held = b""
-                        length = str(len(body or b"")).encode()
-                        start["headers"] = [*JSON_HEADERS, (b"content-length", length)]
                     await self._send(start)
                     body = held + (body or b"")
                     message = {"type": "http.response.body", "body": body, "more_body": more}

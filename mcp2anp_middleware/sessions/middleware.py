@@ -22,6 +22,7 @@ from mcp2anp_middleware.authentication.base import (
     StaticConfigAuthenticator,
     credentials_from_headers,
 )
+from mcp2anp_middleware.cancel_scope import cancel_scope
 from mcp2anp_middleware.logging_setup import HotPathLogger
 from mcp2anp_middleware.sessions.admin import SessionAdminApp
 from mcp2anp_middleware.sessions.background import BackgroundRunner, Service
@@ -393,10 +394,10 @@ class MCPSessionMiddleware:
     async def _read_message(self, call: _Call) -> Any:
         """Read the body (bounded in size and time), hand it on to the app, and parse it."""
         try:
-            # asyncio's own timeout: an anyio cancel scope costs several times more, and this
-            # runs for every POST (the package serves asyncio servers only).
-            async with asyncio.timeout(self.limits.body_timeout):
-                body = await read_body(call.scope, call.receive, self.limits.max_body_size)
+            limits = self.limits
+            body = await read_body(
+                call.scope, call.receive, limits.max_body_size, limits.body_timeout
+            )
         except BodyTooLarge:
             message = f"Request body exceeds {self.limits.max_body_size} bytes"
             raise _Refusal(413, INVALID_REQUEST, message, "too_large") from None
@@ -568,7 +569,7 @@ class MCPSessionMiddleware:
             SERVING.reset(serving_token)
             if committed:
                 try:
-                    with anyio.CancelScope(shield=True):
+                    with cancel_scope(shield=True):
                         await registry.release(state)
                 except StoreUnavailable:
                     logger.warning("Session store unavailable while ending a request")
