@@ -378,11 +378,8 @@ class ANPToolkit:
             )
         if logger.enabled(logging.DEBUG):  # the fields cost more than the filtered line
             logger.debug("ANP tool succeeded", tool=tool, **_redacted(log_fields))
-        # Built unvalidated: the SDK validates the whole result against the wire model when it
-        # serializes it, so validating it here too would be the same work twice.
-        return CallToolResult.model_construct(
-            content=[TextContent.model_construct(type="text", text=text)],
-            structured_content=payload,
+        return CallToolResult(
+            content=[TextContent(type="text", text=text)], structured_content=payload
         )
 
 
