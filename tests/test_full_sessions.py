@@ -19,6 +19,7 @@ import mcp
 import pytest
 from mcp import types
 from mcp.client.session import ClientRequestContext
+from mcp.server.mcpserver import Context, MCPServer
 from mcp_types import PROTOCOL_VERSION_META_KEY
 from starlette.applications import Starlette
 from starlette.types import Message
@@ -182,6 +183,59 @@ async def test_a_quick_answer_is_plain_json_and_costs_no_event_log_write(
         assert events[0]["data"] is None and events[0]["id"]  # the priming event
         assert all(event["id"] for event in events)
         assert await redis_server_keys(redis_server, log_key) == 1
+
+
+async def test_an_answer_overtaking_an_event_on_its_way_still_streams(tmp_path: Path) -> None:
+    """A progress event is being logged (a store round trip) when the tool's answer comes: the
+    answer must not go out alone as JSON, as if nothing had come before it. Both stream, the
+    progress first, each with its id."""
+    server = MCPServer("overtaking")
+    progress_logging = anyio.Event()
+    progress_logged = anyio.Event()
+    answer_logging = anyio.Event()
+
+    @server.tool()
+    async def racy(ctx: Context) -> str:
+        tasks.start_soon(ctx.report_progress, 1, 2)  # from a task of the tool's own
+        await progress_logging.wait()
+        return "raced"
+
+    app = ANPMiddleware(Starlette(), server=server, data_dir=tmp_path)
+    async with serve(app) as base, httpx.AsyncClient() as http, anyio.create_task_group() as tasks:
+        record = app.endpoint.record
+
+        async def record_in_turn(session_id: str, event: Event) -> Event:
+            if event.final:  # the answer is logged only after the progress was
+                answer_logging.set()
+                await progress_logged.wait()
+            else:
+                progress_logging.set()
+                await answer_logging.wait()
+            logged = await record(session_id, event)
+            if not event.final:
+                progress_logged.set()
+            return logged
+
+        app.endpoint.record = record_in_turn  # type: ignore[method-assign]
+        client = RawClient(http)
+        await client.initialize(base + "/mcp")
+        message = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tools/call",
+            "params": {"name": "racy", "arguments": {}, "_meta": {"progressToken": "p"}},
+        }
+        with anyio.fail_after(10):
+            answer = await http.post(base + "/mcp", json=message, headers=client.headers())
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(answer.text)
+        assert events[0]["data"] is None and events[0]["id"]  # priming
+        assert [event["data"].get("method") for event in events[1:]] == [
+            "notifications/progress",
+            None,
+        ]
+        assert events[-1]["data"]["result"]["content"][0]["text"] == "raced"
+        assert all(event["id"] for event in events)
 
 
 async def test_a_dropped_stream_nobody_can_resume_cancels_its_request(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ cancellation behind in the task that read the body."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from starlette.types import Message
@@ -47,3 +48,21 @@ async def test_a_body_that_is_there_is_read_and_its_timer_dropped() -> None:
     timers = len(getattr(loop, "_scheduled", []))
     assert await read_body(SCOPE, whole, 100, within=60) == b"{}"
     assert all(handle.cancelled() for handle in getattr(loop, "_scheduled", [])[timers:])
+
+
+@pytest.mark.anyio
+async def test_the_deadline_is_a_timeout_even_in_a_task_cancelled_before() -> None:
+    """A cancellation caught earlier without ``uncancel`` is not this timer's: its expiry is
+    still a timeout (a 408), not a cancellation (which the middleware would answer 503)."""
+
+    async def read_after_a_caught_cancellation() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):  # caught, not uncancelled
+            await asyncio.sleep(0)
+        with pytest.raises(TimeoutError):
+            await read_body(SCOPE, never, 100, within=0.01)
+        assert task.cancelling() == 1  # the earlier one is left as it was
+
+    await asyncio.ensure_future(read_after_a_caught_cancellation())

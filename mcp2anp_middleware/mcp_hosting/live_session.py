@@ -171,6 +171,8 @@ class LiveSession:
         """Resumable streams open here, and the name each one's events are logged under (unique
         to the request, never client text: it goes into event ids)."""
         self._asked: dict[int, _Answer] = {}
+        self._emitting: dict[str, int] = {}
+        """Streams with an event being logged and written now (how many)."""
         self._next_id = 0
         self._handshake_text = state.handshake
         self.handshake = decoded(state.handshake) if state.handshake else None
@@ -404,9 +406,25 @@ class LiveSession:
 
     async def emit(self, payload: str, stream: str, final: bool = False) -> None:
         """Send one serialized message: see :meth:`send_out`."""
+        if final:
+            await self._emit(payload, stream, final)
+            return
+        # An event on its way (being logged) counts as sent: an answer overtaking it must not
+        # go out alone as if nothing had come before it.
+        self._emitting[stream] = self._emitting.get(stream, 0) + 1
+        try:
+            await self._emit(payload, stream, final)
+        finally:
+            left = self._emitting[stream] - 1
+            if left:
+                self._emitting[stream] = left
+            else:
+                del self._emitting[stream]
+
+    async def _emit(self, payload: str, stream: str, final: bool) -> None:
         event = Event(stream, None, payload, final)
         logged_as = self.resumable.get(stream)
-        if final and logged_as is not None:
+        if final and logged_as is not None and stream not in self._emitting:
             # An answer that is the whole response (nothing of it was sent: no priming id, no
             # event id) can never be resumed; not logging it saves a store round trip.
             unseen = self.writers.get(stream)

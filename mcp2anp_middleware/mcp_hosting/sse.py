@@ -95,8 +95,9 @@ class SSEWriter:
     async def write(self, event: Event) -> None:
         """A request's event; its answer (``final``) ends the response, as the whole JSON body
         if nothing was sent before it."""
-        if event.final and self._held_start is not None and event.payload is not None:
-            await self._answer_alone(self._held_start, event.payload.encode())
+        held = self._held_start
+        if event.final and held is not None and event.event_id is None and event.payload:
+            await self._answer_alone(held, event.payload.encode())  # (a logged one has an id)
             return
         await self._write_raw(_frame(event, None), more=not event.final)
         if event.final:

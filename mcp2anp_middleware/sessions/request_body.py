@@ -36,12 +36,17 @@ async def read_body(
         expired = True
         task.cancel()
 
+    already = task.cancelling()  # cancellations that are not this timer's
     timer = asyncio.get_running_loop().call_later(within, expire)
     try:
         body = await _read_body(scope, receive, limit)
     except asyncio.CancelledError:
-        if expired and task.uncancel() == 0:  # this timer's cancellation, and no other
+        if expired and task.uncancel() <= already:  # this timer's cancellation, no other
             raise TimeoutError from None
+        raise
+    except BaseException:
+        if expired:  # it fired, and something else ended the read: take it back all the same
+            task.uncancel()
         raise
     finally:
         timer.cancel()

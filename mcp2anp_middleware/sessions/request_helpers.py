@@ -13,7 +13,8 @@ from mcp2anp_middleware.sessions.state import SERVING, SessionState
 def current_session() -> SessionState | None:
     """The session of the MCP request being served in this task (a tool's session, from
     inside the tool), or None outside one. Set by the middleware for the app's whole run, so it
-    holds in every task the request starts too."""
+    holds in every task the request starts too, even after the request ended (check
+    ``closed`` in such a task)."""
     return SERVING.get()()
 
 
