@@ -14,6 +14,7 @@ import pytest
 from mcp2anp_middleware import SessionConfig
 from mcp2anp_middleware.sessions.clock import ManualClock
 from mcp2anp_middleware.sessions.events import SessionEvent, SessionEventKind
+from mcp2anp_middleware.sessions.middleware import HANDSHAKE_RESERVATION
 from mcp2anp_middleware.sessions.registry import SessionRegistry
 from mcp2anp_middleware.sessions.state import NEVER, SessionState
 from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
@@ -191,3 +192,38 @@ async def test_a_new_subscription_forgets_earlier_confirmations(redis_server: Re
         reads = store_b.reads
         assert await worker_b.get(state.session_id, ALICE) is in_b
         assert store_b.reads == reads + 1
+
+
+async def test_a_committed_session_is_confirmed_by_its_commit(redis_server: RedisServer) -> None:
+    """The commit that ends an ``initialize`` is the store's word on the session, as a read is:
+    the session's next request (``notifications/initialized``) does not read it again."""
+    clock = ManualClock()
+    async with two_workers(redis_server, "recheck7:", clock) as (_, worker_b, store_b):
+        state = worker_b.new_session(ALICE)
+        await worker_b.register(state, reservation=HANDSHAKE_RESERVATION)
+        await worker_b.commit(state)
+        assert await worker_b.get(state.session_id, ALICE) is state
+        assert store_b.reads == 0
+        clock.advance(store_b.recheck)
+        assert await worker_b.get(state.session_id, ALICE) is state
+        assert store_b.reads == 1
+
+
+async def test_a_delete_is_removed_and_announced_in_one_step(redis_server: RedisServer) -> None:
+    """One script removes the session and tells the other processes: no second round trip."""
+    clock = ManualClock()
+    async with two_workers(redis_server, "recheck8:", clock) as (worker_a, worker_b, _):
+        state = await made_on(worker_a)
+        assert await worker_b.get(state.session_id, ALICE) is not None
+        announced: list[str] = []
+
+        async def announce_ended(notice: str) -> None:
+            announced.append(notice)
+
+        worker_a.store.announce_ended = announce_ended  # type: ignore[attr-defined]
+        ended = asyncio.create_task(_event(worker_b, SessionEventKind.DELETED, state.session_id))
+        await asyncio.sleep(0)  # subscribed before the delete
+        assert await worker_a.remove(state.session_id, reason="deleted")
+        await ended  # the notice came from the script
+        assert announced == []
+        assert not await worker_a.remove(state.session_id, reason="deleted")  # gone: no notice

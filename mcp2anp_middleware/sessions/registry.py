@@ -322,11 +322,14 @@ class SessionRegistry:
         if state.reserved:
             now = self.clock()
             record, ttl = self._record(state, now)
+            notices = self._notices
             if not await self.store.write(record, ttl=ttl, now=now):
                 raise StoreUnavailable("session reservation lapsed before its commit")
             state.reserved = False
             state.synced_at = state.last_accessed
             state.leased = self._leased(state, renew=False)
+            if self.recheck and notices == self._notices:  # the store's word, as a read's
+                state.confirmed_at = now
         self.stats.created += 1
         logger.info(
             "Session created",
@@ -525,8 +528,14 @@ class SessionRegistry:
 
     async def remove(self, session_id: str, *, reason: str) -> bool:
         """Remove the session everywhere (store, this process, and other processes' caches)."""
-        deleted = await self.store.remove(session_id)
         kind = _KINDS.get(reason, SessionEventKind.EXPIRED)
+        announced = False
+        remove_and_announce = getattr(self.store, "remove_and_announce", None)
+        if kind is not SessionEventKind.EXPIRED and remove_and_announce is not None:
+            deleted = bool(await remove_and_announce(session_id, f"{kind}:{session_id}"))
+            announced = True  # in the same step (a store shared between processes)
+        else:
+            deleted = await self.store.remove(session_id)
         self._ended(session_id, kind)
         if deleted:
             self.stats.removed[reason] += 1
@@ -536,7 +545,7 @@ class SessionRegistry:
                 total_sessions=len(self),
                 reason=reason,
             )
-            if kind is not SessionEventKind.EXPIRED:
+            if kind is not SessionEventKind.EXPIRED and not announced:
                 await self._announce(session_id, kind)
         return deleted
 

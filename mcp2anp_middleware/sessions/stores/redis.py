@@ -57,6 +57,7 @@ sentinels for; Cluster: after re-reading the slot map).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import zlib
@@ -133,12 +134,13 @@ return 1
 
 _REMOVE = """
 local skey, allkey = KEYS[1], KEYS[2]
-local sid, fence = ARGV[1], ARGV[2]
+local sid, fence, channel, notice = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if fence ~= '' and redis.call('HGET', skey, 'created_at') ~= fence then return 0 end
 local pkey = redis.call('HGET', skey, 'pkey')
 local deleted = redis.call('DEL', skey)
 redis.call('ZREM', allkey, sid)
 if pkey then redis.call('ZREM', pkey, sid) end
+if deleted == 1 and notice ~= '' then redis.call('PUBLISH', channel, notice) end
 return deleted
 """
 
@@ -350,11 +352,26 @@ class RedisSessionStore:
         return bool(written)
 
     async def remove(self, session_id: str, *, created_at: float | None = None) -> bool:
+        return await self._remove_announcing(session_id, created_at, "")
+
+    async def remove_and_announce(self, session_id: str, notice: str) -> bool:
+        """:meth:`remove`, then :meth:`announce_ended` with ``notice`` if it removed the session:
+        one round trip (one script) where the store is a single Redis."""
+        return await self._remove_announcing(session_id, None, notice)
+
+    async def _remove_announcing(
+        self, session_id: str, created_at: float | None, notice: str
+    ) -> bool:
         fence = "" if created_at is None else repr(float(created_at))
         if self.cluster:
-            return await self._take_in_cluster(session_id, fence) is not None
+            removed = await self._take_in_cluster(session_id, fence) is not None
+            if removed and notice:
+                with contextlib.suppress(StoreUnavailable):  # best effort, as announce_ended
+                    await self.announce_ended(notice)
+            return removed
         keys = [self._session_key(session_id), self._all_key]
-        deleted, _ = await _guard(lambda: self._durably(self._remove, keys, [session_id, fence]))
+        args: list[str | int] = [session_id, fence, self.ended_channel, notice]
+        deleted, _ = await _guard(lambda: self._durably(self._remove, keys, args))
         return bool(deleted)  # an unconfirmed deletion is still a deletion: not refused
 
     async def principal_sessions(
