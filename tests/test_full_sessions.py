@@ -384,6 +384,32 @@ async def test_ending_the_session_tears_its_streams_and_events_down(
         assert log == 0
 
 
+async def test_a_deleted_sessions_event_log_goes_in_the_script_that_removes_it(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """No worker spends a round trip of its own on the log of a session ended by DELETE: the
+    store's removal script deletes it with the record."""
+    async with workers(tmp_path, 2, redis_server) as (a, b), httpx.AsyncClient() as http:
+        dropped: list[str] = []
+        for worker in (a, b):
+
+            async def drop(session_id: str) -> None:
+                dropped.append(session_id)
+
+            worker.app.endpoint.backplane.events.drop = drop  # type: ignore[method-assign]
+        client = RawClient(http)
+        await client.initialize(a.url)
+        await client.call(b.url, 1, "chatty")  # logged events
+        log = f"fidelity:log:{client.session_id}"
+        assert await redis_server_keys(redis_server, log) == 1
+        assert (await http.delete(a.url, headers=client.headers())).status_code == 204
+        with anyio.fail_after(10):  # until the other worker heard of the end (its notice)
+            while client.session_id in b.app.endpoint.live:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        assert await redis_server_keys(redis_server, log) == 0
+        assert dropped == []
+
+
 async def redis_server_keys(redis: RedisServer, key: str) -> int:
     store = RedisSessionStore.from_url(redis.url)
     try:

@@ -134,6 +134,8 @@ class MCPEndpoint:
         """The standalone stream open here, by session (one per session per worker)."""
         self._tasks: anyio.abc.TaskGroup | None = None
         self._unsubscribe: Callable[[], None] | None = None
+        self._logs_removed_with_sessions = False
+        """The store deletes a removed session's event log itself (Redis, not a cluster)."""
 
     def bind_registry(self, registry: SessionRegistry) -> None:
         """Called by the middleware: session events tear machinery down, and a Redis store
@@ -149,7 +151,12 @@ class MCPEndpoint:
         ):
             from mcp2anp_middleware.mcp_hosting.redis_backplane import RedisBackplane
 
-            self.backplane = RedisBackplane(registry.store.client, prefix=registry.store.prefix)
+            store = registry.store
+            backplane = RedisBackplane(store.client, prefix=store.prefix)
+            self.backplane = backplane
+            if not store.cluster:  # a session's event log goes in the script that removes it
+                store.companion_keys.append(backplane.events.key)
+                self._logs_removed_with_sessions = True
 
     # -- service ---------------------------------------------------------------------------------
 
@@ -652,6 +659,8 @@ class MCPEndpoint:
             cancel.cancel()
         if event.kind.value == "closed":  # only this worker let go of it: the log stays
             return
+        if self._logs_removed_with_sessions and event.kind.value in ("deleted", "revoked"):
+            return  # the script that removed the session (on whichever worker) deleted it
         drop_now = getattr(self.backplane.events, "drop_now", None)
         if drop_now is not None:  # in memory: no task for it
             drop_now(event.session_id)

@@ -140,7 +140,10 @@ local pkey = redis.call('HGET', skey, 'pkey')
 local deleted = redis.call('DEL', skey)
 redis.call('ZREM', allkey, sid)
 if pkey then redis.call('ZREM', pkey, sid) end
-if deleted == 1 and notice ~= '' then redis.call('PUBLISH', channel, notice) end
+if deleted == 1 then
+  for i = 3, #KEYS do redis.call('DEL', KEYS[i]) end
+  if notice ~= '' then redis.call('PUBLISH', channel, notice) end
+end
 return deleted
 """
 
@@ -233,6 +236,10 @@ class RedisSessionStore:
         self._all_key = f"{prefix}all"
         self._session_prefix = f"{prefix}s:"
         self.ended_channel = f"{prefix}ended"
+        self.companion_keys: list[Callable[[str], str]] = []
+        """Keys other parts keep per session (the MCP event log), by session id: :meth:`remove`
+        deletes them with the session, in the same script (not on a cluster, where the owner
+        deletes its own)."""
         self._create = client.register_script(_CREATE)
         self._write = client.register_script(_WRITE)
         self._remove = client.register_script(_REMOVE)
@@ -370,6 +377,7 @@ class RedisSessionStore:
                     await self.announce_ended(notice)
             return removed
         keys = [self._session_key(session_id), self._all_key]
+        keys += [companion(session_id) for companion in self.companion_keys]
         args: list[str | int] = [session_id, fence, self.ended_channel, notice]
         deleted, _ = await _guard(lambda: self._durably(self._remove, keys, args))
         return bool(deleted)  # an unconfirmed deletion is still a deletion: not refused
