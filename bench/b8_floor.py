@@ -323,7 +323,13 @@ class Server:
     """A server process started by this one (``--serve KIND``), with its CPU counters."""
 
     def __init__(
-        self, kind: str, settings: Settings, *, port: int | None = None, profile: str | None = None
+        self,
+        kind: str,
+        settings: Settings,
+        *,
+        port: int | None = None,
+        profile: str | None = None,
+        root: Path = ROOT,
     ) -> None:
         self.kind = kind
         self.port = port or free_port()
@@ -342,12 +348,12 @@ class Server:
             command += ["--profile-out", profile]
         env = {
             **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
         }
         # The server's log lines go to a file, shown only if it fails (the table stays readable).
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by stop())
         self.process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=self.log
+            command, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=self.log
         )
         self.pid = self.process.pid
 
@@ -400,13 +406,14 @@ class Server:
 
 
 @contextlib.contextmanager
-def servers(specs: dict[str, tuple[str, Settings]]) -> Iterator[dict[str, Server]]:
-    """Start every server at once (imports overlap), wait for all, stop all at the end."""
+def servers(specs: dict[str, tuple[str, Settings, Path]]) -> Iterator[dict[str, Server]]:
+    """Start every server at once (imports overlap), wait for all, stop all at the end; each
+    runs the code of the checkout its spec names."""
     started: dict[str, Server] = {}
     try:
-        for name, (kind, settings) in specs.items():
+        for name, (kind, settings, root) in specs.items():
             port = int(settings.agent_base.rsplit(":", 1)[1]) if kind == "agent" else None
-            started[name] = Server(kind, settings, port=port)
+            started[name] = Server(kind, settings, port=port, root=root)
         for server in started.values():
             server.wait_ready()
         yield started
@@ -584,6 +591,24 @@ def ratio_row(
     return Result(name, ratio, target, detail)
 
 
+STORES = {"memory": "memory store", "redis": "Redis store"}
+AGAINST = "@against"
+"""Suffix of the sides running another checkout's stack (``--against DIR``)."""
+
+
+def stacks(sides: list[Side]) -> list[tuple[str, str, bool]]:
+    """The stack sides to report: name, label, and whether it is another checkout's."""
+    found = []
+    for side in sides:
+        base = side.name.removesuffix(AGAINST)
+        if base in STORES:
+            against = side.name != base
+            found.append(
+                (side.name, STORES[base] + (", --against checkout" if against else ""), against)
+            )
+    return found
+
+
 async def tool_rows(sides: list[Side], count: int, rounds: int) -> list[Result]:
     rows: list[Result] = []
     for tool in TOOLS:
@@ -592,9 +617,10 @@ async def tool_rows(sides: list[Side], count: int, rounds: int) -> list[Result]:
             await side.session.call(tool)
 
         costs = await interleaved(sides, one_call, count, rounds, warmup=max(10, count // 4))
-        for stack, store in (("memory", "memory store"), ("redis", "Redis store")):
+        for stack, store, against in stacks(sides):
+            target = "info" if against else "<= 1.4"
             rows.append(
-                ratio_row(f"8. {tool} CPU, stack / floor, {store}", costs, stack, "<= 1.4", "call")
+                ratio_row(f"8. {tool} CPU, stack / floor, {store}", costs, stack, target, "call")
             )
     return rows
 
@@ -615,19 +641,13 @@ async def churn_rows(sides: list[Side], count: int, rounds: int) -> list[Result]
     costs = await interleaved(sides, cycle, count, rounds, warmup=max(4, count // 4))
     return [
         ratio_row(
-            "8'. session churn CPU, stack / floor, memory store",
+            f"8'. session churn CPU, stack / floor, {store}",
             costs,
-            "memory",
-            "<= 1.5",
+            stack,
+            "<= 1.5" if stack == "memory" else "info",
             "init+call+DELETE",
-        ),
-        ratio_row(
-            "8'. session churn CPU, stack / floor, Redis store",
-            costs,
-            "redis",
-            "info",
-            "init+call+DELETE",
-        ),
+        )
+        for stack, store, _ in stacks(sides)
     ]
 
 
@@ -683,7 +703,7 @@ async def concurrency_rows(sides: list[Side], repeats: int) -> list[Result]:
         )
     rows: list[Result] = []
     floor = summary["floor"]
-    for stack, store in (("memory", "memory store"), ("redis", "Redis store")):
+    for stack, store, _ in stacks(sides):
         for index, label in ((0, "p50"), (1, "p99")):
             rows.append(
                 Result(
@@ -721,22 +741,27 @@ def environment() -> Iterator[tuple[Settings, str, Any]]:
             redis_server.stop()
 
 
-async def run(quick: bool) -> list[Result]:
+async def run(quick: bool, against: Path | None = None) -> list[Result]:
+    """The rows; with ``against``, the stacks of that checkout (an older commit's worktree,
+    say) run as two more sides of the same rounds, reported as info rows."""
     count, rounds = (40, 9) if quick else (100, 25)
     churn_count, churn_rounds = (10, 9) if quick else (30, 21)
     with environment() as (settings, did, _):
         memory = Settings(**{**settings.__dict__, "redis_url": ""})
         specs = {
-            "agent": ("agent", settings),
-            "floor": ("floor", memory),
-            "memory": ("stack", memory),
-            "redis": ("stack", settings),
+            "agent": ("agent", settings, ROOT),
+            "floor": ("floor", memory, ROOT),
+            "memory": ("stack", memory, ROOT),
+            "redis": ("stack", settings, ROOT),
         }
+        if against is not None:
+            specs["memory" + AGAINST] = ("stack", memory, against)
+            specs["redis" + AGAINST] = ("stack", settings, against)
         expect = Expect(settings.agent_base, did)
         with servers(specs) as procs:
             async with aiohttp.ClientSession() as http:
                 sides = []
-                for name in ("floor", "memory", "redis"):
+                for name in (name for name in specs if name != "agent"):
                     session = RawSession(http, f"{procs[name].url}/mcp", expect)
                     await session.open()
                     side = Side(name, procs[name], session)
@@ -970,17 +995,25 @@ def profile(store: str, calls: int = 300, save: str | None = None) -> None:
             agent.stop()
 
 
+_against: Path | None = None
+"""``--against DIR``: another checkout whose stacks run beside this one's."""
+
+
 def main(args: argparse.Namespace) -> list[Result]:
     started = time.perf_counter()
     log("[8] the floor: server CPU per tools/call, whole stack vs bare ASGI (own processes)")
-    results = asyncio.run(run(args.quick))
+    if _against is not None:
+        log(f"  with the stacks of {_against} beside this checkout's (rows marked --against)")
+    results = asyncio.run(run(args.quick, _against))
     log(f"  ({time.perf_counter() - started:.1f} s)")
     return results
 
 
 def entry() -> None:
-    """``--serve`` (a server process) and ``--profile`` are this module's own; anything else is
-    the common benchmark entry point (``--quick``, ``--json``)."""
+    """``--serve`` (a server process), ``--profile`` and ``--against DIR`` (another checkout's
+    stacks measured in the same rounds, e.g. a worktree of an earlier commit) are this module's
+    own; anything else is the common benchmark entry point (``--quick``, ``--json``)."""
+    global _against
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--serve", choices=("agent", "floor", "stack"))
     parser.add_argument("--port", type=int)
@@ -990,7 +1023,10 @@ def entry() -> None:
         "--profile", nargs="?", const="memory", choices=("memory", "redis", "floor")
     )
     parser.add_argument("--profile-save")
+    parser.add_argument("--against", type=Path)
     known, rest = parser.parse_known_args()
+    if known.against is not None:
+        _against = known.against.resolve()
     if known.serve:
         serve_child(
             known.serve, known.port, Settings(**json.loads(known.settings)), known.profile_out
