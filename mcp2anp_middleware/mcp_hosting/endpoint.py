@@ -570,7 +570,7 @@ class MCPEndpoint:
         """The session's machinery on this worker (warm, or built now). For a session that ended
         meanwhile it is built closed, so its request is answered and nothing is kept."""
         live = self.live.get(state.session_id)
-        if live is None or live.done.is_set() or live.state is not state:
+        if live is None or live.ended or live.state is not state:
             self._instances += 1
             live = LiveSession(self, state, self._instances)
             if state.closed:
@@ -609,7 +609,7 @@ class MCPEndpoint:
         live.users -= 1
         if live.users or not live.finished:
             return
-        if self.warm_seconds > 0 and self.max_warm > 0 and not live.done.is_set():
+        if self.warm_seconds > 0 and self.max_warm > 0 and not live.ended:
             self._warm[live.session_id] = (self.clock() + self.warm_seconds, live)
             self._warm.move_to_end(live.session_id)
             if len(self._warm) > self.max_warm:  # a burst of new sessions: keep the newest warm

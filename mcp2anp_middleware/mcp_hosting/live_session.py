@@ -178,7 +178,8 @@ class LiveSession:
         self.handshake = decoded(state.handshake) if state.handshake else None
         self.connection = self._connection()
         self.runner = ServerRunner(endpoint.lowlevel, self.connection, endpoint.lifespan_state)
-        self.done = anyio.Event()
+        self.ended = False
+        """Closed: requests that still come are answered 'Session ended', nothing is kept."""
 
     def _connection(self) -> Connection:
         """Born initialized from the stored handshake; a handshake that no longer validates
@@ -205,9 +206,9 @@ class LiveSession:
 
     def close(self) -> None:
         """End the machinery: requests still running are cancelled, open streams end."""
-        if self.done.is_set():
+        if self.ended:
             return
-        self.done.set()
+        self.ended = True
         for scope, channel in self.running.values():
             channel.closed = True
             scope.cancel()
@@ -247,7 +248,7 @@ class LiveSession:
         )
         scope = cancel_scope()
         self.running[stream] = (scope, channel)
-        if self.done.is_set():  # the session ended before this request got here
+        if self.ended:  # the session ended before this request got here
             channel.closed = True
             scope.cancel()
         answer: str | None = None
@@ -277,12 +278,12 @@ class LiveSession:
                         answer = _error_json(request.id, failed)
                     else:
                         if request.method in _HANDSHAKE_CHANGES:
-                            with anyio.CancelScope(shield=True):  # committed: kept with it
+                            with cancel_scope(shield=True):  # committed: kept with it
                                 await self._after_success(request)
         finally:
             channel.closed = True
             self.running.pop(stream, None)
-        if self.done.is_set() and answer is None:
+        if self.ended and answer is None:
             ended = ErrorData(code=CONNECTION_CLOSED, message="Session ended")
             answer = _error_json(request.id, ended)
         elif answer is None or channel.cancelled_by_client:
@@ -361,7 +362,7 @@ class LiveSession:
     ) -> dict[str, Any]:
         """Send a request to the client on ``stream`` and wait for its answer, which may be
         POSTed to any worker (its id names this one)."""
-        if self.done.is_set():
+        if self.ended:
             raise MCPError(code=CONNECTION_CLOSED, message="Session closed")
         self._next_id += 1
         local = self._next_id
