@@ -746,7 +746,7 @@ async def run(quick: bool, against: Path | None = None) -> list[Result]:
     say) run as two more sides of the same rounds, reported as info rows."""
     count, rounds = (40, 9) if quick else (100, 25)
     churn_count, churn_rounds = (10, 9) if quick else (30, 21)
-    with environment() as (settings, did, _):
+    with environment() as (settings, did, _), contextlib.ExitStack() as cleanup:
         memory = Settings(**{**settings.__dict__, "redis_url": ""})
         specs = {
             "agent": ("agent", settings, ROOT),
@@ -755,8 +755,19 @@ async def run(quick: bool, against: Path | None = None) -> list[Result]:
             "redis": ("stack", settings, ROOT),
         }
         if against is not None:
+            # Its own redis-server: the two Redis stacks' notices must not reach each other.
+            from tests.redis_server import RedisServer
+
+            other_dir = cleanup.enter_context(tempfile.TemporaryDirectory())
+            other_redis = RedisServer(Path(other_dir) / "redis")
+            other_redis.start()
+            cleanup.callback(other_redis.stop)
             specs["memory" + AGAINST] = ("stack", memory, against)
-            specs["redis" + AGAINST] = ("stack", settings, against)
+            specs["redis" + AGAINST] = (
+                "stack",
+                Settings(**{**settings.__dict__, "redis_url": other_redis.url}),
+                against,
+            )
         expect = Expect(settings.agent_base, did)
         with servers(specs) as procs:
             async with aiohttp.ClientSession() as http:
@@ -1011,7 +1022,8 @@ def main(args: argparse.Namespace) -> list[Result]:
 
 def entry() -> None:
     """``--serve`` (a server process), ``--profile`` and ``--against DIR`` (another checkout's
-    stacks measured in the same rounds, e.g. a worktree of an earlier commit) are this module's
+    stacks measured in the same rounds, e.g. a worktree of an earlier commit; its own
+    ``bench/b8_floor.py`` serves them, so it must take the same ``Settings``) are this module's
     own; anything else is the common benchmark entry point (``--quick``, ``--json``)."""
     global _against
     parser = argparse.ArgumentParser(add_help=False)

@@ -24,7 +24,7 @@ from mcp_types import PROTOCOL_VERSION_META_KEY
 from starlette.applications import Starlette
 from starlette.types import Message
 
-from mcp2anp_middleware import ANPMiddleware
+from mcp2anp_middleware import ANPMiddleware, SessionConfig
 from mcp2anp_middleware.mcp_hosting.backplane import (
     LISTENER_BUFFER,
     Event,
@@ -32,7 +32,8 @@ from mcp2anp_middleware.mcp_hosting.backplane import (
     MemoryEventLog,
     priming_id,
 )
-from mcp2anp_middleware.mcp_hosting.redis_backplane import RedisRelay
+from mcp2anp_middleware.mcp_hosting.redis_backplane import RedisBackplane, RedisRelay
+from mcp2anp_middleware.sessions.registry import SessionRegistry
 from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
 
 from .fidelity_server import Gate, fidelity_server
@@ -408,6 +409,27 @@ async def test_a_deleted_sessions_event_log_goes_in_the_script_that_removes_it(
                 await anyio.sleep(0.01)
         assert await redis_server_keys(redis_server, log) == 0
         assert dropped == []
+
+
+async def test_a_session_removed_by_any_registry_takes_its_event_log(
+    redis_server: RedisServer,
+) -> None:
+    """The store knows where the backplane keeps a session's log (one layout, checked here),
+    so a removal from anywhere (an admin script's registry with no MCP endpoint) deletes it."""
+    store = RedisSessionStore.from_url(redis_server.url, prefix="anywhere:")
+    try:
+        backplane = RedisBackplane(store.client, prefix=store.prefix)
+        assert store.event_log_key("abc") == backplane.events.key("abc")
+        registry = SessionRegistry(store=store, session_timeout=60.0)
+        state = registry.new_session(SessionConfig(principal="alice"))
+        await registry.register(state)
+        await backplane.record(state.session_id, Event("s", None, '{"note":1}'))
+        log = store.event_log_key(state.session_id)
+        assert await store.client.exists(log) == 1
+        assert await registry.remove(state.session_id, reason="revoked")
+        assert await store.client.exists(log) == 0
+    finally:
+        await store.aclose()
 
 
 async def redis_server_keys(redis: RedisServer, key: str) -> int:

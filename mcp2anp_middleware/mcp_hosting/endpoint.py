@@ -141,6 +141,7 @@ class MCPEndpoint:
         """Called by the middleware: session events tear machinery down, and a Redis store
         brings the Redis backplane (unless one was given)."""
         self.registry = registry
+        self._logs_removed_with_sessions = False
         # A Redis store's module is loaded by whoever made the store; without one, redis (an
         # optional extra) may not be installed at all, so it is looked up, never imported here.
         redis_stores = sys.modules.get("mcp2anp_middleware.sessions.stores.redis")
@@ -152,11 +153,9 @@ class MCPEndpoint:
             from mcp2anp_middleware.mcp_hosting.redis_backplane import RedisBackplane
 
             store = registry.store
-            backplane = RedisBackplane(store.client, prefix=store.prefix)
-            self.backplane = backplane
-            if not store.cluster:  # a session's event log goes in the script that removes it
-                store.companion_keys.append(backplane.events.key)
-                self._logs_removed_with_sessions = True
+            self.backplane = RedisBackplane(store.client, prefix=store.prefix)
+            # The script that removes a session deletes its event log too (not on a cluster).
+            self._logs_removed_with_sessions = not store.cluster
 
     # -- service ---------------------------------------------------------------------------------
 
@@ -652,15 +651,24 @@ class MCPEndpoint:
         if not event.kind.ends_session:
             return
         live = self.live.get(event.session_id)
+        idle = live is None or live.finished  # nothing of it runs here now
         if live is not None:
             self._forget(live)
             live.close()
-        for cancel in list(self._streams.get(event.session_id, ())):
+        streams = list(self._streams.get(event.session_id, ()))
+        for cancel in streams:
             cancel.cancel()
         if event.kind.value == "closed":  # only this worker let go of it: the log stays
             return
-        if self._logs_removed_with_sessions and event.kind.value in ("deleted", "revoked"):
-            return  # the script that removed the session (on whichever worker) deleted it
+        if (
+            self._logs_removed_with_sessions
+            and event.kind.value in ("deleted", "revoked")
+            and idle
+            and not streams
+        ):
+            # The script that removed the session deleted its log, and nothing running here
+            # can log after it (a request or stream running here may have: then it is dropped).
+            return
         drop_now = getattr(self.backplane.events, "drop_now", None)
         if drop_now is not None:  # in memory: no task for it
             drop_now(event.session_id)

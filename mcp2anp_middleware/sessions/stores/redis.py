@@ -236,10 +236,6 @@ class RedisSessionStore:
         self._all_key = f"{prefix}all"
         self._session_prefix = f"{prefix}s:"
         self.ended_channel = f"{prefix}ended"
-        self.companion_keys: list[Callable[[str], str]] = []
-        """Keys other parts keep per session (the MCP event log), by session id: :meth:`remove`
-        deletes them with the session, in the same script (not on a cluster, where the owner
-        deletes its own)."""
         self._create = client.register_script(_CREATE)
         self._write = client.register_script(_WRITE)
         self._remove = client.register_script(_REMOVE)
@@ -274,6 +270,13 @@ class RedisSessionStore:
         )
 
     # -- keys ------------------------------------------------------------------------------------
+
+    def event_log_key(self, session_id: str) -> str:
+        """The key of the session's MCP event log (a Redis Stream the MCP endpoint's backplane
+        keeps under this store's prefix); deleted with the session."""
+        if self.cluster:  # the slot of the session's record
+            return f"{self.prefix}log:{{{session_id}}}"
+        return f"{self.prefix}log:{session_id}"
 
     def _session_key(self, session_id: str) -> str:
         if self.cluster:
@@ -376,8 +379,9 @@ class RedisSessionStore:
                 with contextlib.suppress(StoreUnavailable):  # best effort, as announce_ended
                     await self.announce_ended(notice)
             return removed
-        keys = [self._session_key(session_id), self._all_key]
-        keys += [companion(session_id) for companion in self.companion_keys]
+        # The session's MCP event log goes with it (whoever removes it: a worker, an admin
+        # script); on a cluster its owner drops it, as it is in another script's slot.
+        keys = [self._session_key(session_id), self._all_key, self.event_log_key(session_id)]
         args: list[str | int] = [session_id, fence, self.ended_channel, notice]
         deleted, _ = await _guard(lambda: self._durably(self._remove, keys, args))
         return bool(deleted)  # an unconfirmed deletion is still a deletion: not refused
