@@ -16,6 +16,10 @@ covered until the next call; the package calls it when it is imported and again 
 ``ANPMiddleware`` is built (through ``tame_anp_logging``). Handlers are left alone: they belong to
 the host. Loggers outside these names (the host's own) are never touched.
 
+uvicorn's access log writes each request's path with its query string (``GET /cb?code=...``):
+:class:`AccessLogQueryFilter` on ``uvicorn.access`` keeps the path and replaces the query with
+``?…``, so a token a client put in a query string (on any route of the host) stays out of it.
+
 A host that formats records with structlog's ``ProcessorFormatter`` should put
 :func:`use_redacted_exception_text` in its ``foreign_pre_chain``: that formatter formats
 tracebacks afresh from ``exc_info`` and would otherwise undo the redaction of exception text.
@@ -136,6 +140,27 @@ class URLRedactionFilter(logging.Filter):
 _FILTER: Final = URLRedactionFilter()
 
 
+ACCESS_LOGGER: Final = "uvicorn.access"
+
+
+class AccessLogQueryFilter(logging.Filter):
+    """On ``uvicorn.access``: the request target loses its query string (``/cb?…``).
+
+    uvicorn logs ``'%s - "%s %s HTTP/%s" %d'`` with ``(client, method, target, version,
+    status)``; a record of any other shape is left as it is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
+            path, query, _ = args[2].partition("?")
+            if query:
+                record.args = (args[0], args[1], path + "?…", *args[3:])
+        return True
+
+
+_ACCESS_FILTER: Final = AccessLogQueryFilter()
+
+
 def _under(name: str, prefixes: Iterable[str]) -> bool:
     return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
 
@@ -153,3 +178,6 @@ def redact_library_logs(prefixes: Iterable[str] = REDACTED_LOGGERS) -> None:
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)
+    access = logging.getLogger(ACCESS_LOGGER)
+    if _ACCESS_FILTER not in access.filters:
+        access.addFilter(_ACCESS_FILTER)

@@ -285,3 +285,48 @@ def test_installation_is_idempotent_and_leaves_host_loggers_alone(collected: _Co
         assert sum(isinstance(f, URLRedactionFilter) for f in filters) == 1, name
     logging.getLogger("host_app.client").info("GET https://mine.example/x?debug=1")
     assert collected.lines == ["INFO host_app.client GET https://mine.example/x?debug=1"]
+
+
+class _Kept(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.mark.anyio
+async def test_uvicorns_access_log_keeps_the_path_and_drops_the_query(tmp_path: Any) -> None:
+    """A real uvicorn with its own logging config and the access log on: a token in a query
+    string (on a host route, outside the MCP prefix) never reaches the access log."""
+    import asyncio
+
+    import uvicorn
+
+    from .servers import free_port
+
+    async def callback(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    host = Starlette(routes=[Route("/cb", callback)])
+    app = ANPMiddleware(host, data_dir=tmp_path)
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, access_log=True, log_level="info")
+    server = uvicorn.Server(config)  # its logging config is applied by now
+    kept = _Kept()
+    access = logging.getLogger("uvicorn.access")
+    access.addHandler(kept)
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:  # noqa: ASYNC110 (uvicorn's own flag)
+            await asyncio.sleep(0.01)
+        async with httpx.AsyncClient() as http:
+            answer = await http.get(f"http://127.0.0.1:{port}/cb?code=s3cr3t&state=x")
+        assert answer.status_code == 200
+    finally:
+        server.should_exit = True
+        await task
+        access.removeHandler(kept)
+    lines = [line for line in kept.lines if "/cb" in line]
+    assert lines and all("/cb?…" in line and "s3cr3t" not in line for line in lines), kept.lines
