@@ -56,9 +56,14 @@ from mcp2anp_middleware.mcp_hosting.backplane import (
 from mcp2anp_middleware.mcp_hosting.handshake import Handshake
 from mcp2anp_middleware.mcp_hosting.live_session import STANDALONE, LiveSession
 from mcp2anp_middleware.mcp_hosting.request_state import SharedRequestState
-from mcp2anp_middleware.mcp_hosting.sse import HOLD_SECONDS, KEEPALIVE_SECONDS, SSEWriter
+from mcp2anp_middleware.mcp_hosting.sse import (
+    HOLD_SECONDS,
+    KEEPALIVE_SECONDS,
+    SSEWriter,
+    send_json,
+)
 from mcp2anp_middleware.mcp_hosting.tracing import spans_when_traced
-from mcp2anp_middleware.sessions.events import SessionEvent
+from mcp2anp_middleware.sessions.events import SessionEvent, SessionEventKind
 from mcp2anp_middleware.sessions.jsonrpc_errors import (
     INTERNAL_ERROR,
     INVALID_REQUEST,
@@ -306,7 +311,7 @@ class MCPEndpoint:
                 watching.cancel()
                 live.end(stream)
             if answers.answer is not None:
-                await _json_response(send, answers.answer)
+                await send_json(send, answers.answer.encode())
             else:
                 await send_jsonrpc_error(send, 503, INTERNAL_ERROR, "Session ended")
             return
@@ -658,11 +663,11 @@ class MCPEndpoint:
         streams = list(self._streams.get(event.session_id, ()))
         for cancel in streams:
             cancel.cancel()
-        if event.kind.value == "closed":  # only this worker let go of it: the log stays
+        if event.kind is SessionEventKind.CLOSED:  # only this worker let go of it: the log stays
             return
         if (
             self._logs_removed_with_sessions
-            and event.kind.value in ("deleted", "revoked")
+            and event.kind in (SessionEventKind.DELETED, SessionEventKind.REVOKED)
             and idle
             and not streams
         ):
@@ -750,21 +755,6 @@ async def _in_flight_already(send: Send, message: JSONRPCRequest) -> None:
 async def _accepted(send: Send) -> None:
     await send({"type": "http.response.start", "status": 202, "headers": []})
     await send({"type": "http.response.body", "body": b""})
-
-
-async def _json_response(send: Send, payload: str) -> None:
-    body = payload.encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 def _jsonrpc_errors_only(send: Send) -> Send:

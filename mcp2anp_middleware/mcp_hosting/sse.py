@@ -28,7 +28,11 @@ SSE_HEADERS = [
 ]
 
 
-JSON_HEADERS = [(b"content-type", b"application/json")]
+async def send_json(send: Send, body: bytes) -> None:
+    """A whole response of one JSON body (an answer nothing was streamed before)."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 class SSEWriter:
@@ -85,25 +89,22 @@ class SSEWriter:
             self._timer.cancel()
             self._timer = None
 
-    async def event(self, event: Event, *, retry_ms: int | None = None, last: bool = False) -> None:
-        """Write one event; ``last`` ends the response with it (one send fewer than
-        :meth:`finish` after it)."""
-        await self._write_raw(_frame(event, retry_ms), more=not last)
-        if last:
-            self.open = False
+    async def event(self, event: Event) -> None:
+        """Write one event of a GET stream (it ends with :meth:`finish`)."""
+        await self._write_raw(_frame(event, None))
 
     async def write(self, event: Event) -> None:
         """A request's event; its answer (``final``) ends the response, as the whole JSON body
         if nothing was sent before it."""
-        held = self._held_start
-        if event.final and held is not None and event.event_id is None and event.payload:
-            await self._answer_alone(held, event.payload.encode())  # (a logged one has an id)
+        held = self._held_start is not None
+        if event.final and held and event.event_id is None and event.payload:
+            await self._answer_alone(event.payload.encode())  # (a logged one has an id)
             return
         await self._write_raw(_frame(event, None), more=not event.final)
         if event.final:
             self.open = False
 
-    async def _answer_alone(self, start: Message, body: bytes) -> None:
+    async def _answer_alone(self, body: bytes) -> None:
         """The answer came while the start was held: it is the response, as JSON (no other
         writer can be sending: one would have taken the held start, and none comes after the
         answer)."""
@@ -111,10 +112,8 @@ class SSEWriter:
         self._held_priming = None
         self.stop_holding()
         self.open = False
-        start["headers"] = [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]
         try:
-            await self._send(start)
-            await self._send({"type": "http.response.body", "body": body, "more_body": False})
+            await send_json(self._send, body)
         except Exception:  # the client is gone (servers differ in how they say so)
             return
 
