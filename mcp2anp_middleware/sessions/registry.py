@@ -328,8 +328,7 @@ class SessionRegistry:
             state.reserved = False
             state.synced_at = state.last_accessed
             state.leased = self._leased(state, renew=False)
-            if self.recheck and notices == self._notices:  # the store's word, as a read's
-                state.confirmed_at = now
+            self._confirm(state, notices, now)  # the store's word, as a read's
         self.stats.created += 1
         logger.info(
             "Session created",
@@ -456,9 +455,15 @@ class SessionRegistry:
             return None
         if state.config != config:  # credential rotated or restored session: use the latest
             state.config = config
-        if self.recheck and notices == self._notices:  # else a notice may concern this read
-            state.confirmed_at = self.clock()
+        self._confirm(state, notices, self.clock())
         return state
+
+    def _confirm(self, state: SessionState, notices: int, now: float) -> None:
+        """The store just gave its word on ``state`` (a read or a write that began when
+        ``notices`` notices had come): trust it for ``recheck`` seconds, unless a notice arrived
+        meanwhile (it may concern this very session)."""
+        if self.recheck and notices == self._notices:
+            state.confirmed_at = now
 
     def _confirmed(self, state: SessionState, config: SessionConfig, implicit: bool) -> bool:
         """Whether ``state`` may be served without reading the store (see :meth:`get`)."""
@@ -717,8 +722,8 @@ class SessionRegistry:
             notices = self._notices
             written = await self.store.write(record, ttl=ttl, now=now)
             state.synced_at = record.last_used
-            if written and self.recheck and notices == self._notices:  # as in :meth:`get`
-                state.confirmed_at = now
+            if written:
+                self._confirm(state, notices, now)
             return written
         finally:
             del self._writes[id(state)]
