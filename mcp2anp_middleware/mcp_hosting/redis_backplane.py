@@ -49,6 +49,7 @@ from mcp2anp_middleware.mcp_hosting.backplane import (
     new_worker_id,
     parse_priming_id,
 )
+from mcp2anp_middleware.sessions.stores.redis import event_log_key
 from mcp2anp_middleware.sessions.stores.redis_connect import AnyRedis
 
 logger = logging.getLogger("mcp2anp_middleware.mcp_hosting")
@@ -108,9 +109,7 @@ class RedisEventLog:
         self.cluster = isinstance(client, RedisCluster)
 
     def key(self, session_id: str) -> str:
-        if self.cluster:  # the slot of the session's record (see the store's layout)
-            return f"{self.prefix}log:{{{session_id}}}"
-        return f"{self.prefix}log:{session_id}"
+        return event_log_key(self.prefix, session_id, cluster=self.cluster)
 
     async def append(
         self, session_id: str, stream: str, payload: str | None, final: bool = False

@@ -141,11 +141,20 @@ local deleted = redis.call('DEL', skey)
 redis.call('ZREM', allkey, sid)
 if pkey then redis.call('ZREM', pkey, sid) end
 if deleted == 1 then
-  for i = 3, #KEYS do redis.call('DEL', KEYS[i]) end
+  redis.call('DEL', KEYS[3])
   if notice ~= '' then redis.call('PUBLISH', channel, notice) end
 end
 return deleted
 """
+
+
+def event_log_key(prefix: str, session_id: str, *, cluster: bool) -> str:
+    """Where the MCP endpoint's backplane keeps a session's event log (a Redis Stream) under a
+    store's prefix: one layout for the log's writer and for the store's removal script, which
+    deletes it with the session. On a cluster it shares the slot of the session's record."""
+    if cluster:
+        return f"{prefix}log:{{{session_id}}}"
+    return f"{prefix}log:{session_id}"
 
 
 # -- Redis Cluster: one slot per script ----------------------------------------------------------
@@ -272,11 +281,8 @@ class RedisSessionStore:
     # -- keys ------------------------------------------------------------------------------------
 
     def event_log_key(self, session_id: str) -> str:
-        """The key of the session's MCP event log (a Redis Stream the MCP endpoint's backplane
-        keeps under this store's prefix); deleted with the session."""
-        if self.cluster:  # the slot of the session's record
-            return f"{self.prefix}log:{{{session_id}}}"
-        return f"{self.prefix}log:{session_id}"
+        """The key of the session's MCP event log (see :func:`event_log_key`)."""
+        return event_log_key(self.prefix, session_id, cluster=self.cluster)
 
     def _session_key(self, session_id: str) -> str:
         if self.cluster:
