@@ -19,10 +19,11 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.types import CallToolResult, TextContent
+from mcp.types import CallToolResult
 from pydantic import Field, WithJsonSchema
 
 from mcp2anp_middleware.anp_tools.credentials import CredentialCache, CredentialError
+from mcp2anp_middleware.anp_tools.dispatch import install_direct_route
 from mcp2anp_middleware.anp_tools.documents import (
     DEFAULT_SESSION_CACHE_BYTES,
     PROCESS_CACHE_BUDGET,
@@ -304,6 +305,8 @@ class ANPToolkit:
             await self.http.aclose()
 
     def register(self, server: MCPServer) -> None:
+        """Add the two tools to ``server``; their calls take the direct route of
+        :mod:`~mcp2anp_middleware.anp_tools.dispatch` where the server allows it."""
         toolkit = self
 
         async def anp_fetchDoc(
@@ -313,7 +316,7 @@ class ANPToolkit:
             ],
             ctx: Context,
         ) -> CallToolResult:
-            return await toolkit._run(ctx, "anp_fetchDoc", lambda h: h.fetch_doc(url), url=url)
+            return CallToolResult.model_validate(await toolkit.fetch_doc(_request_of(ctx), url))
 
         async def anp_invokeOpenRPC(
             endpoint: Annotated[
@@ -338,19 +341,54 @@ class ANPToolkit:
                 Field(description="JSON-RPC id to send; generated when omitted."),
             ] = None,
         ) -> CallToolResult:
-            return await toolkit._run(
-                ctx,
-                "anp_invokeOpenRPC",
-                lambda h: h.invoke_openrpc(endpoint, method, params, request_id),
-                url=endpoint,
-                method=method,
-            )
+            request = _request_of(ctx)
+            answer = await toolkit.invoke_openrpc(request, endpoint, method, params, request_id)
+            return CallToolResult.model_validate(answer)
 
         server.add_tool(anp_fetchDoc, name="anp_fetchDoc", description=FETCH_DOC_DESCRIPTION)
         server.add_tool(anp_invokeOpenRPC, name="anp_invokeOpenRPC", description=INVOKE_DESCRIPTION)
 
-    async def _run(self, ctx: Context, tool: str, call: Any, **log_fields: str) -> CallToolResult:
-        state = _session_of(ctx)
+        async def fetch_direct(ctx: Any, arguments: dict[str, Any]) -> dict[str, Any]:
+            return await toolkit.fetch_doc(ctx.request, arguments["url"])
+
+        async def invoke_direct(ctx: Any, arguments: dict[str, Any]) -> dict[str, Any]:
+            return await toolkit.invoke_openrpc(
+                ctx.request,
+                arguments["endpoint"],
+                arguments["method"],
+                arguments["params"],
+                arguments["request_id"],
+            )
+
+        install_direct_route(
+            server, {"anp_fetchDoc": fetch_direct, "anp_invokeOpenRPC": invoke_direct}
+        )
+
+    async def fetch_doc(self, request: Any, url: str) -> dict[str, Any]:
+        """``anp_fetchDoc`` for the session of ``request`` (or of the task): the wire result."""
+        return await self._run(request, "anp_fetchDoc", lambda h: h.fetch_doc(url), url=url)
+
+    async def invoke_openrpc(
+        self,
+        request: Any,
+        endpoint: str,
+        method: str,
+        params: dict[str, Any] | list[Any] | None,
+        request_id: str | int | None,
+    ) -> dict[str, Any]:
+        """``anp_invokeOpenRPC`` for the session of ``request`` (or of the task)."""
+        return await self._run(
+            request,
+            "anp_invokeOpenRPC",
+            lambda h: h.invoke_openrpc(endpoint, method, params, request_id),
+            url=endpoint,
+            method=method,
+        )
+
+    async def _run(self, request: Any, tool: str, call: Any, **log_fields: str) -> dict[str, Any]:
+        """Run one tool call in its session; the ``CallToolResult`` as its wire dict (the SDK's
+        result sieve validates it), a failure as a tool error with a stable code."""
+        state = _session_of(request)
         try:
             if state is None:
                 raise ANPToolError("CREDENTIAL_ERROR", "no MCP session is attached to this call")
@@ -371,16 +409,21 @@ class ANPToolkit:
         except ANPToolError as exc:
             logger.info("ANP tool failed", tool=tool, code=exc.code, **_redacted(log_fields))
             body = exc.to_payload()
-            return CallToolResult(
-                content=[TextContent(type="text", text=json.dumps(body, ensure_ascii=False))],
-                structured_content=body,
-                is_error=True,
-            )
+            return _result(json.dumps(body, ensure_ascii=False), body, is_error=True)
         if logger.enabled(logging.DEBUG):  # the fields cost more than the filtered line
             logger.debug("ANP tool succeeded", tool=tool, **_redacted(log_fields))
-        return CallToolResult(
-            content=[TextContent(type="text", text=text)], structured_content=payload
-        )
+        return _result(text, payload, is_error=False)
+
+
+def _result(text: str, structured: dict[str, Any], *, is_error: bool) -> dict[str, Any]:
+    """A ``CallToolResult`` on the wire: the payload as text (for clients that read only
+    ``content``) and as ``structuredContent``."""
+    return {
+        "content": [{"type": "text", "text": text}],
+        "structuredContent": structured,
+        "isError": is_error,
+        "resultType": "complete",
+    }
 
 
 def _redacted(log_fields: dict[str, str]) -> dict[str, str]:
@@ -388,14 +431,20 @@ def _redacted(log_fields: dict[str, str]) -> dict[str, str]:
     return {name: redact_urls(value) for name, value in log_fields.items()}
 
 
-def _session_of(ctx: Context) -> SessionState | None:
+def _request_of(ctx: Context) -> Any:
+    """The HTTP request of an :class:`MCPServer` tool call, if it was made over HTTP."""
+    try:
+        return ctx.request_context.request
+    except ValueError:  # a Context made outside a request (``MCPServer.call_tool`` in a test)
+        return None
+
+
+def _session_of(request: Any) -> SessionState | None:
     """The call's session: the one the middleware serves in this task (cheap), else the one on
-    the request's scope (a server run some other way; reaching it through the context costs a
-    few pydantic attribute look-ups)."""
+    the scope of the request the SDK hands the tool (a server run some other way)."""
     state = SERVING.get()()
     if state is not None:
         return state
-    request = ctx.request_context.request
     if request is None:
         return None
     state = request.scope.get("state", {}).get(SESSION_SCOPE_KEY)

@@ -6,26 +6,51 @@ every span is a non-recording one, yet building it (attributes, the trace contex
 ``_meta``, attaching and detaching it as the current context) was about a tenth of the SDK's
 cost per request. :class:`SpansWhenTraced` takes its place: while the global tracer provider is
 the API's placeholder it passes the request straight on; once a provider is installed (at any
-time, ``trace.set_tracer_provider`` or ``OTEL_PYTHON_TRACER_PROVIDER``) it makes the SDK's span
-exactly as before.
+time with ``trace.set_tracer_provider``, or by ``OTEL_PYTHON_TRACER_PROVIDER`` set when the
+middleware is made) it makes the SDK's span exactly as before.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from mcp.server._otel import OpenTelemetryMiddleware
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
+from opentelemetry import trace
+from opentelemetry.environment_variables import OTEL_PYTHON_TRACER_PROVIDER
 from opentelemetry.trace import ProxyTracerProvider, get_tracer_provider
+
+
+def traced() -> bool:
+    """Whether a tracer provider is installed.
+
+    ``get_tracer_provider()`` answers the same, but while none is set it looks
+    ``OTEL_PYTHON_TRACER_PROVIDER`` up in ``os.environ`` on every call (a raised and caught
+    ``KeyError`` each time). Here the variable is looked up when the middleware is made, which
+    installs the provider it names, and a request reads the installed one from its module.
+    """
+    provider = getattr(trace, "_TRACER_PROVIDER", _UNREADABLE)
+    if provider is _UNREADABLE:  # another OpenTelemetry layout: ask it
+        return not isinstance(get_tracer_provider(), ProxyTracerProvider)
+    return provider is not None
+
+
+_UNREADABLE = object()
 
 
 class SpansWhenTraced(OpenTelemetryMiddleware):
     """:class:`OpenTelemetryMiddleware`, skipped while no tracer provider is installed."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        if OTEL_PYTHON_TRACER_PROVIDER in os.environ:
+            get_tracer_provider()  # installs the provider the variable names
+
     async def __call__(
         self, ctx: ServerRequestContext[Any, Any], call_next: CallNext
     ) -> HandlerResult:
-        if isinstance(get_tracer_provider(), ProxyTracerProvider):
+        if not traced():
             return await call_next(ctx)
         return await super().__call__(ctx, call_next)
 

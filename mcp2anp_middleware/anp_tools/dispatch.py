@@ -1,0 +1,80 @@
+"""A direct ``tools/call`` route to the ANP tools, beside :class:`MCPServer`'s own.
+
+Why: for every ``tools/call``, :class:`MCPServer` builds its pydantic ``Context`` (private
+attributes and a wrap validator), walks ``ToolManager`` → ``Tool.run`` → ``FuncMetadata.call_fn``,
+and has the tool build a ``CallToolResult`` model that the kernel dumps to a dict before its
+result sieve validates and dumps it once more. None of that is needed to run the ANP tools, and
+together it was about an eighth of what hosting a call costs (docs/performance.md).
+
+What stays, so nothing a hosted server relies on is skipped:
+
+- the kernel validates the request (``CallToolRequestParams``) and owns cancellation (the
+  request's task scope) and progress (``_meta.progressToken`` through ``ctx.session``);
+- the arguments are validated by the tool's own ``FuncMetadata``, the very model ``tools/list``
+  advertises and :class:`MCPServer` uses (JSON-in-a-string pre-parsing included), and a
+  rejection is answered as :class:`MCPServer` answers it: a tool error naming the tool;
+- the result is the wire dict of a ``CallToolResult``, which the kernel's sieve validates against
+  the negotiated protocol version as it validates every result.
+
+The route is taken only for a tool this toolkit registered and that is still the one the server
+holds under that name; any other tool, or one the host replaced, goes to :class:`MCPServer`. It
+is installed only while ``tools/call`` is :class:`MCPServer`'s own handler: an extension that
+intercepts tool calls keeps the ordinary route for every tool.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from mcp.server.context import ServerRequestContext
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.tools.base import Tool
+from mcp.types import CallToolRequestParams
+from pydantic import ValidationError
+
+logger = logging.getLogger("mcp2anp_middleware.tools")
+
+Run = Callable[[ServerRequestContext[Any, Any], dict[str, Any]], Awaitable[dict[str, Any]]]
+"""A tool's direct body: the request context and validated arguments in, the wire result out."""
+
+
+def install_direct_route(server: MCPServer, runs: Mapping[str, Run]) -> bool:
+    """Route ``tools/call`` for the tools named in ``runs`` straight to them, on ``server``.
+
+    Returns whether the route was installed (not when an extension owns ``tools/call``).
+    """
+    lowlevel = server._lowlevel_server
+    entry = lowlevel.get_request_handler("tools/call")
+    if entry is None or entry.handler != server._handle_call_tool:
+        return False
+    ordinary = entry.handler
+    manager = server._tool_manager
+    direct: dict[str, tuple[Tool, Run]] = {}
+    for name, run in runs.items():
+        tool = manager.get_tool(name)
+        if tool is not None:
+            direct[name] = (tool, run)
+
+    async def call_tool(ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams) -> Any:
+        found = direct.get(params.name)
+        if found is None or manager.get_tool(params.name) is not found[0]:
+            return await ordinary(ctx, params)
+        tool, run = found
+        try:
+            arguments = tool.fn_metadata.validate_arguments(params.arguments or {})
+        except ValidationError as exc:
+            # Field names only, as MCPServer logs them: the rejected values are the caller's.
+            fields = sorted({".".join(str(part) for part in err["loc"]) for err in exc.errors()})
+            logger.info("Tool %r rejected arguments: %r", params.name, fields)
+            text = f"Error executing tool {params.name}: {exc}"
+            return {
+                "content": [{"type": "text", "text": text}],
+                "isError": True,
+                "resultType": "complete",
+            }
+        return await run(ctx, arguments)
+
+    lowlevel.add_request_handler("tools/call", CallToolRequestParams, call_tool)
+    return True

@@ -1,0 +1,153 @@
+"""The direct ``tools/call`` route to the ANP tools answers exactly as :class:`MCPServer`'s own
+route does, is skipped for any tool the host owns or replaced, and is not installed under an
+extension that intercepts tool calls."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
+from mcp.server.extension import Extension, ToolBinding
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.types import CallToolRequestParams, CallToolResult, TextContent
+
+from mcp2anp_middleware.anp_tools.dispatch import install_direct_route
+
+from .anp_stack import API_KEYS, anp_stack
+from .tool_results import ok
+
+pytestmark = pytest.mark.anyio
+
+ALICE = next(iter(API_KEYS))
+
+
+def wire(result: CallToolResult) -> dict[str, Any]:
+    return result.model_dump(by_alias=True, mode="json", exclude_none=True)
+
+
+@pytest.fixture
+def contexts_made(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Counts the ``Context`` objects :class:`MCPServer`'s route makes (one per call it runs)."""
+    made: list[str] = []
+    original = Context.__init__
+
+    def counting(self: Any, **kwargs: Any) -> None:
+        made.append("context")
+        original(self, **kwargs)
+
+    monkeypatch.setattr(Context, "__init__", counting)
+    yield made
+
+
+async def test_both_routes_answer_alike(tmp_path: Path, contexts_made: list[str]) -> None:
+    async with anp_stack(tmp_path) as stack:
+        endpoint = f"{stack.base_url}/agent/rpc"
+        calls: list[tuple[str, dict[str, Any]]] = [
+            ("anp_fetchDoc", {"url": stack.ad_url}),
+            ("anp_invokeOpenRPC", {"endpoint": endpoint, "method": "whoami", "request_id": 7}),
+            (
+                "anp_invokeOpenRPC",
+                {"endpoint": endpoint, "method": "add", "params": [2, 3], "request_id": 8},
+            ),
+            # a client that sends JSON inside a string: pre-parsed on both routes
+            (
+                "anp_invokeOpenRPC",
+                {"endpoint": endpoint, "method": "add", "params": "[4, 5]", "request_id": 9},
+            ),
+            ("anp_invokeOpenRPC", {"endpoint": endpoint, "method": "nope", "request_id": "r"}),
+            ("anp_fetchDoc", {"url": "file:///etc/passwd"}),
+            ("anp_fetchDoc", {}),  # arguments the tool's model rejects
+            ("anp_fetchDoc", {"url": 5}),
+            ("anp_invokeOpenRPC", {"endpoint": endpoint, "method": "add", "request_id": [1]}),
+        ]
+        async with stack.client(ALICE) as client:  # a session of its own: no cached document
+            direct = [wire(await client.call_tool(name, arguments)) for name, arguments in calls]
+        assert contexts_made == []  # MCPServer's route never ran
+
+        server = stack.middleware.mcp_server
+        server._lowlevel_server.add_request_handler(
+            "tools/call", CallToolRequestParams, server._handle_call_tool
+        )
+        async with stack.client(ALICE) as client:
+            ordinary = [wire(await client.call_tool(name, args)) for name, args in calls]
+        assert len(contexts_made) == len(calls)
+
+    for one, other in zip(direct, ordinary, strict=True):
+        assert one == other, (one, other)
+    assert [answer.get("isError") for answer in direct] == [
+        False,
+        False,
+        False,
+        False,
+        True,
+        True,
+        True,
+        True,
+        True,
+    ]
+    assert json.loads(direct[3]["content"][0]["text"])["result"] == 9
+    assert "Error executing tool anp_fetchDoc" in direct[6]["content"][0]["text"]
+
+
+async def test_a_host_tool_and_a_replaced_tool_take_the_ordinary_route(
+    tmp_path: Path, contexts_made: list[str]
+) -> None:
+    server = MCPServer("host-server")
+
+    @server.tool()
+    def host_status() -> str:
+        """A tool of the host's own."""
+        return "all good"
+
+    async with anp_stack(tmp_path, server=server) as stack, stack.client(ALICE) as client:
+        assert ok(await client.call_tool("host_status", {})) == {"result": "all good"}
+        assert len(contexts_made) == 1
+
+        server.remove_tool("anp_fetchDoc")
+
+        @server.tool(name="anp_fetchDoc")
+        def own_fetch(url: str) -> str:
+            """The host's own fetch."""
+            return f"host fetched {url}"
+
+        answer = await client.call_tool("anp_fetchDoc", {"url": stack.ad_url})
+        assert isinstance(answer.content[0], TextContent)
+        assert answer.content[0].text == f"host fetched {stack.ad_url}"
+        assert len(contexts_made) == 2
+
+
+class Audit(Extension):
+    """An extension that sees every tool call."""
+
+    identifier = "com.example/audit"
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def tools(self) -> list[ToolBinding]:
+        return []
+
+    async def intercept_tool_call(
+        self,
+        params: CallToolRequestParams,
+        ctx: ServerRequestContext[Any, Any],
+        call_next: CallNext,
+    ) -> HandlerResult:
+        self.seen.append(params.name)
+        return await call_next(ctx)
+
+
+async def test_an_extension_that_intercepts_tool_calls_sees_the_anp_tools(
+    tmp_path: Path,
+) -> None:
+    audit = Audit()
+    server = MCPServer("host-server", extensions=[audit])
+    async with anp_stack(tmp_path, server=server) as stack, stack.client(ALICE) as client:
+        fetched = ok(await client.call_tool("anp_fetchDoc", {"url": stack.ad_url}))
+        assert fetched["status"] == 200
+    assert audit.seen == ["anp_fetchDoc"]
+    assert install_direct_route(server, {}) is False
