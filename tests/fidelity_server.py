@@ -7,6 +7,8 @@ import asyncio
 import json
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 from mcp.server.mcpserver import Context, MCPServer
 from mcp_types import SamplingMessage, TextContent
 from pydantic import BaseModel
@@ -71,6 +73,15 @@ def fidelity_server(gate: Gate | None = None) -> MCPServer:
     async def touch(ctx: Context) -> str:
         await ctx.session.send_resource_updated("test://thing")
         return "touched"
+
+    @server.tool()
+    async def body_size(ctx: Context) -> str:
+        """The size of the HTTP request's body, read after the request's watch has started."""
+        for _ in range(5):
+            await anyio.lowlevel.checkpoint()
+        request = ctx.request_context.request
+        assert request is not None
+        return str(len(await request.body()))
 
     @server.tool()
     async def slow(ctx: Context) -> str:

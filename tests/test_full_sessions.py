@@ -25,6 +25,7 @@ from starlette.applications import Starlette
 from starlette.types import Message
 
 from mcp2anp_middleware import ANPMiddleware, SessionConfig
+from mcp2anp_middleware.mcp_hosting import endpoint as endpoint_module
 from mcp2anp_middleware.mcp_hosting.backplane import (
     LISTENER_BUFFER,
     Event,
@@ -261,6 +262,27 @@ async def test_a_dropped_stream_nobody_can_resume_cancels_its_request(tmp_path: 
         with anyio.fail_after(10):
             await settled()
         assert not worker.app.endpoint.live[client.session_id].running
+
+
+@pytest.mark.parametrize(
+    ("protocol", "accept"),
+    [("2025-06-18", "application/json, text/event-stream"), (PROTOCOL, "application/json")],
+)
+async def test_a_handler_reads_the_body_of_a_watched_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, protocol: str, accept: str
+) -> None:
+    """A request nobody could resume is watched for its client leaving; the watch reads the
+    body first and keeps it on the request, so a handler asking for it later still gets it."""
+    monkeypatch.setattr(endpoint_module, "HOLD_SECONDS", 0.0)  # the watch starts at once
+    async with workers(tmp_path, 1, None) as (worker,), httpx.AsyncClient() as http:
+        client = RawClient(http, protocol=protocol)
+        await client.initialize(worker.url)
+        call = {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "body_size"}}
+        body = json.dumps(call).encode()
+        headers = {**client.headers(), "Accept": accept, "Content-Type": "application/json"}
+        answer = await http.post(worker.url, content=body, headers=headers)
+        assert answer.status_code == 200, answer.text
+        assert result_text(answer_events(answer)) == str(len(body))
 
 
 async def test_a_body_no_answer_could_echo_is_a_parse_error(tmp_path: Path) -> None:

@@ -303,8 +303,7 @@ class MCPEndpoint:
             if not live.begin(message, answers, resumable=False):
                 await _in_flight_already(send, message)
                 return
-            await request.body()  # kept for handlers that ask: the watch reads what follows
-            watching = _CancelWhenGone(request.receive, live, stream)
+            watching = _CancelWhenGone(request, live, stream)
             try:
                 await live.serve(message, self._metadata(live, stream, request, None, sse=False))
             finally:
@@ -331,8 +330,7 @@ class MCPEndpoint:
             # the request goes on (in flight, its session kept) until it is answered. A stream
             # nobody can resume is watched: once its client is gone, the request is cancelled.
             if not resumable:
-                await request.body()  # kept for handlers that ask: the watch reads what follows
-                watch = _CancelWhenGone(request.receive, live, stream)
+                watch = _CancelWhenGone(request, live, stream)
             await live.serve(message, self._metadata(live, stream, request, writer, sse=True))
         finally:
             if watch is not None:
@@ -800,10 +798,11 @@ class _CancelWhenGone:
 
     The watch starts only once the request has run for ``HOLD_SECONDS``: most requests are
     answered sooner, and a watch costs a task. Started right before the request runs, so the
-    request is registered before the watch first runs."""
+    request is registered before the watch first runs. The watch first reads the body into
+    ``request`` (a handler asking for it later gets it from there), then what follows."""
 
-    def __init__(self, receive: Receive, live: LiveSession, stream: str) -> None:
-        self._receive = receive
+    def __init__(self, request: Request, live: LiveSession, stream: str) -> None:
+        self._request = request
         self._live = live
         self._stream = stream
         self._task: asyncio.Task[None] | None = None
@@ -813,9 +812,15 @@ class _CancelWhenGone:
         self._task = asyncio.ensure_future(self._watch())
 
     async def _watch(self) -> None:
+        request = self._request
+        try:
+            await request.body()
+        except Exception:  # servers differ in how they say the client is gone
+            self._live.cancel(self._stream)
+            return
         while True:
             try:
-                message = await self._receive()
+                message = await request.receive()
             except Exception:  # servers differ in how they say the client is gone
                 break
             if message["type"] == "http.disconnect":
