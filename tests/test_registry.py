@@ -6,13 +6,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import anyio
 import pytest
 
 from mcp2anp_middleware import SessionConfig
 from mcp2anp_middleware.sessions.clock import ManualClock
 from mcp2anp_middleware.sessions.events import SessionEvent, SessionEventKind
 from mcp2anp_middleware.sessions.registry import SessionRegistry
-from mcp2anp_middleware.sessions.stores import SessionStore
+from mcp2anp_middleware.sessions.stores import InMemorySessionStore, SessionStore
+from mcp2anp_middleware.sessions.stores.base import SessionRecord
 from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
 
 from .redis_server import RedisServer
@@ -333,3 +335,58 @@ async def test_a_cap_counts_no_session_past_its_deadline(new_store: StoreFactory
     second = sessions.new_session(ALICE)
     await sessions.register(second)  # no CapExceeded
     assert await sessions.get(second.session_id, ALICE) is second
+
+
+class GatedStore(InMemorySessionStore):
+    """The memory store with writes that suspend until the test lets them through: a store
+    whose writes take a while (Redis), with the timing in the test's hands."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gated = False
+        self.writing = asyncio.Event()
+        self.proceed = asyncio.Event()
+
+    async def write(self, record: SessionRecord, *, ttl: float, now: float) -> bool:
+        if self.gated:
+            self.writing.set()
+            await self.proceed.wait()
+        return await super().write(record, ttl=ttl, now=now)
+
+
+@pytest.mark.parametrize("suspending", [True, False])
+async def test_a_cancelled_request_still_ends_its_use_of_the_session(suspending: bool) -> None:
+    """The request's task is cancelled (its anyio scope, as a host's timeout does) and then
+    ends its use: the write of its end reaches the store all the same. A store whose writes
+    suspend gets it shielded; the memory store's writes never suspend, so none can be cut."""
+    clock = ManualClock()
+    store = GatedStore() if suspending else InMemorySessionStore()
+    sessions = registry(store, clock, touch_interval=0)
+    state = sessions.new_session(ALICE)
+    await sessions.register(state)
+    await sessions.commit(state)
+    await sessions.acquire(state)
+    clock.advance(5)
+    request = anyio.CancelScope()
+
+    async def serve() -> None:
+        with request:
+            try:
+                await asyncio.Event().wait()  # the request runs until cancelled
+            finally:
+                await sessions.release(state)
+
+    task = asyncio.ensure_future(serve())
+    await asyncio.sleep(0)
+    if isinstance(store, GatedStore):
+        store.gated = True
+    request.cancel()
+    if isinstance(store, GatedStore):
+        await store.writing.wait()
+        request.cancel()  # cancelled again while the write is on its way
+        await asyncio.sleep(0)
+        store.proceed.set()
+    await task
+    record = await store.read(state.session_id)
+    assert record is not None and record.last_used == clock()
+    assert sessions.in_flight == 0

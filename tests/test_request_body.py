@@ -66,3 +66,37 @@ async def test_the_deadline_is_a_timeout_even_in_a_task_cancelled_before() -> No
         assert task.cancelling() == 1  # the earlier one is left as it was
 
     await asyncio.ensure_future(read_after_a_caught_cancellation())
+
+
+@pytest.mark.anyio
+async def test_a_body_that_is_there_arms_no_timer() -> None:
+    """Servers hand over a body that came with its headers without suspending: no deadline
+    is needed for it, and none is scheduled."""
+    loop = asyncio.get_running_loop()
+    before = list(getattr(loop, "_scheduled", []))
+    assert await read_body(SCOPE, whole, 100, within=60) == b"{}"
+    assert list(getattr(loop, "_scheduled", [])) == before
+
+
+@pytest.mark.anyio
+async def test_a_body_that_comes_after_a_wait_is_read_whole() -> None:
+    """The first part is there, the rest comes later: the deadline is armed at the wait, the
+    body read whole, and nothing of the deadline is left in the task."""
+    parts = asyncio.Queue[Message]()
+    parts.put_nowait({"type": "http.request", "body": b'{"a":', "more_body": True})
+    reading = asyncio.ensure_future(read_body(SCOPE, parts.get, 100, within=60))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not reading.done()
+    parts.put_nowait({"type": "http.request", "body": b"1}", "more_body": False})
+    assert await reading == b'{"a":1}'
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+
+
+@pytest.mark.anyio
+async def test_a_body_whose_rest_never_comes_times_out() -> None:
+    parts = asyncio.Queue[Message]()
+    parts.put_nowait({"type": "http.request", "body": b'{"a":', "more_body": True})
+    with pytest.raises(TimeoutError):
+        await read_body(SCOPE, parts.get, 100, within=0.01)

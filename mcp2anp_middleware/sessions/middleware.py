@@ -22,7 +22,6 @@ from mcp2anp_middleware.authentication.base import (
     StaticConfigAuthenticator,
     credentials_from_headers,
 )
-from mcp2anp_middleware.cancel_scope import cancel_scope
 from mcp2anp_middleware.logging_setup import HotPathLogger
 from mcp2anp_middleware.sessions.admin import SessionAdminApp
 from mcp2anp_middleware.sessions.background import BackgroundRunner, Service
@@ -569,8 +568,7 @@ class MCPSessionMiddleware:
             SERVING.reset(serving_token)
             if committed:
                 try:
-                    with cancel_scope(shield=True):
-                        await registry.release(state)
+                    await registry.release(state)  # shielded from cancellation where it writes
                 except StoreUnavailable:
                     logger.warning("Session store unavailable while ending a request")
             else:

@@ -30,6 +30,7 @@ from typing import Any
 
 import anyio
 
+from mcp2anp_middleware.cancel_scope import cancel_scope
 from mcp2anp_middleware.logging_setup import HotPathLogger
 from mcp2anp_middleware.sessions.clock import Clock, system_clock
 from mcp2anp_middleware.sessions.events import (
@@ -494,11 +495,23 @@ class SessionRegistry:
             raise
 
     async def release(self, state: SessionState) -> None:
-        """A request ends; idle time starts now if it was the session's last one."""
+        """A request ends; idle time starts now if it was the session's last one.
+
+        What this writes is shielded from cancellation, so a request cut short still ends its
+        use of the session in the store. A store whose writes never suspend needs no shield (a
+        cancellation reaches a task only where it suspends), and a shield costs a cancel scope
+        for every request."""
         if not self._leave(state) or state.closed:
             return
-        now = self.clock()
-        if self._expired(state, now) == "max_age":
+        max_age = self._expired(state, self.clock()) == "max_age"
+        if self._in_place and not max_age:
+            await self._end_use(state, max_age=False)
+            return
+        with cancel_scope(shield=True):
+            await self._end_use(state, max_age=max_age)
+
+    async def _end_use(self, state: SessionState, *, max_age: bool) -> None:
+        if max_age:
             await self.remove(state.session_id, reason="max_age")
         elif await self._sync(state, force=self.touch_interval == 0 or state.leased) is False:
             self._ended(state.session_id, SessionEventKind.EXPIRED)

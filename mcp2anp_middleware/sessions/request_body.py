@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Awaitable, Callable, Generator
+from typing import Any, cast
 
 import pydantic_core
 from starlette.types import Message, Receive, Scope
@@ -21,25 +22,33 @@ async def read_body(
     scope: Scope, receive: Receive, limit: int, within: float | None = None
 ) -> bytes:
     """The whole body, refusing early on a declared or streamed size above ``limit``, and
-    ``TimeoutError`` if it has not all come ``within`` seconds.
+    ``TimeoutError`` if it has not all come ``within`` seconds of the first wait for it.
 
-    The timeout is a bare loop timer cancelling this task, undone as ``asyncio.timeout`` undoes
-    its own (``uncancel``), a third of its cost; this runs for every POST."""
+    Most bodies have arrived with their headers, and servers hand them over without
+    suspending: the deadline is armed only if reading suspends (:class:`_ArmOnSuspend`), as a
+    bare loop timer cancelling this task, undone as ``asyncio.timeout`` undoes its own
+    (``uncancel``). This runs for every POST."""
     if within is None:
         return await _read_body(scope, receive, limit)
+    loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
     expired = False
+    already = 0  # cancellations that are not this timer's
+    timer: asyncio.TimerHandle | None = None
 
     def expire() -> None:
         nonlocal expired
         expired = True
         task.cancel()
 
-    already = task.cancelling()  # cancellations that are not this timer's
-    timer = asyncio.get_running_loop().call_later(within, expire)
+    def arm() -> None:
+        nonlocal already, timer
+        already = task.cancelling()
+        timer = loop.call_later(within, expire)
+
     try:
-        body = await _read_body(scope, receive, limit)
+        body = await _ArmOnSuspend(_read_body(scope, receive, limit), arm)
     except asyncio.CancelledError:
         if expired and task.uncancel() <= already:  # this timer's cancellation, no other
             raise TimeoutError from None
@@ -49,10 +58,46 @@ async def read_body(
             task.uncancel()
         raise
     finally:
-        timer.cancel()
+        if timer is not None:
+            timer.cancel()
     if expired:  # it fired as the body completed: take its cancellation back
         task.uncancel()
     return body
+
+
+class _ArmOnSuspend:
+    """Awaits ``awaitable`` exactly as ``await`` would, calling ``arm`` when it first suspends
+    (never, if it completes at once): a deadline that costs nothing when no wait comes."""
+
+    __slots__ = ("_arm", "_awaitable")
+
+    def __init__(self, awaitable: Awaitable[bytes], arm: Callable[[], None]) -> None:
+        self._awaitable = awaitable
+        self._arm = arm
+
+    def __await__(self) -> Generator[Any, Any, bytes]:
+        inner = self._awaitable.__await__()
+        try:
+            suspended_on = inner.send(None)
+        except StopIteration as done:
+            return cast(bytes, done.value)
+        self._arm()
+        while True:  # the rest of the await, step by step (PEP 380's ``yield from``)
+            try:
+                sent = yield suspended_on
+            except GeneratorExit:
+                inner.close()
+                raise
+            except BaseException as exc:
+                try:
+                    suspended_on = inner.throw(exc)
+                except StopIteration as done:
+                    return cast(bytes, done.value)
+            else:
+                try:
+                    suspended_on = inner.send(sent)
+                except StopIteration as done:
+                    return cast(bytes, done.value)
 
 
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
