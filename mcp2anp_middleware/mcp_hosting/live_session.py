@@ -243,7 +243,7 @@ class LiveSession:
             self,
             request.id,
             metadata,
-            TransportContext(kind="streamable-http", can_send_request=metadata.can_send_request),
+            _TRANSPORTS[metadata.can_send_request],
             progress_token_from_params(request.params),
         )
         scope = cancel_scope()
@@ -298,9 +298,7 @@ class LiveSession:
             target = cancelled_request_id_from_params(message.params)
             if target is not None:
                 self.cancel(str(target))
-        channel = RequestChannel(
-            self, None, None, TransportContext(kind="streamable-http", can_send_request=False)
-        )
+        channel = RequestChannel(self, None, None, _TRANSPORTS[False])
         await self.runner.on_notify(channel, message.method, message.params)
 
     def cancel(self, stream: str) -> None:
@@ -449,6 +447,12 @@ class LiveSession:
             with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
                 await writer.write(event)
 
+
+_TRANSPORTS = {
+    can_send: TransportContext(kind="streamable-http", can_send_request=can_send)
+    for can_send in (False, True)
+}
+"""The two transport contexts a request can have (frozen, without headers: shared)."""
 
 _HANDSHAKE_CHANGES = frozenset({"initialize", "logging/setLevel"})
 """Requests whose success changes the session's stored handshake (see ``_after_success``)."""
