@@ -84,6 +84,19 @@ def fidelity_server(gate: Gate | None = None) -> MCPServer:
         return str(len(await request.body()))
 
     @server.tool()
+    async def stream_size(ctx: Context) -> str:
+        """The size of the HTTP request's body, read as a stream at once; then a wait long
+        enough for the request's watch to start."""
+        request = ctx.request_context.request
+        assert request is not None
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+        for _ in range(10):
+            await anyio.lowlevel.checkpoint()
+        return str(size)
+
+    @server.tool()
     async def slow(ctx: Context) -> str:
         await ctx.report_progress(1, 2, "started")
         if gate is not None:

@@ -264,20 +264,22 @@ async def test_a_dropped_stream_nobody_can_resume_cancels_its_request(tmp_path: 
         assert not worker.app.endpoint.live[client.session_id].running
 
 
+@pytest.mark.parametrize("tool", ["body_size", "stream_size"])
 @pytest.mark.parametrize(
     ("protocol", "accept"),
     [("2025-06-18", "application/json, text/event-stream"), (PROTOCOL, "application/json")],
 )
 async def test_a_handler_reads_the_body_of_a_watched_request(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, protocol: str, accept: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, protocol: str, accept: str, tool: str
 ) -> None:
     """A request nobody could resume is watched for its client leaving; the watch reads the
-    body first and keeps it on the request, so a handler asking for it later still gets it."""
+    body first and keeps it on the request, so a handler asking for it later still gets it,
+    and a handler that read it as a stream first is not taken for a client that left."""
     monkeypatch.setattr(endpoint_module, "HOLD_SECONDS", 0.0)  # the watch starts at once
     async with workers(tmp_path, 1, None) as (worker,), httpx.AsyncClient() as http:
         client = RawClient(http, protocol=protocol)
         await client.initialize(worker.url)
-        call = {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "body_size"}}
+        call = {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": tool}}
         body = json.dumps(call).encode()
         headers = {**client.headers(), "Accept": accept, "Content-Type": "application/json"}
         answer = await http.post(worker.url, content=body, headers=headers)

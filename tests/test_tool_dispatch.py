@@ -43,7 +43,10 @@ def contexts_made(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     yield made
 
 
-async def test_both_routes_answer_alike(tmp_path: Path, contexts_made: list[str]) -> None:
+@pytest.mark.parametrize("mode", ["legacy", "auto"])  # 2025-11-25, then 2026-07-28
+async def test_both_routes_answer_alike(
+    tmp_path: Path, contexts_made: list[str], mode: str
+) -> None:
     async with anp_stack(tmp_path) as stack:
         endpoint = f"{stack.base_url}/agent/rpc"
         calls: list[tuple[str, dict[str, Any]]] = [
@@ -64,15 +67,17 @@ async def test_both_routes_answer_alike(tmp_path: Path, contexts_made: list[str]
             ("anp_fetchDoc", {"url": 5}),
             ("anp_invokeOpenRPC", {"endpoint": endpoint, "method": "add", "request_id": [1]}),
         ]
-        async with stack.client(ALICE) as client:  # a session of its own: no cached document
+        async with stack.client(ALICE, mode) as client:
             direct = [wire(await client.call_tool(name, arguments)) for name, arguments in calls]
         assert contexts_made == []  # MCPServer's route never ran
+        for state in stack.sessions():  # the session-less era's implicit session outlives its
+            await stack.middleware.registry.revoke(state.session_id)  # client: start afresh
 
         server = stack.middleware.mcp_server
         server._lowlevel_server.add_request_handler(
             "tools/call", CallToolRequestParams, server._handle_call_tool
         )
-        async with stack.client(ALICE) as client:
+        async with stack.client(ALICE, mode) as client:
             ordinary = [wire(await client.call_tool(name, args)) for name, args in calls]
         assert len(contexts_made) == len(calls)
 
@@ -151,3 +156,49 @@ async def test_an_extension_that_intercepts_tool_calls_sees_the_anp_tools(
         assert fetched["status"] == 200
     assert audit.seen == ["anp_fetchDoc"]
     assert install_direct_route(server, {}) is False
+
+
+async def test_a_subclass_that_overrides_the_tool_path_sees_every_call(tmp_path: Path) -> None:
+    """A host auditing tool calls in its own ``MCPServer.call_tool`` keeps seeing the ANP tools'
+    calls: the direct route is not installed under an override."""
+    seen: list[str] = []
+
+    class Audited(MCPServer):
+        async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+            seen.append(name)
+            return await super().call_tool(name, arguments, context)
+
+    async with (
+        anp_stack(tmp_path, server=Audited("audited")) as stack,
+        stack.client(ALICE) as client,
+    ):
+        assert ok(await client.call_tool("anp_fetchDoc", {"url": stack.ad_url}))["status"] == 200
+    assert seen == ["anp_fetchDoc"]
+
+
+async def test_an_unexpected_failure_is_answered_as_mcpserver_answers_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What escapes a tool on the direct route becomes the tool error ``MCPServer`` makes of
+    it: the tool's name, no exception text for the client, the traceback in the log."""
+    server = MCPServer("crashing")
+
+    async def anp_crash(url: str) -> str:
+        """Registered for its argument model; the direct route runs ``crash`` instead."""
+        return url
+
+    async def crash(ctx: Any, arguments: dict[str, Any]) -> dict[str, Any]:
+        raise RuntimeError("secret detail from " + arguments["url"])
+
+    server.add_tool(anp_crash, name="anp_crash")
+    assert install_direct_route(server, {"anp_crash": crash})
+    entry = server._lowlevel_server.get_request_handler("tools/call")
+    assert entry is not None
+    params = CallToolRequestParams(name="anp_crash", arguments={"url": "http://x/"})
+    answer = await entry.handler(None, params)  # type: ignore[arg-type]
+    assert answer == {
+        "content": [{"type": "text", "text": "Error executing tool anp_crash"}],
+        "isError": True,
+        "resultType": "complete",
+    }
+    assert any(record.exc_info for record in caplog.records)

@@ -57,6 +57,8 @@ def _read_text(path: Path | None, inline: str | None, what: str) -> str:
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise CredentialError(f"{what} cannot be read ({reason})") from None
+    except UnicodeDecodeError:  # a DER key, say: PEM and JSON are text
+        raise CredentialError(f"{what} is not UTF-8 text") from None
 
 
 def _authentication_method(document: dict[str, Any]) -> dict[str, Any]:

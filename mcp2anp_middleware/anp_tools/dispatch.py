@@ -18,8 +18,11 @@ What stays, so nothing a hosted server relies on is skipped:
 
 The route is taken only for a tool this toolkit registered and that is still the one the server
 holds under that name; any other tool, or one the host replaced, goes to :class:`MCPServer`. It
-is installed only while ``tools/call`` is :class:`MCPServer`'s own handler: an extension that
-intercepts tool calls keeps the ordinary route for every tool.
+is installed only while ``tools/call`` is :class:`MCPServer`'s own handler and nothing on its way
+to a tool is overridden (a subclass's ``call_tool``, a tool manager's, a tool class's ``run``): a
+host auditing or limiting tool calls there, or an extension intercepting them, sees every call.
+A failure the tool does not turn into a tool error itself is answered as :class:`MCPServer`
+answers it: ``Error executing tool <name>``, the details in the log only.
 """
 
 from __future__ import annotations
@@ -30,11 +33,15 @@ from typing import Any
 
 from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import server as mcpserver_module
 from mcp.server.mcpserver.tools.base import Tool
+from mcp.server.mcpserver.tools.tool_manager import ToolManager
+from mcp.shared.exceptions import MCPError
 from mcp.types import CallToolRequestParams
 from pydantic import ValidationError
 
-logger = logging.getLogger("mcp2anp_middleware.tools")
+logger = logging.getLogger(mcpserver_module.__name__)
+""":class:`MCPServer`'s own logger: the lines that mirror its lines obey the same settings."""
 
 Run = Callable[[ServerRequestContext[Any, Any], dict[str, Any]], Awaitable[dict[str, Any]]]
 """A tool's direct body: the request context and validated arguments in, the wire result out."""
@@ -47,14 +54,20 @@ def install_direct_route(server: MCPServer, runs: Mapping[str, Run]) -> bool:
     """
     lowlevel = server._lowlevel_server
     entry = lowlevel.get_request_handler("tools/call")
-    if entry is None or entry.handler != server._handle_call_tool:
+    manager = server._tool_manager
+    if (
+        entry is None
+        or entry.handler != server._handle_call_tool
+        or type(server)._handle_call_tool is not MCPServer._handle_call_tool
+        or type(server).call_tool is not MCPServer.call_tool
+        or type(manager).call_tool is not ToolManager.call_tool
+    ):
         return False
     ordinary = entry.handler
-    manager = server._tool_manager
     direct: dict[str, tuple[Tool, Run]] = {}
     for name, run in runs.items():
         tool = manager.get_tool(name)
-        if tool is not None:
+        if tool is not None and type(tool).run is Tool.run:
             direct[name] = (tool, run)
 
     async def call_tool(ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams) -> Any:
@@ -68,13 +81,23 @@ def install_direct_route(server: MCPServer, runs: Mapping[str, Run]) -> bool:
             # Field names only, as MCPServer logs them: the rejected values are the caller's.
             fields = sorted({".".join(str(part) for part in err["loc"]) for err in exc.errors()})
             logger.info("Tool %r rejected arguments: %r", params.name, fields)
-            text = f"Error executing tool {params.name}: {exc}"
-            return {
-                "content": [{"type": "text", "text": text}],
-                "isError": True,
-                "resultType": "complete",
-            }
-        return await run(ctx, arguments)
+            return _tool_error(f"Error executing tool {params.name}: {exc}")
+        except MCPError:
+            raise
+        except Exception:
+            logger.exception("Tool %r raised an unexpected exception", params.name)
+            return _tool_error(f"Error executing tool {params.name}")
+        try:
+            return await run(ctx, arguments)
+        except MCPError:
+            raise
+        except Exception:  # nothing of it reaches the client, as on MCPServer's route
+            logger.exception("Tool %r raised an unexpected exception", params.name)
+            return _tool_error(f"Error executing tool {params.name}")
 
     lowlevel.add_request_handler("tools/call", CallToolRequestParams, call_tool)
     return True
+
+
+def _tool_error(text: str) -> dict[str, Any]:
+    return {"content": [{"type": "text", "text": text}], "isError": True, "resultType": "complete"}

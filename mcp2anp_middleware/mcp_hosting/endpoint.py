@@ -43,7 +43,7 @@ from mcp_types import (
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, is_version_at_least
 from pydantic import ValidationError
 from starlette.datastructures import Headers
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message, Receive, Scope, Send
 
 from mcp2anp_middleware.mcp_hosting.backplane import (
@@ -815,9 +815,11 @@ class _CancelWhenGone:
         request = self._request
         try:
             await request.body()
-        except Exception:  # servers differ in how they say the client is gone
+        except ClientDisconnect:
             self._live.cancel(self._stream)
             return
+        except RuntimeError:  # a handler read the body as a stream: it is gone, not the client
+            pass
         while True:
             try:
                 message = await request.receive()

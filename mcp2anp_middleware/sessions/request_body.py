@@ -83,21 +83,18 @@ class _ArmOnSuspend:
             return cast(bytes, done.value)
         self._arm()
         while True:  # the rest of the await, step by step (PEP 380's ``yield from``)
+            thrown: BaseException | None = None
             try:
                 sent = yield suspended_on
             except GeneratorExit:
                 inner.close()
                 raise
             except BaseException as exc:
-                try:
-                    suspended_on = inner.throw(exc)
-                except StopIteration as done:
-                    return cast(bytes, done.value)
-            else:
-                try:
-                    suspended_on = inner.send(sent)
-                except StopIteration as done:
-                    return cast(bytes, done.value)
+                thrown = exc  # thrown in below, outside this handler, as ``await`` would
+            try:
+                suspended_on = inner.send(sent) if thrown is None else inner.throw(thrown)
+            except StopIteration as done:
+                return cast(bytes, done.value)
 
 
 async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
