@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
 
 from mcp2anp_middleware import ensure_dev_identity
+from mcp2anp_middleware.sessions.stores.base import Caps, SessionRecord
 from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
 
 from .messages import INITIALIZE, PROTOCOL
@@ -28,6 +31,8 @@ from .redis_deployments import (
     Node,
     SentinelDeployment,
     cluster_deployment,
+    command,
+    info,
     sentinel_deployment,
     wait_for,
 )
@@ -200,3 +205,39 @@ async def test_cluster_keys_of_a_session_share_a_slot(
 
 def deployment_owner(deployment: ClusterDeployment, key: str) -> int:
     return deployment.master_for(key).port
+
+
+def _calls(port: int, name: str) -> int:
+    """How often the Redis server at ``port`` ran command ``name`` (0 if never)."""
+    stat = info(port, "commandstats").get(f"cmdstat_{name}", "calls=0")
+    return int(stat.split(",")[0].removeprefix("calls="))
+
+
+async def test_a_durable_write_is_one_pipeline_without_script_checks(
+    sentinel_deployment: SentinelDeployment,
+) -> None:
+    """With a replica to wait for, a creation, a write and a removal each go as EVALSHA and
+    WAIT in one pipeline: redis-py's SCRIPT EXISTS before a pipeline carrying a script (a
+    round trip more each time) is never sent. A master that lost its scripts answers NOSCRIPT;
+    the script is loaded and run once."""
+    deployment = sentinel_deployment
+    store = RedisSessionStore.from_url(deployment.url, prefix=f"durable-{uuid.uuid4().hex}:")
+    assert store.wait_replicas == 1
+    port = deployment.master_port()
+    command(port, "SCRIPT", "FLUSH")  # the master forgets every script it knew
+    try:
+        # First round: each script is unknown, answered NOSCRIPT, loaded (SCRIPT LOAD), and its
+        # pair sent again. Second round: one EVALSHA and one WAIT each, no SCRIPT command at all
+        # (Redis 7.0 counts SCRIPT's subcommands together).
+        for sent_per_step, loads in ((2, 3), (1, 0)):
+            before = {name: _calls(port, name) for name in ("evalsha", "wait", "script")}
+            record = SessionRecord(uuid.uuid4().hex, "alice", 1.0, 1.0, 61.0)
+            assert (await store.create(record, ttl=60, now=1.0, caps=Caps())).created
+            assert await store.write(replace(record, last_used=2.0), ttl=60, now=2.0)
+            assert await store.remove(record.session_id)
+            after = {name: _calls(port, name) for name in before}
+            assert after["evalsha"] - before["evalsha"] == 3 * sent_per_step
+            assert after["wait"] - before["wait"] == 3 * sent_per_step
+            assert after["script"] - before["script"] == loads
+    finally:
+        await store.aclose()

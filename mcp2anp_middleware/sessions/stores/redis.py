@@ -65,7 +65,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Self, TypeVar
 
 from redis.asyncio.cluster import PipelineCommand, RedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from mcp2anp_middleware.sessions.stores.base import (
     CapExceeded,
@@ -488,10 +488,24 @@ class RedisSessionStore:
         confirmed (None: not asked)."""
         if not self.wait_replicas:
             return await script(keys=keys, args=args), None
+        # The script goes as a bare EVALSHA: run through ``script(client=pipe)``, redis-py would
+        # first ask the server whether it knows the script (SCRIPT EXISTS), a round trip more
+        # on every durable write. A server that does not know it yet (a new master after a
+        # failover, a flushed script cache) answers NOSCRIPT without running anything: the
+        # script is loaded and the pair sent once more.
         async with self.client.pipeline(transaction=False) as pipe:
-            await script(keys=keys, args=args, client=pipe)
-            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
-            reply, acked = await pipe.execute()
+            try:
+                return await self._run_and_wait(pipe, script, keys, args)
+            except NoScriptError:
+                script.sha = await self.client.script_load(script.script)
+                return await self._run_and_wait(pipe, script, keys, args)
+
+    async def _run_and_wait(
+        self, pipe: Any, script: Any, keys: list[str], args: list[str | int]
+    ) -> tuple[Any, int]:
+        pipe.evalsha(script.sha, len(keys), *keys, *args)
+        pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+        reply, acked = await pipe.execute()
         return reply, int(acked)
 
     def _confirmed(self, acked: int | None) -> None:
