@@ -39,8 +39,8 @@ from mcp2anp_middleware.log_redaction import redact_urls
 from mcp2anp_middleware.logging_setup import HotPathLogger
 from mcp2anp_middleware.sessions.clock import Clock, system_clock
 from mcp2anp_middleware.sessions.events import SessionEvent
-from mcp2anp_middleware.sessions.middleware import SESSION_SCOPE_KEY
-from mcp2anp_middleware.sessions.state import SERVING, SessionConfig, SessionState
+from mcp2anp_middleware.sessions.request_helpers import current_session, session_from_request
+from mcp2anp_middleware.sessions.state import SessionConfig, SessionState
 
 ATTACHMENT = "anp"
 """Key of the session's :class:`ANPToolHandler` in :attr:`SessionState.attachments`."""
@@ -442,10 +442,5 @@ def _request_of(ctx: Context) -> Any:
 def _session_of(request: Any) -> SessionState | None:
     """The call's session: the one the middleware serves in this task (cheap), else the one on
     the scope of the request the SDK hands the tool (a server run some other way)."""
-    state = SERVING.get()()
-    if state is not None:
-        return state
-    if request is None:
-        return None
-    state = request.scope.get("state", {}).get(SESSION_SCOPE_KEY)
-    return state if isinstance(state, SessionState) else None
+    state = current_session()
+    return state if state is not None else session_from_request(request)
