@@ -32,18 +32,27 @@ class Handshake:
     client_info: dict[str, Any] = field(hash=False)
     capabilities: dict[str, Any] = field(hash=False)
     log_level: str | None = None
+    text: str | None = field(default=None, compare=False, repr=False)
+    """The encoding, when made already (:meth:`encode` returns it)."""
 
     @classmethod
     def from_connection(cls, connection: Connection) -> Handshake | None:
-        """What a completed ``initialize`` left on ``connection`` (None if it left nothing)."""
+        """What a completed ``initialize`` left on ``connection`` (None if it left nothing).
+
+        Built from the models' JSON (two serializer calls) through a cache: most sessions of
+        a worker come from a few kinds of client, whose handshakes are the same."""
         params = connection.client_params
         if params is None:
             return None
-        return cls(
-            protocol_version=connection.protocol_version,
-            client_info=params.client_info.model_dump(by_alias=True, exclude_none=True),
-            capabilities=params.capabilities.model_dump(by_alias=True, exclude_none=True),
+        info, capabilities = params.client_info, params.capabilities
+        version = connection.protocol_version
+        info_json = info.__pydantic_serializer__.to_json(info, by_alias=True, exclude_none=True)
+        capabilities_json = capabilities.__pydantic_serializer__.to_json(
+            capabilities, by_alias=True, exclude_none=True
         )
+        if len(info_json) + len(capabilities_json) > _CACHED_SIZE:  # kept out of the cache
+            return _from_json.__wrapped__(version, info_json, capabilities_json)
+        return _from_json(version, info_json, capabilities_json)
 
     @classmethod
     def decode(cls, text: str) -> Handshake | None:
@@ -62,6 +71,8 @@ class Handshake:
             return None
 
     def encode(self) -> str:
+        if self.text is not None:
+            return self.text
         raw: dict[str, Any] = {"v": self.protocol_version, "i": self.client_info}
         raw["c"] = self.capabilities
         if self.log_level is not None:
@@ -69,7 +80,7 @@ class Handshake:
         return json.dumps(raw, separators=(",", ":"), sort_keys=True)
 
     def with_log_level(self, level: str) -> Handshake:
-        return replace(self, log_level=level)
+        return replace(self, log_level=level, text=None)
 
     def connection(self, outbound: Outbound, session_id: str) -> Connection:
         """A born-ready connection for this handshake: ``initialize`` and ``initialized`` are
@@ -94,15 +105,23 @@ def below_level(params: Any, level: str | None) -> bool:
     return sent in LOG_LEVELS and LOG_LEVELS.index(sent) < LOG_LEVELS.index(level)
 
 
-@lru_cache(maxsize=256)
 def decoded(text: str) -> Handshake | None:
     """:meth:`Handshake.decode`, remembered: a worker serves many sessions of few kinds of
-    client, and their handshakes are the same text."""
+    client, and their handshakes are the same text (a large one is not kept)."""
+    return _decoded(text) if len(text) <= _CACHED_SIZE else Handshake.decode(text)
+
+
+@lru_cache(maxsize=256)
+def _decoded(text: str) -> Handshake | None:
     return Handshake.decode(text)
 
 
-@lru_cache(maxsize=256)
 def _params(text: str) -> InitializeRequestParams:
+    return _cached_params(text) if len(text) <= _CACHED_SIZE else _cached_params.__wrapped__(text)
+
+
+@lru_cache(maxsize=256)
+def _cached_params(text: str) -> InitializeRequestParams:
     handshake = Handshake.decode(text)
     assert handshake is not None
     return InitializeRequestParams(
@@ -110,3 +129,19 @@ def _params(text: str) -> InitializeRequestParams:
         capabilities=ClientCapabilities.model_validate(handshake.capabilities, by_name=False),
         client_info=Implementation.model_validate(handshake.client_info, by_name=False),
     )
+
+
+_CACHED_SIZE = 4096
+"""Handshakes larger than this (client info and capabilities, as JSON) are not cached."""
+
+
+@lru_cache(maxsize=256)
+def _from_json(version: str, info: bytes, capabilities: bytes) -> Handshake:
+    """A handshake from its parts as JSON, encoded once (sessions of the same kind of client
+    share it)."""
+    handshake = Handshake(
+        protocol_version=version,
+        client_info=json.loads(info),
+        capabilities=json.loads(capabilities),
+    )
+    return replace(handshake, text=handshake.encode())

@@ -278,8 +278,11 @@ class LiveSession:
                         answer = _error_json(request.id, failed)
                     else:
                         if request.method in _HANDSHAKE_CHANGES:
-                            with cancel_scope(shield=True):  # committed: kept with it
+                            if self.state.reserved:  # kept with its commit: nothing to write
                                 await self._after_success(request)
+                            else:
+                                with cancel_scope(shield=True):  # committed: kept with it
+                                    await self._after_success(request)
         finally:
             channel.closed = True
             self.running.pop(stream, None)

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mcp2anp_middleware.authentication.base import (
@@ -543,9 +542,7 @@ class MCPSessionMiddleware:
                 if not more and _initialize_succeeded(start, body):
                     if not await commit_or_refuse():
                         return
-                    headers = MutableHeaders(scope=start)
-                    headers[SESSION_HEADER] = state.session_id
-                    _expose_session_header(headers)
+                    _add_session_header(start, state.session_id)
                 await call.send_tracked(start)
                 await call.send_tracked(
                     {"type": "http.response.body", "body": body, "more_body": more}
@@ -595,7 +592,7 @@ def _initialize_succeeded(start: Message, body: bytes) -> bool:
     """True when an ``initialize`` answer is 2xx and carries a JSON-RPC result (JSON or SSE)."""
     if not 200 <= start["status"] < 300:
         return False
-    content_type = MutableHeaders(scope=start).get("content-type", "")
+    content_type = _header(start, b"content-type") or ""
     if content_type.startswith("text/event-stream"):
         payloads = [
             line[5:].strip()
@@ -657,9 +654,28 @@ def _unavailable() -> _Refusal:
     return _Refusal(503, INTERNAL_ERROR, message, "store_unavailable")
 
 
-def _expose_session_header(headers: MutableHeaders) -> None:
-    existing = headers.get("access-control-expose-headers")
-    if existing is None:
-        headers["Access-Control-Expose-Headers"] = "Mcp-Session-Id"
-    elif "mcp-session-id" not in existing.lower():
-        headers["Access-Control-Expose-Headers"] = existing + ", Mcp-Session-Id"
+def _header(start: Message, name: bytes) -> str | None:
+    """The first value of header ``name`` (lower case) in a response start."""
+    for key, value in start["headers"]:
+        if key.lower() == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def _add_session_header(start: Message, session_id: str) -> None:
+    """Give a new session's id to the client (the start went through
+    :func:`_strip_session_header`, so it carries no other) and let browsers read it."""
+    headers: list[tuple[bytes, bytes]] = start["headers"]
+    headers.append((_SESSION_HEADER_B, session_id.encode("latin-1")))
+    exposed = _header(start, b"access-control-expose-headers")
+    if exposed is None:
+        headers.append((b"access-control-expose-headers", b"Mcp-Session-Id"))
+    elif "mcp-session-id" not in exposed.lower():
+        start["headers"] = [
+            (key, value)
+            for key, value in headers
+            if key.lower() != b"access-control-expose-headers"
+        ]
+        start["headers"].append(
+            (b"access-control-expose-headers", (exposed + ", Mcp-Session-Id").encode("latin-1"))
+        )

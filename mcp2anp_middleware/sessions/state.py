@@ -28,6 +28,36 @@ class SessionConfig:
     private_key_path: Path | None = None
     did_document: str | None = field(default=None, repr=False)
     private_key_pem: str | None = field(default=None, repr=False)
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+    """The hash, computed once: a config is looked up (credential cache) and compared (the
+    session's own) on every request, and hashing two paths and two texts each time adds up."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash(self._values()))
+
+    def _values(self) -> tuple[Any, ...]:
+        return (
+            self.principal,
+            self.did_document_path,
+            self.private_key_path,
+            self.did_document,
+            self.private_key_pem,
+        )
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        # The same object on nearly every request (an authenticator hands out its cached one).
+        if self is other:
+            return True
+        if not isinstance(other, SessionConfig):
+            return NotImplemented
+        return self._hash == other._hash and self._values() == other._values()
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Rebuilt through __init__ (pickle, copy): a string's hash differs between processes.
+        return (SessionConfig, self._values())
 
 
 SERVING: ContextVar[Callable[[], SessionState | None]] = ContextVar(
