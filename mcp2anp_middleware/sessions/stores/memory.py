@@ -21,15 +21,25 @@ class InMemorySessionStore:
     """Sessions of this process only; large expiries yield to the event loop every ``batch``."""
 
     default_touch_interval = 0.0
+    """No expiry tolerance: the registry's own live object of a session is exact, and no other
+    process's lookup depends on this store's records."""
 
     @property
     def writes_in_place(self) -> bool:
         """:meth:`write` never suspends, so a registry need not order writes to one session
         (unless a subclass wrote its own ``write``)."""
-        return type(self).write is InMemorySessionStore.write
+        cls = type(self)
+        return cls.write is InMemorySessionStore.write and (
+            cls.write_now is InMemorySessionStore.write_now
+        )
 
-    def __init__(self, *, batch: int = 1000) -> None:
+    def __init__(self, *, batch: int = 1000, write_interval: float = 1.0) -> None:
         self.batch = max(1, batch)
+        self.write_interval = write_interval
+        """Seconds between writes of a busy session's use (0: every request). The record then
+        lags the session's last use by as much, and is kept that much longer; what the process
+        decides (lookups, expiry) is judged on its own exact live object. Records are read by the
+        admin listing, the state file and eviction, for which a second is close enough."""
         self._records: dict[str, SessionRecord] = {}
         self._deadlines: list[tuple[float, str]] = []
         self._by_principal: dict[str, dict[str, None]] = {}
@@ -68,6 +78,10 @@ class InMemorySessionStore:
         return self._records.get(session_id)  # callers write new records, never mutate this one
 
     async def write(self, record: SessionRecord, *, ttl: float, now: float) -> bool:
+        return self.write_now(record, ttl=ttl, now=now)
+
+    def write_now(self, record: SessionRecord, *, ttl: float, now: float) -> bool:
+        """:meth:`write` for callers that cannot await (a registry dropping a live object)."""
         current = self._records.get(record.session_id)
         if current is None or current.created_at != record.created_at:
             return False
