@@ -487,3 +487,38 @@ async def test_a_live_object_let_go_writes_the_use_its_record_lacks(tmp_path: Pa
     assert await save_state_file(sessions, path) == 2
     saved = {s["id"]: s for s in json.loads(path.read_text())["sessions"]}
     assert saved[second.session_id]["last_accessed"] == clock()
+
+
+class CountingMemoryStore(InMemorySessionStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    async def read(self, session_id: str) -> SessionRecord | None:
+        self.reads += 1
+        return await super().read(session_id)
+
+
+async def test_a_memory_store_of_one_registry_is_not_read_for_the_sessions_it_holds() -> None:
+    clock = ManualClock()
+    store = CountingMemoryStore()
+    sessions = registry(store, clock)
+    state = sessions.new_session(ALICE)
+    await sessions.register(state)
+    await sessions.commit(state)
+    for _ in range(3):
+        assert await sessions.get(state.session_id, ALICE) is state
+    assert store.reads == 0
+    assert await sessions.get(state.session_id, BOB) is None  # another principal: still refused
+    clock.advance(TIMEOUT + 1)
+    assert await sessions.get(state.session_id, ALICE) is None  # past its deadline: refused
+    # A second registry over the same store (another app in this process) could change what
+    # the first holds: from then on both read the store.
+    other = registry(store, clock)
+    fresh = sessions.new_session(ALICE)
+    await sessions.register(fresh)
+    await sessions.commit(fresh)
+    reads = store.reads
+    assert await other.remove(fresh.session_id, reason="deleted")
+    assert await sessions.get(fresh.session_id, ALICE) is None
+    assert store.reads > reads

@@ -112,3 +112,33 @@ async def test_finishing_a_held_stream_sends_what_is_held_and_ends_it() -> None:
     await writer.finish()
     assert wire.bodies() == [b"id: cursor.w.1.1\ndata: \n\n"]
     assert wire.messages[-1]["more_body"] is False
+
+
+async def test_the_hold_timer_runs_the_callers_work_once_even_after_an_early_event() -> None:
+    """A stream nobody can resume starts its disconnect watch on this timer: an event written
+    before the hold is over must not take the watch's start with it."""
+    wire = Wire()
+    writer = SSEWriter(wire.send)
+    over: list[int] = []
+    writer.begin_held(None, retry_ms=None, hold=0, on_hold_over=lambda: over.append(1))
+    # Written before the loop ran the timer: it takes the held start with it, and the timer
+    # fires while the start is being sent (the wire yields to the loop there).
+    await writer.write(Event("7", None, '{"note":1}'))
+    assert [m["type"] for m in wire.messages] == ["http.response.start", "http.response.body"]
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert over == [1]
+    writer.stop_holding()
+    assert over == [1]
+
+
+async def test_a_request_over_before_its_hold_never_runs_the_callers_work() -> None:
+    wire = Wire()
+    writer = SSEWriter(wire.send)
+    over: list[int] = []
+    writer.begin_held(None, retry_ms=None, hold=0, on_hold_over=lambda: over.append(1))
+    await writer.write(Event("7", None, '{"answer":1}', True))  # the whole response, as JSON
+    writer.stop_holding()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert over == []

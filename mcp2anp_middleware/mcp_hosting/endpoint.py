@@ -324,13 +324,19 @@ class MCPEndpoint:
             if resumable:  # an id to resume from before anything else; nothing is written
                 cursor = self.backplane.events.anchor(live.session_id)
                 priming = Event(stream, priming_id(cursor, live.resumable[stream]), None)
-            writer.begin_held(priming, retry_ms=self.retry_ms, hold=HOLD_SECONDS)
             # A resumable stream needs no watch for its client leaving: servers drop what is
             # sent after that, and every event is logged and published before it is written, so
             # the request goes on (in flight, its session kept) until it is answered. A stream
             # nobody can resume is watched: once its client is gone, the request is cancelled.
+            # The watch starts when the hold is over, on the writer's timer.
             if not resumable:
-                watch = _CancelWhenGone(request, live, stream)
+                watch = _CancelWhenGone(request, live, stream, timer=False)
+            writer.begin_held(
+                priming,
+                retry_ms=self.retry_ms,
+                hold=HOLD_SECONDS,
+                on_hold_over=None if watch is None else watch.start,
+            )
             await live.serve(message, self._metadata(live, stream, request, writer, sse=True))
         finally:
             if watch is not None:
@@ -801,15 +807,22 @@ class _CancelWhenGone:
     request is registered before the watch first runs. The watch first reads the body into
     ``request`` (a handler asking for it later gets it from there), then what follows."""
 
-    def __init__(self, request: Request, live: LiveSession, stream: str) -> None:
+    def __init__(
+        self, request: Request, live: LiveSession, stream: str, *, timer: bool = True
+    ) -> None:
+        """``timer=False``: the caller calls :meth:`start` (an SSE writer's hold timer)."""
         self._request = request
         self._live = live
         self._stream = stream
         self._task: asyncio.Task[None] | None = None
-        self._timer = asyncio.get_running_loop().call_later(HOLD_SECONDS, self._start)
+        self._timer: asyncio.TimerHandle | None = None
+        self._over = False
+        if timer:
+            self._timer = asyncio.get_running_loop().call_later(HOLD_SECONDS, self.start)
 
-    def _start(self) -> None:
-        self._task = asyncio.ensure_future(self._watch())
+    def start(self) -> None:
+        if self._task is None and not self._over:
+            self._task = asyncio.ensure_future(self._watch())
 
     async def _watch(self) -> None:
         request = self._request
@@ -830,7 +843,9 @@ class _CancelWhenGone:
         self._live.cancel(self._stream)
 
     def cancel(self) -> None:
-        self._timer.cancel()
+        self._over = True
+        if self._timer is not None:
+            self._timer.cancel()
         if self._task is not None:
             self._task.cancel()
 

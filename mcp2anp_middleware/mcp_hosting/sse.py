@@ -9,6 +9,7 @@ writing, never to fail.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from starlette.types import Message, Send
 
@@ -57,16 +58,26 @@ class SSEWriter:
         self._flush_task: asyncio.Task[None] | None = None
         """The task sending what is held when the hold is over (kept: tasks are weakly held)."""
         self._timer: asyncio.TimerHandle | None = None
+        self._on_hold_over: Callable[[], None] | None = None
 
     async def start(self, headers: list[tuple[bytes, bytes]]) -> None:
         await self._write_raw(None, [*SSE_HEADERS, *headers])
 
-    def begin_held(self, priming: Event | None, *, retry_ms: int | None, hold: float) -> None:
+    def begin_held(
+        self,
+        priming: Event | None,
+        *,
+        retry_ms: int | None,
+        hold: float,
+        on_hold_over: Callable[[], None] | None = None,
+    ) -> None:
         """Start the response (with ``priming``, an id to resume from, if given), held back
         until the first event, the end of the stream, or ``hold`` seconds, whichever is first.
 
         Holding is safe: the priming event still precedes everything else on the wire, and a
-        client needs it only if the request outlives a quick answer."""
+        client needs it only if the request outlives a quick answer. ``on_hold_over`` is called
+        once ``hold`` seconds have passed, unless the request ended first (:meth:`stop_holding`):
+        a request that runs that long gets its other timed work started by the same timer."""
         self._held_start = {
             "type": "http.response.start",
             "status": 200,
@@ -74,6 +85,7 @@ class SSEWriter:
         }
         self._held_priming = None if priming is None else (priming, retry_ms)
         self.started = True
+        self._on_hold_over = on_hold_over
         self._timer = asyncio.get_running_loop().call_later(hold, self._flush_soon)
 
     @property
@@ -85,6 +97,7 @@ class SSEWriter:
     def stop_holding(self) -> None:
         """No flush after the hold any more (the request is over; :meth:`finish` sends what is
         still held)."""
+        self._on_hold_over = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -130,6 +143,9 @@ class SSEWriter:
         self._timer = None
         if self._held_start is not None:
             self._flush_task = asyncio.ensure_future(self._flush_held())
+        on_hold_over, self._on_hold_over = self._on_hold_over, None
+        if on_hold_over is not None:
+            on_hold_over()
 
     async def _flush_held(self) -> None:
         if self._held_start is not None:  # else an event took it with it meanwhile
@@ -152,8 +168,8 @@ class SSEWriter:
                 start, self._held_start = self._held_start, None
                 priming, self._held_priming = self._held_priming, None
                 held = b"" if priming is None else _frame(*priming)
-                if self._timer is not None:
-                    self._timer.cancel()
+                if self._timer is not None and self._on_hold_over is None:
+                    self._timer.cancel()  # (kept when it has more to do when the hold is over)
                     self._timer = None
                 self._held_sent = asyncio.get_running_loop().create_future()
                 try:

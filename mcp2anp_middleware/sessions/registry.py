@@ -159,6 +159,8 @@ class SessionRegistry:
         sets twice the cleanup interval, so a lease never lapses between two sweeps."""
         self._in_place: bool = getattr(self.store, "writes_in_place", False)
         """The store's writes complete without suspending (the memory store): no ordering."""
+        if self._in_place:
+            self.store.use(self)  # type: ignore[attr-defined]
         self.write_interval: float = self.touch_interval or (
             getattr(self.store, "write_interval", 0.0) if self._in_place else 0.0
         )
@@ -209,6 +211,11 @@ class SessionRegistry:
         if not state.in_flight and now > keep_until:
             return "expired"
         return None
+
+    def _sole_writer(self) -> bool:
+        """This process's store (memory) is used by this registry alone: a session's live
+        object here is exact (no other registry removes or uses what it holds)."""
+        return self._in_place and self.store.users == 1  # type: ignore[attr-defined]
 
     def _stored_until(self, state: SessionState, record: SessionRecord) -> float:
         """What ``record`` says the store keeps the session for, as :meth:`_expired` counts it.
@@ -490,10 +497,14 @@ class SessionRegistry:
 
     def _confirmed(self, state: SessionState, config: SessionConfig, implicit: bool) -> bool:
         """Whether ``state`` may be served without reading the store (see :meth:`get`)."""
-        if not self.recheck or state.closed:
+        if state.closed:
             return False
         now = self.clock()
-        if not self.following or not 0 <= now - state.confirmed_at < self.recheck:
+        if self._sole_writer():
+            pass  # every change to the store went through this registry: its live object is it
+        elif not self.recheck or not self.following:
+            return False
+        elif not 0 <= now - state.confirmed_at < self.recheck:
             return False  # (a clock that stepped back confirms nothing either)
         if state.principal != config.principal or state.implicit != implicit:
             return False

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import weakref
 from dataclasses import replace
 
 from mcp2anp_middleware.sessions.stores.base import CapExceeded, Caps, CreateOutcome, SessionRecord
@@ -35,6 +36,7 @@ class InMemorySessionStore:
 
     def __init__(self, *, batch: int = 1000, write_interval: float = 1.0) -> None:
         self.batch = max(1, batch)
+        self._users: weakref.WeakSet[object] = weakref.WeakSet()
         self.write_interval = write_interval
         """Seconds between writes of a busy session's use (0: every request). The record then
         lags the session's last use by as much, and is kept that much longer; what the process
@@ -46,6 +48,16 @@ class InMemorySessionStore:
 
     def __len__(self) -> int:
         return len(self._records)
+
+    def use(self, registry: object) -> None:
+        """``registry`` reads and writes this store (see :attr:`users`)."""
+        self._users.add(registry)
+
+    @property
+    def users(self) -> int:
+        """How many registries use this store. With one, every change to it goes through that
+        registry, which may then trust its own live objects without reading records."""
+        return len(self._users)
 
     def records(self) -> list[SessionRecord]:
         """Every record (copies), for the state file and tests."""
