@@ -15,6 +15,7 @@ from mcp2anp_middleware import SessionConfig
 from mcp2anp_middleware.sessions.clock import ManualClock
 from mcp2anp_middleware.sessions.events import SessionEvent, SessionEventKind
 from mcp2anp_middleware.sessions.registry import SessionRegistry
+from mcp2anp_middleware.sessions.state import SessionState
 from mcp2anp_middleware.sessions.state_file import save_state_file
 from mcp2anp_middleware.sessions.stores import InMemorySessionStore, SessionStore
 from mcp2anp_middleware.sessions.stores.base import SessionRecord
@@ -397,7 +398,15 @@ async def test_a_cancelled_request_still_ends_its_use_of_the_session(suspending:
     assert sessions.in_flight == 0
 
 
-async def use(sessions: SessionRegistry, state: Any) -> None:
+async def created(sessions: SessionRegistry) -> SessionState:
+    """A session of ALICE's, created and committed as a served ``initialize`` leaves it."""
+    state = sessions.new_session(ALICE)
+    await sessions.register(state)
+    await sessions.commit(state)
+    return state
+
+
+async def use(sessions: SessionRegistry, state: SessionState) -> None:
     """One request of the session, over as soon as it began."""
     await sessions.acquire(state)
     await sessions.release(state)
@@ -409,9 +418,7 @@ async def test_memory_records_a_busy_session_once_a_second_and_expiry_stays_exac
     store = InMemorySessionStore()
     sessions = registry(store, clock)
     assert (sessions.touch_interval, sessions.write_interval) == (0.0, 1.0)
-    state = sessions.new_session(ALICE)
-    await sessions.register(state)
-    await sessions.commit(state)
+    state = await created(sessions)
     clock.advance(0.5)
     await use(sessions, state)  # within a second of the last write: not written
     record = await store.read(state.session_id)
@@ -428,9 +435,7 @@ async def test_memory_records_a_use_a_second_after_the_last_write() -> None:
     start = clock()
     store = InMemorySessionStore()
     sessions = registry(store, clock)
-    state = sessions.new_session(ALICE)
-    await sessions.register(state)
-    await sessions.commit(state)
+    state = await created(sessions)
     for expected in (0.0, 0.0, 1.2, 1.2, 2.4):
         clock.advance(0.6)
         await use(sessions, state)
@@ -452,9 +457,7 @@ async def test_memory_records_every_use_with_a_zero_write_interval() -> None:
     start = clock()
     store = InMemorySessionStore(write_interval=0)
     sessions = registry(store, clock)
-    state = sessions.new_session(ALICE)
-    await sessions.register(state)
-    await sessions.commit(state)
+    state = await created(sessions)
     clock.advance(0.5)
     await use(sessions, state)
     record = await store.read(state.session_id)
@@ -466,9 +469,7 @@ async def test_a_live_object_let_go_writes_the_use_its_record_lacks(tmp_path: Pa
     start = clock()
     store = InMemorySessionStore()
     sessions = registry(store, clock, live_cache=1)
-    first = sessions.new_session(ALICE)
-    await sessions.register(first)
-    await sessions.commit(first)
+    first = await created(sessions)
     clock.advance(0.5)
     await use(sessions, first)
     second = sessions.new_session(ALICE)
@@ -503,9 +504,7 @@ async def test_a_memory_store_of_one_registry_is_not_read_for_the_sessions_it_ho
     clock = ManualClock()
     store = CountingMemoryStore()
     sessions = registry(store, clock)
-    state = sessions.new_session(ALICE)
-    await sessions.register(state)
-    await sessions.commit(state)
+    state = await created(sessions)
     for _ in range(3):
         assert await sessions.get(state.session_id, ALICE) is state
     assert store.reads == 0
@@ -515,9 +514,7 @@ async def test_a_memory_store_of_one_registry_is_not_read_for_the_sessions_it_ho
     # A second registry over the same store (another app in this process) could change what
     # the first holds: from then on both read the store.
     other = registry(store, clock)
-    fresh = sessions.new_session(ALICE)
-    await sessions.register(fresh)
-    await sessions.commit(fresh)
+    fresh = await created(sessions)
     reads = store.reads
     assert await other.remove(fresh.session_id, reason="deleted")
     assert await sessions.get(fresh.session_id, ALICE) is None
