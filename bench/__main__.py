@@ -29,6 +29,7 @@ MODULES = {
     "6": "bench.b6_redis",
     "7": "bench.b7_redis_ha",
     "8": "bench.b8_floor",
+    "9": "bench.b9_instructions",
 }
 
 
