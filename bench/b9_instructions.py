@@ -241,6 +241,7 @@ def _counted(
     finally:
         if child.poll() is None:
             child.kill()
+            child.wait()
     for line in out.read_text().splitlines():
         if line.startswith("totals:"):
             return int(line.split()[1])

@@ -412,3 +412,24 @@ def _config() -> Any:
     from mcp2anp_middleware import SessionConfig
 
     return SessionConfig()
+
+
+async def test_a_new_sessions_id_is_added_to_a_copy_of_the_apps_headers() -> None:
+    """An app may send one headers list with every response: the new id must not stay in it
+    (for the next response, a session's or not, to carry)."""
+    shared = [(b"content-type", b"application/json"), (b"access-control-expose-headers", b"X-A")]
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": shared})
+        body = b'{"jsonrpc":"2.0","id":1,"result":{"protocolVersion":"2025-11-25"}}'
+        await send({"type": "http.response.body", "body": body})
+
+    middleware = MCPSessionMiddleware(HostApp(), mcp_app=app, clock=ManualClock(), policy=POLICY)
+    async with client_for(middleware) as client:
+        response = await client.post("/mcp", json=INIT)
+    assert response.status_code == 200 and response.headers["mcp-session-id"]
+    assert response.headers["access-control-expose-headers"] == "X-A, Mcp-Session-Id"
+    assert shared == [
+        (b"content-type", b"application/json"),
+        (b"access-control-expose-headers", b"X-A"),
+    ]

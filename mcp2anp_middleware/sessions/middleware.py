@@ -64,6 +64,7 @@ reads and parses the body once per request rather than twice."""
 
 SESSION_HEADER = "mcp-session-id"
 _SESSION_HEADER_B = SESSION_HEADER.encode()
+_EXPOSE = b"access-control-expose-headers"
 _PROTOCOL_HEADER_B = b"mcp-protocol-version"
 HANDSHAKE_RESERVATION = 30.0
 """Seconds a new session's store record lives before its ``initialize`` answer commits it."""
@@ -664,18 +665,14 @@ def _header(start: Message, name: bytes) -> str | None:
 
 def _add_session_header(start: Message, session_id: str) -> None:
     """Give a new session's id to the client (the start went through
-    :func:`_strip_session_header`, so it carries no other) and let browsers read it."""
-    headers: list[tuple[bytes, bytes]] = start["headers"]
+    :func:`_strip_session_header`, so it carries no other) and let browsers read it. The list
+    is copied: an app may send the same headers list with every response."""
+    exposed = _header(start, _EXPOSE)
+    headers = list(start["headers"])
     headers.append((_SESSION_HEADER_B, session_id.encode("latin-1")))
-    exposed = _header(start, b"access-control-expose-headers")
     if exposed is None:
-        headers.append((b"access-control-expose-headers", b"Mcp-Session-Id"))
+        headers.append((_EXPOSE, b"Mcp-Session-Id"))
     elif "mcp-session-id" not in exposed.lower():
-        start["headers"] = [
-            (key, value)
-            for key, value in headers
-            if key.lower() != b"access-control-expose-headers"
-        ]
-        start["headers"].append(
-            (b"access-control-expose-headers", (exposed + ", Mcp-Session-Id").encode("latin-1"))
-        )
+        headers = [(key, value) for key, value in headers if key.lower() != _EXPOSE]
+        headers.append((_EXPOSE, (exposed + ", Mcp-Session-Id").encode("latin-1")))
+    start["headers"] = headers

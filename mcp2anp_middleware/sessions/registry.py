@@ -11,9 +11,8 @@ The store (memory or Redis) holds records only. In front of it the registry keep
 
 A shared store is written at most once per ``touch_interval`` per session, so another process's
 copy of ``last_used`` may lag by that much: a session counts as expired only ``touch_interval``
-after its deadline. The memory store is written at most once per its ``write_interval`` with no
-such tolerance: only this process reads it, and its live objects are exact. Every change is
-reported as a :class:`~.session_events.SessionEvent`.
+after its deadline (zero with the memory store). Every change is reported as a
+:class:`~.session_events.SessionEvent`.
 """
 
 from __future__ import annotations
@@ -160,13 +159,7 @@ class SessionRegistry:
         self._in_place: bool = getattr(self.store, "writes_in_place", False)
         """The store's writes complete without suspending (the memory store): no ordering."""
         if self._in_place:
-            self.store.use(self)  # type: ignore[attr-defined]
-        self.write_interval: float = self.touch_interval or (
-            getattr(self.store, "write_interval", 0.0) if self._in_place else 0.0
-        )
-        """Seconds between writes of a busy session's use: the touch interval, or for a store
-        only this process reads (memory) its own ``write_interval``, which unlike the touch
-        interval adds no expiry tolerance here. A record is kept this much past its deadline."""
+            self.store.use()  # type: ignore[attr-defined]
         self.recheck: float = getattr(self.store, "recheck", 0.0)
         """Seconds a lookup trusts the store's last word on a session this process holds, while
         it follows the store's notices of ended sessions (see :meth:`get`)."""
@@ -203,30 +196,14 @@ class SessionRegistry:
 
         An idle session is over past its deadline plus the write tolerance, and past what the
         store was last told to keep it for (``stored_until``: another process's lease while a
-        request runs there, see :meth:`_stored_until`); a busy one only past its maximum age, and
-        then only for new requests (its running ones finish)."""
+        request runs there); a busy one only past its maximum age, and then only for new requests
+        (its running ones finish)."""
         if self.max_session_age is not None and now > state.created_at + self.max_session_age:
             return "max_age"
         keep_until = max(self.deadline(state) + self.touch_interval, stored_until)
         if not state.in_flight and now > keep_until:
             return "expired"
         return None
-
-    def _sole_writer(self) -> bool:
-        """This process's store (memory) is used by this registry alone: a session's live
-        object here is exact (no other registry removes or uses what it holds)."""
-        return self._in_place and self.store.users == 1  # type: ignore[attr-defined]
-
-    def _stored_until(self, state: SessionState, record: SessionRecord) -> float:
-        """What ``record`` says the store keeps the session for, as :meth:`_expired` counts it.
-        A record of a store only this process writes (memory) is kept ``write_interval`` past
-        its deadline for the uses it was not told of; when this process's live object knows
-        the session's last use (none newer in the record) that margin is not a reason to keep
-        it: expiry stays exact."""
-        margin = self.write_interval - self.touch_interval
-        if margin > 0 and state.last_accessed >= record.last_used:
-            return record.expires_at - margin
-        return record.expires_at
 
     def _leased(self, state: SessionState, renew: bool) -> bool:
         """Whether a write now gives the record a lease instead of its idle deadline: a sweep
@@ -237,12 +214,12 @@ class SessionRegistry:
     def _keep_until(self, state: SessionState, now: float, *, renew: bool = False) -> float:
         """The latest moment the store must still hold the session: its deadline (a busy one's
         lease: at least an idle timeout from now, renewed by the sweep; past its maximum age it
-        is refused to new requests and removed when the last running one ends) plus the most
-        the record may lag the session's use by (``write_interval``)."""
+        is refused to new requests and removed when the last running one ends) plus the write
+        tolerance."""
         until = self.deadline(state)
         if self._leased(state, renew):
             until = max(until, now + max(self.session_timeout, self.lease))
-        return until + self.write_interval
+        return until + self.touch_interval
 
     def _record(
         self, state: SessionState, now: float, *, renew: bool = False
@@ -473,12 +450,8 @@ class SessionRegistry:
             return None
         if record.principal != config.principal or record.implicit != implicit:
             return None
-        own = self._live.get(session_id)
-        stored_until = record.expires_at
-        if own is not None and own.created_at == record.created_at:
-            stored_until = self._stored_until(own, record)
         state = self._live_state(record, config)
-        reason = self._expired(state, self.clock(), stored_until)
+        reason = self._expired(state, self.clock(), record.expires_at)
         if reason is not None:
             if not state.in_flight:
                 await self.remove(session_id, reason=reason)
@@ -500,7 +473,7 @@ class SessionRegistry:
         if state.closed:
             return False
         now = self.clock()
-        if self._sole_writer():
+        if self._sole_user():
             pass  # every change to the store went through this registry: its live object is it
         elif not self.recheck or not self.following:
             return False
@@ -513,6 +486,11 @@ class SessionRegistry:
         if state.config != config:
             state.config = config
         return True
+
+    def _sole_user(self) -> bool:
+        """This process's store (memory) was only ever used by this registry: a session's live
+        object here is exact (no other registry removed or used what it holds)."""
+        return self._in_place and self.store.users == 1  # type: ignore[attr-defined]
 
     async def acquire(self, state: SessionState) -> None:
         """A request starts using ``state``: it cannot expire until :meth:`release`."""
@@ -546,7 +524,7 @@ class SessionRegistry:
     async def _end_use(self, state: SessionState, *, max_age: bool) -> None:
         if max_age:
             await self.remove(state.session_id, reason="max_age")
-        elif await self._sync(state, force=self.write_interval == 0 or state.leased) is False:
+        elif await self._sync(state, force=self.touch_interval == 0 or state.leased) is False:
             self._ended(state.session_id, SessionEventKind.EXPIRED)
 
     async def save_handshake(self, state: SessionState, handshake: str) -> None:
@@ -742,10 +720,10 @@ class SessionRegistry:
     async def _sync(
         self, state: SessionState, *, force: bool = False, renew: bool = False
     ) -> bool | None:
-        """Write the session's use to the store unless written within ``write_interval``."""
+        """Write the session's use to the store unless written within ``touch_interval``."""
         if state.reserved:  # only a commit turns a reservation into a full lifetime
             return None
-        if not force and state.last_accessed - state.synced_at < self.write_interval:
+        if not force and state.last_accessed - state.synced_at < self.touch_interval:
             return None
         if self._in_place:  # the write cannot be overtaken: it never suspends
             now = self.clock()
@@ -803,24 +781,8 @@ class SessionRegistry:
                 self._live[oldest.session_id] = self._live.pop(oldest.session_id)
                 break
             del self._live[oldest.session_id]
-            self._write_back(oldest)
             oldest.closed = True
             self._emit(SessionEventKind.CLOSED, oldest.session_id, oldest.principal, oldest)
-
-    def _write_back(self, state: SessionState) -> None:
-        """Write a use the store has not seen yet (a store written in place, see
-        ``write_interval``) before this process lets go of the live object that knew it."""
-        if not self._in_place or state.reserved or state.last_accessed <= state.synced_at:
-            return
-        now = self.clock()
-        record, ttl = self._record(state, now)
-        if self.store.write_now(record, ttl=ttl, now=now):  # type: ignore[attr-defined]
-            state.synced_at = record.last_used
-
-    async def flush(self) -> None:
-        """Write every use the store has not seen yet (before the records are saved)."""
-        for state in list(self._live.values()):
-            self._write_back(state)
 
     async def _sweep_live(self, now: float) -> None:
         """Drop this process's live objects of sessions past their deadline, oldest use first.
@@ -839,11 +801,7 @@ class SessionRegistry:
         for state in over:
             record = await self.store.read(state.session_id)
             alive = record is not None and record.created_at == state.created_at
-            if (
-                alive
-                and record is not None
-                and self._expired(state, now, self._stored_until(state, record))
-            ):
+            if alive and record is not None and self._expired(state, now, record.expires_at):
                 await self.remove(state.session_id, reason="expired")
             elif alive:
                 self._ended(state.session_id, SessionEventKind.CLOSED)

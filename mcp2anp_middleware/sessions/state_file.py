@@ -27,7 +27,6 @@ async def save_state_file(registry: SessionRegistry, path: Path) -> int:
 
     if not isinstance(registry.store, InMemorySessionStore):
         return 0  # shared stores keep sessions by design
-    await registry.flush()  # the last uses the throttled writes left out
     sessions = [
         {
             "id": r.session_id,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import weakref
 from dataclasses import replace
 
 from mcp2anp_middleware.sessions.stores.base import CapExceeded, Caps, CreateOutcome, SessionRecord
@@ -22,26 +21,16 @@ class InMemorySessionStore:
     """Sessions of this process only; large expiries yield to the event loop every ``batch``."""
 
     default_touch_interval = 0.0
-    """No expiry tolerance: the registry's own live object of a session is exact, and no other
-    process's lookup depends on this store's records."""
 
     @property
     def writes_in_place(self) -> bool:
         """:meth:`write` never suspends, so a registry need not order writes to one session
         (unless a subclass wrote its own ``write``)."""
-        cls = type(self)
-        return cls.write is InMemorySessionStore.write and (
-            cls.write_now is InMemorySessionStore.write_now
-        )
+        return type(self).write is InMemorySessionStore.write
 
-    def __init__(self, *, batch: int = 1000, write_interval: float = 1.0) -> None:
+    def __init__(self, *, batch: int = 1000) -> None:
         self.batch = max(1, batch)
-        self._users: weakref.WeakSet[object] = weakref.WeakSet()
-        self.write_interval = write_interval
-        """Seconds between writes of a busy session's use (0: every request). The record then
-        lags the session's last use by as much, and is kept that much longer; what the process
-        decides (lookups, expiry) is judged on its own exact live object. Records are read by the
-        admin listing, the state file and eviction, for which a second is close enough."""
+        self._users = 0
         self._records: dict[str, SessionRecord] = {}
         self._deadlines: list[tuple[float, str]] = []
         self._by_principal: dict[str, dict[str, None]] = {}
@@ -49,15 +38,17 @@ class InMemorySessionStore:
     def __len__(self) -> int:
         return len(self._records)
 
-    def use(self, registry: object) -> None:
-        """``registry`` reads and writes this store (see :attr:`users`)."""
-        self._users.add(registry)
+    def use(self) -> None:
+        """One more registry reads and writes this store (see :attr:`users`)."""
+        self._users += 1
 
     @property
     def users(self) -> int:
-        """How many registries use this store. With one, every change to it goes through that
-        registry, which may then trust its own live objects without reading records."""
-        return len(self._users)
+        """How many registries were ever made over this store (never fewer: one made and
+        dropped may have changed records another holds live objects of). With one, every change
+        to the store goes through that registry, which may then trust its own live objects
+        without reading records."""
+        return self._users
 
     def records(self) -> list[SessionRecord]:
         """Every record (copies), for the state file and tests."""
@@ -90,10 +81,6 @@ class InMemorySessionStore:
         return self._records.get(session_id)  # callers write new records, never mutate this one
 
     async def write(self, record: SessionRecord, *, ttl: float, now: float) -> bool:
-        return self.write_now(record, ttl=ttl, now=now)
-
-    def write_now(self, record: SessionRecord, *, ttl: float, now: float) -> bool:
-        """:meth:`write` for callers that cannot await (a registry dropping a live object)."""
         current = self._records.get(record.session_id)
         if current is None or current.created_at != record.created_at:
             return False
