@@ -45,6 +45,10 @@ class StaticConfigAuthenticator:
         return self.config
 
 
+NO_CREDENTIALS = Credentials()
+"""What a request without ``X-API-Key`` and ``Authorization`` carries."""
+
+
 def credentials_from_headers(headers: list[tuple[bytes, bytes]]) -> Credentials:
     """Pull ``X-API-Key`` and a bearer token out of raw ASGI headers."""
     api_key: str | None = None
@@ -53,7 +57,20 @@ def credentials_from_headers(headers: list[tuple[bytes, bytes]]) -> Credentials:
         if name == b"x-api-key":
             api_key = value.decode("latin-1").strip()
         elif name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                bearer = token.strip()
+            bearer = _bearer(value)
     return Credentials(api_key=api_key or None, bearer_token=bearer)
+
+
+def credentials_from_header(name: bytes, value: bytes) -> Credentials:
+    """The credential of a request whose only credential header is ``name: value``
+    (``x-api-key`` or ``authorization``, lower case as ASGI gives them)."""
+    if name == b"x-api-key":
+        return Credentials(api_key=value.decode("latin-1").strip() or None)
+    return Credentials(bearer_token=_bearer(value))
+
+
+def _bearer(value: bytes) -> str | None:
+    scheme, _, token = value.decode("latin-1").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None

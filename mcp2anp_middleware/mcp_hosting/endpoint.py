@@ -40,7 +40,11 @@ from mcp_types import (
     JSONRPCRequest,
     JSONRPCResponse,
 )
-from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, is_version_at_least
+from mcp_types.version import (
+    HANDSHAKE_PROTOCOL_VERSIONS,
+    KNOWN_PROTOCOL_VERSIONS,
+    is_version_at_least,
+)
 from pydantic import ValidationError
 from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect, Request
@@ -73,6 +77,11 @@ from mcp2anp_middleware.sessions.jsonrpc_errors import (
 from mcp2anp_middleware.sessions.middleware import MESSAGE_SCOPE_KEY
 from mcp2anp_middleware.sessions.registry import SessionRegistry
 from mcp2anp_middleware.sessions.state import SessionState
+
+_RESUMABLE_VERSIONS = frozenset(
+    v for v in KNOWN_PROTOCOL_VERSIONS if is_version_at_least(v, "2025-11-25")
+)
+"""Protocol versions whose request streams carry event ids (resumable), worked out once."""
 
 logger = logging.getLogger("mcp2anp_middleware.mcp_hosting")
 
@@ -278,7 +287,7 @@ class MCPEndpoint:
             sse
             and self.resumable
             and message.method != "initialize"
-            and is_version_at_least(version, "2025-11-25")
+            and version in _RESUMABLE_VERSIONS
         )
         live = self._acquire(state)
         try:

@@ -16,10 +16,12 @@ import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mcp2anp_middleware.authentication.base import (
+    NO_CREDENTIALS,
     AuthenticationError,
     Authenticator,
+    Credentials,
     StaticConfigAuthenticator,
-    credentials_from_headers,
+    credentials_from_header,
 )
 from mcp2anp_middleware.logging_setup import HotPathLogger
 from mcp2anp_middleware.sessions.admin import SessionAdminApp
@@ -116,6 +118,16 @@ class _Call:
         self.finished = False
         self.replaced = False
         """The app's answer was replaced by a refusal; what it still sends is dropped."""
+
+    async def send_existing(self, message: Message) -> None:
+        """The answer to a request of an existing session: no id to add or commit, only the
+        app's own session header dropped (the common case: every message of every answer)."""
+        if message["type"] == "http.response.start":
+            _strip_session_header(message)
+            self.started = True
+        elif not message.get("more_body", False):
+            self.finished = True
+        await self.send(message)
 
     async def send_tracked(self, message: Message) -> None:
         """Send, remembering how far the answer got (for a request cut short)."""
@@ -294,6 +306,7 @@ class MCPSessionMiddleware:
         versions: list[bytes] = []
         origins: list[bytes] = []
         credentials = 0
+        credential: tuple[bytes, bytes] | None = None
         header_names_ok = True
         for name, value in scope["headers"]:
             if name == _SESSION_HEADER_B:
@@ -304,6 +317,7 @@ class MCPSessionMiddleware:
                 origins.append(value)
             elif name in _CREDENTIAL_HEADERS:
                 credentials += 1
+                credential = (name, value)
             elif not name.isascii():
                 header_names_ok = False
         origin = origins[0].decode("latin-1") if origins else None
@@ -325,7 +339,9 @@ class MCPSessionMiddleware:
             raise _Refusal(400, INVALID_REQUEST, text, "malformed")
         if len(session_ids) > 1:
             raise _Refusal(400, INVALID_REQUEST, "Multiple Mcp-Session-Id headers", "malformed")
-        config = await self._authenticate(scope)
+        config = await self._authenticate(
+            NO_CREDENTIALS if credential is None else credentials_from_header(*credential)
+        )
         version = versions[0].decode("latin-1") if versions else None
         if is_sessionless_version(version):
             await self._sessionless(call, config, bool(session_ids))
@@ -409,9 +425,9 @@ class MCPSessionMiddleware:
             raise _Refusal(400, PARSE_ERROR, "Parse error: body is not JSON", "malformed")
         return call.message
 
-    async def _authenticate(self, scope: Scope) -> SessionConfig:
+    async def _authenticate(self, credentials: Credentials) -> SessionConfig:
         try:
-            return await self.authenticator(credentials_from_headers(scope["headers"]))
+            return await self.authenticator(credentials)
         except AuthenticationError as exc:
             reason = "unauthorized" if exc.status == 401 else "auth_unavailable"
             raise _Refusal(
@@ -509,16 +525,6 @@ class MCPSessionMiddleware:
             committed = True
             return True
 
-        async def send_existing(message: Message) -> None:
-            """The common case, a request of an existing session: no id to add or commit
-            (``send_tracked`` inlined: this runs for every message of every answer)."""
-            if message["type"] == "http.response.start":
-                _strip_session_header(message)
-                call.started = True
-            elif not message.get("more_body", False):
-                call.finished = True
-            await call.send(message)
-
         async def send_with_session(message: Message) -> None:
             nonlocal held_start, held_size
             if call.replaced:
@@ -560,7 +566,7 @@ class MCPSessionMiddleware:
         serving_token = SERVING.set(weakref.ref(state))  # the app's code finds its session
         try:
             await self.mcp_app(
-                scope, call.receive, send_existing if created is None else send_with_session
+                scope, call.receive, call.send_existing if created is None else send_with_session
             )
         finally:
             SERVING.reset(serving_token)
@@ -583,10 +589,13 @@ def _strip_session_header(start: Message) -> None:
     headers = start.get("headers")
     if headers is None:
         start["headers"] = []  # optional in ASGI; later code appends to it
-    elif not isinstance(headers, list) or any(
-        name.lower() == _SESSION_HEADER_B for name, _ in headers
-    ):
+    elif not isinstance(headers, list):
         start["headers"] = [(n, v) for n, v in headers if n.lower() != _SESSION_HEADER_B]
+    else:
+        for name, _ in headers:  # (a loop, not any(): this runs for every answer)
+            if name.lower() == _SESSION_HEADER_B:
+                start["headers"] = [(n, v) for n, v in headers if n.lower() != _SESSION_HEADER_B]
+                return
 
 
 def _initialize_succeeded(start: Message, body: bytes) -> bool:
