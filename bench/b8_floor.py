@@ -278,13 +278,10 @@ def serve_child(kind: str, port: int, settings: Settings, profile_out: str | Non
     With ``profile_out``, SIGUSR1 starts cProfile and SIGUSR2 stops it and writes the stats there,
     so start-up and warm-up stay out of the profile.
     """
-    import logging
 
     import uvicorn
 
     quiet_logs()
-    for name in ("mcp", "example_app", "anp", "uvicorn.error"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     if kind == "agent":
         app = agent_app(settings)
     elif kind == "floor":

@@ -305,10 +305,6 @@ def entry() -> None:
         _against = known.against.resolve()
     if known.child:
         quiet_logs()
-        import logging
-
-        for name in ("mcp", "example_app", "anp"):
-            logging.getLogger(name).setLevel(logging.WARNING)
         asyncio.run(_child(known.child, known.work, known.count, known.settings, known.did))
     else:
         sys.argv = [sys.argv[0], *rest]

@@ -64,9 +64,12 @@ INITIALIZE = json.dumps(
 
 
 def quiet_logs() -> None:
-    """Drop the package's structlog events below WARNING (production-like; stdout stays clean)."""
+    """Drop the package's structlog events below WARNING, and the libraries' log lines below
+    WARNING too (production-like; stdout stays clean)."""
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     logging.getLogger().setLevel(logging.WARNING)
+    for name in ("mcp", "example_app", "anp", "uvicorn.error"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def median(values: list[float]) -> float:
