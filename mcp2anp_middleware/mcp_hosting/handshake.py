@@ -14,9 +14,10 @@ share one string in memory.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from mcp.server.connection import Connection
 from mcp.shared.dispatcher import Outbound
@@ -24,6 +25,8 @@ from mcp_types import ClientCapabilities, Implementation, InitializeRequestParam
 
 LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
 """RFC 5424 severities in ascending order, as MCP's ``logging/setLevel`` names them."""
+
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +53,6 @@ class Handshake:
         capabilities_json = capabilities.__pydantic_serializer__.to_json(
             capabilities, by_alias=True, exclude_none=True
         )
-        if len(info_json) + len(capabilities_json) > _CACHED_SIZE:  # kept out of the cache
-            return _from_json.__wrapped__(version, info_json, capabilities_json)
         return _from_json(version, info_json, capabilities_json)
 
     @classmethod
@@ -105,23 +106,36 @@ def below_level(params: Any, level: str | None) -> bool:
     return sent in LOG_LEVELS and LOG_LEVELS.index(sent) < LOG_LEVELS.index(level)
 
 
-def decoded(text: str) -> Handshake | None:
-    """:meth:`Handshake.decode`, remembered: a worker serves many sessions of few kinds of
-    client, and their handshakes are the same text (a large one is not kept)."""
-    return _decoded(text) if len(text) <= _CACHED_SIZE else Handshake.decode(text)
+class _SmallCache(Generic[R]):
+    """``function`` of text parts, remembered for the last 256 calls whose parts are small: a
+    worker serves many sessions of few kinds of client, whose handshakes are the same text, and
+    a client cannot make the cache hold large ones (those are computed every time)."""
+
+    def __init__(self, function: Callable[..., R]) -> None:
+        self._function = function
+        self._cached = lru_cache(maxsize=256)(function)
+        self.cache_info = self._cached.cache_info
+
+    def __call__(self, *parts: str | bytes) -> R:
+        if sum(map(len, parts)) > _CACHED_SIZE:
+            return self._function(*parts)
+        return self._cached(*parts)
 
 
-@lru_cache(maxsize=256)
-def _decoded(text: str) -> Handshake | None:
-    return Handshake.decode(text)
+_CACHED_SIZE = 4096
+"""Handshakes larger than this (as JSON) are not cached."""
 
 
-def _params(text: str) -> InitializeRequestParams:
-    return _cached_params(text) if len(text) <= _CACHED_SIZE else _cached_params.__wrapped__(text)
+def _handshake_from_json(version: str, info: bytes, capabilities: bytes) -> Handshake:
+    handshake = Handshake(
+        protocol_version=version,
+        client_info=json.loads(info),
+        capabilities=json.loads(capabilities),
+    )
+    return replace(handshake, text=handshake.encode())
 
 
-@lru_cache(maxsize=256)
-def _cached_params(text: str) -> InitializeRequestParams:
+def _initialize_params(text: str) -> InitializeRequestParams:
     handshake = Handshake.decode(text)
     assert handshake is not None
     return InitializeRequestParams(
@@ -131,17 +145,12 @@ def _cached_params(text: str) -> InitializeRequestParams:
     )
 
 
-_CACHED_SIZE = 4096
-"""Handshakes larger than this (client info and capabilities, as JSON) are not cached."""
+_from_json = _SmallCache(_handshake_from_json)
+"""A handshake from its parts as JSON, encoded once (sessions of one kind of client share it)."""
+_decoded = _SmallCache(Handshake.decode)
+_params = _SmallCache(_initialize_params)
 
 
-@lru_cache(maxsize=256)
-def _from_json(version: str, info: bytes, capabilities: bytes) -> Handshake:
-    """A handshake from its parts as JSON, encoded once (sessions of the same kind of client
-    share it)."""
-    handshake = Handshake(
-        protocol_version=version,
-        client_info=json.loads(info),
-        capabilities=json.loads(capabilities),
-    )
-    return replace(handshake, text=handshake.encode())
+def decoded(text: str) -> Handshake | None:
+    """:meth:`Handshake.decode`, remembered (see :class:`_SmallCache`)."""
+    return _decoded(text)
