@@ -4,8 +4,10 @@ deterministic; and one worker with the memory store for the official client."""
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -407,6 +409,34 @@ async def test_ending_the_session_tears_its_streams_and_events_down(
         assert not b.app.endpoint._streams
         log = await redis_server_keys(redis_server, f"fidelity:log:{client.session_id}")
         assert log == 0
+
+
+@pytest.mark.parametrize("ending", ["DELETE", "cooled"])
+async def test_a_dropped_sessions_machinery_is_freed_without_the_garbage_collector(
+    tmp_path: Path, ending: str
+) -> None:
+    """The SDK's connection points back at the session's machinery, which holds it: a cycle
+    only the garbage collector would free, long after (by then in its oldest generation). Once
+    the machinery is dropped with nothing running, it is freed as its last reference goes."""
+    async with workers(tmp_path, 1, None) as (worker,), httpx.AsyncClient() as http:
+        client = RawClient(http)
+        await client.initialize(worker.url)
+        await client.call(worker.url, 1, "chatty")
+        endpoint = worker.app.endpoint
+        live = weakref.ref(endpoint.live[client.session_id])
+        connection = weakref.ref(endpoint.live[client.session_id].connection)
+        gc.disable()
+        try:
+            if ending == "DELETE":
+                deleted = await http.delete(worker.url, headers=client.headers())
+                assert deleted.status_code == 204
+            else:
+                assert endpoint.release_idle(now=math.inf) == 1
+            assert client.session_id not in endpoint.live
+            assert live() is None
+            assert connection() is None
+        finally:
+            gc.enable()
 
 
 async def test_a_deleted_sessions_event_log_goes_in_the_script_that_removes_it(

@@ -218,6 +218,24 @@ class LiveSession:
         # stack empty; unwinding an empty one would still arm a 5 s shielded timer).
         if getattr(self.connection.exit_stack, "_exit_callbacks", True):
             self.endpoint.spawn(aclose_shielded, self.connection)
+        self._unlink_if_done()
+
+    def _unlink_if_done(self) -> None:
+        """Once closed with nothing left running, let go of the SDK's objects.
+
+        The connection holds this object (its outbound channel) and this object holds the
+        connection and its kernel, whose cached callbacks hold the kernel itself: cycles, which
+        only the garbage collector frees, and by then they have usually aged into its oldest
+        generation, so a dropped session's machinery (and its record) stayed in memory until a
+        full collection. Cut here, they are freed when the last reference goes. A handler that
+        kept its context past its request can still send through this object (to the
+        session's GET stream), as before."""
+        if not self.ended or not self.finished or not hasattr(self, "runner"):
+            return
+        for callback in ("on_request", "on_notify"):  # functools.cached_property values
+            self.runner.__dict__.pop(callback, None)
+        del self.runner
+        del self.connection
 
     # -- requests from the client ----------------------------------------------------------------
 
@@ -246,11 +264,12 @@ class LiveSession:
             _TRANSPORTS[metadata.can_send_request],
             progress_token_from_params(request.params),
         )
+        if self.ended:  # the session ended before this request got here
+            ended = ErrorData(code=CONNECTION_CLOSED, message="Session ended")
+            await self.emit(_error_json(request.id, ended), stream, final=True)
+            return
         scope = cancel_scope()
         self.running[stream] = (scope, channel)
-        if self.ended:  # the session ended before this request got here
-            channel.closed = True
-            scope.cancel()
         answer: str | None = None
         try:
             with scope:
@@ -286,6 +305,7 @@ class LiveSession:
         finally:
             channel.closed = True
             self.running.pop(stream, None)
+            self._unlink_if_done()
         if self.ended and answer is None:
             ended = ErrorData(code=CONNECTION_CLOSED, message="Session ended")
             answer = _error_json(request.id, ended)
@@ -301,6 +321,8 @@ class LiveSession:
             target = cancelled_request_id_from_params(message.params)
             if target is not None:
                 self.cancel(str(target))
+        if self.ended:  # nothing of the session is served any more
+            return
         channel = RequestChannel(self, None, None, _TRANSPORTS[False])
         await self.runner.on_notify(channel, message.method, message.params)
 
@@ -385,6 +407,7 @@ class LiveSession:
             raise MCPError(code=REQUEST_TIMEOUT, message=f"Request {method!r} timed out") from None
         finally:
             self._asked.pop(local, None)
+            self._unlink_if_done()
         if isinstance(answer.outcome, ErrorData):
             raise MCPError.from_error_data(answer.outcome)
         return answer.outcome
