@@ -38,6 +38,7 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
+import gc
 import json
 import os
 import pstats
@@ -127,6 +128,7 @@ def stack_app(settings: Settings) -> Any:
     from mcp2anp_middleware import ANPToolkit, URLPolicy
     from mcp2anp_middleware.authentication.base import StaticConfigAuthenticator
     from mcp2anp_middleware.hosting import ANPMiddleware
+    from mcp2anp_middleware.startup_heap import frozen_startup_heap
 
     store: Any = None
     if settings.redis_url:
@@ -146,6 +148,7 @@ def stack_app(settings: Settings) -> Any:
         toolkit=toolkit,
         url_policy=policy,
         store=store,
+        services=[frozen_startup_heap],  # as the launcher runs it (the floor freezes too)
     )
 
 
@@ -265,6 +268,8 @@ class Floor:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                gc.collect()  # the launcher's process setting, as the stack's service does
+                gc.freeze()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.http.aclose()

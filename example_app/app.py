@@ -18,6 +18,7 @@ from mcp2anp_middleware import (
     SessionConfig,
     StaticKeyAuthenticator,
     URLPolicy,
+    frozen_startup_heap,
     session_from_request,
 )
 from mcp2anp_middleware.authentication.base import Authenticator
@@ -107,6 +108,8 @@ def create_app(settings: Settings) -> ANPMiddleware:
     host = Starlette(routes=[Route("/", index, name="index"), Mount("/agent", app=agent)])
     return ANPMiddleware(
         host,
+        # The server's process is ours: its startup objects are kept out of full collections.
+        services=[frozen_startup_heap],
         authenticator=build_authenticator(settings, static_keys),
         data_dir=settings.data_dir,
         public_url=base_url,

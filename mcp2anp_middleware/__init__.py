@@ -31,6 +31,7 @@ from mcp2anp_middleware.sessions.middleware import MCPSessionMiddleware
 from mcp2anp_middleware.sessions.policy import RequestLimits, SessionPolicy
 from mcp2anp_middleware.sessions.request_helpers import current_session, session_from_request
 from mcp2anp_middleware.sessions.state import SessionConfig, SessionState
+from mcp2anp_middleware.startup_heap import frozen_startup_heap
 from mcp2anp_middleware.version import __version__
 
 # Every library logger the package drives exists now: keep their URLs to host and path.
@@ -57,5 +58,6 @@ __all__ = [
     "__version__",
     "current_session",
     "ensure_dev_identity",
+    "frozen_startup_heap",
     "session_from_request",
 ]

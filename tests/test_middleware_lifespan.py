@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,7 +16,7 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from mcp2anp_middleware import MCPSessionMiddleware
+from mcp2anp_middleware import MCPSessionMiddleware, frozen_startup_heap
 from mcp2anp_middleware.sessions.background import BackgroundRunner
 from mcp2anp_middleware.sessions.clock import ManualClock
 from mcp2anp_middleware.sessions.policy import SessionPolicy
@@ -179,3 +181,34 @@ async def test_failed_lazy_start_is_503_not_500() -> None:
     assert response.status_code == 503
     assert response.json()["error"]["message"] == "Server is not ready; retry shortly"
     assert background_tasks() == []
+
+
+class _Cycle:
+    """An object in a reference cycle: only the garbage collector frees it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+async def test_the_startup_heap_is_frozen_while_the_middleware_runs() -> None:
+    """``frozen_startup_heap``: what exists at startup is skipped by collections while the
+    middleware runs (garbage made at startup is collected first, never frozen); what requests
+    make later is collected as usual; stopping unfreezes it all."""
+    gc.disable()  # nothing is collected but by the service (and the test)
+    try:
+        garbage_at_startup = weakref.ref(_Cycle())
+        kept_from_startup = [_Cycle()]
+        middleware = MCPSessionMiddleware(
+            HostApp(), mcp_app=RecordingMCPApp(), services=[frozen_startup_heap]
+        )
+        async with LifespanManager(middleware):
+            assert gc.get_freeze_count() > 0
+            assert garbage_at_startup() is None  # collected before the freeze
+            assert not any(item is kept_from_startup for item in gc.get_objects())  # frozen
+            made_later = weakref.ref(_Cycle())
+            gc.collect()
+            assert made_later() is None
+    finally:
+        gc.enable()
+    assert gc.get_freeze_count() == 0
+    assert any(item is kept_from_startup for item in gc.get_objects())
