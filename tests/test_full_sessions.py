@@ -22,7 +22,8 @@ import pytest
 from mcp import types
 from mcp.client.session import ClientRequestContext
 from mcp.server.mcpserver import Context, MCPServer
-from mcp_types import PROTOCOL_VERSION_META_KEY
+from mcp.shared.message import ServerMessageMetadata
+from mcp_types import PROTOCOL_VERSION_META_KEY, JSONRPCNotification, JSONRPCRequest
 from starlette.applications import Starlette
 from starlette.types import Message
 
@@ -35,6 +36,7 @@ from mcp2anp_middleware.mcp_hosting.backplane import (
     MemoryEventLog,
     priming_id,
 )
+from mcp2anp_middleware.mcp_hosting.live_session import LiveSession
 from mcp2anp_middleware.mcp_hosting.redis_backplane import RedisBackplane, RedisRelay
 from mcp2anp_middleware.sessions.registry import SessionRegistry
 from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
@@ -437,6 +439,41 @@ async def test_a_dropped_sessions_machinery_is_freed_without_the_garbage_collect
             assert connection() is None
         finally:
             gc.enable()
+
+
+async def test_a_request_reaching_ended_machinery_is_answered_session_ended(
+    tmp_path: Path,
+) -> None:
+    """The session ended between the middleware's lookup and the request's start: the answer is
+    'Session ended', and no handler runs on the ended session (nor does a notification)."""
+    async with workers(tmp_path, 1, None) as (worker,), httpx.AsyncClient() as http:
+        client = RawClient(http)
+        await client.initialize(worker.url)
+        endpoint = worker.app.endpoint
+        (state,) = worker.app.registry.live_sessions()
+        live = LiveSession(endpoint, state, 10_000)
+        live.close()
+        written: list[str | None] = []
+
+        class Keeper:
+            unseen = True
+
+            async def write(self, event: Event) -> None:
+                written.append(event.payload)
+
+        for request_id, method in enumerate(["tools/list", "tools/call", "nope/unknown"]):
+            params = {"name": "whoami", "arguments": {}} if method == "tools/call" else None
+            request = JSONRPCRequest(jsonrpc="2.0", id=request_id, method=method, params=params)
+            assert live.begin(request, Keeper(), resumable=False)
+            await live.serve(request, ServerMessageMetadata(can_send_request=False))
+            live.end(str(request_id))
+            answer = json.loads(written[-1] or "")
+            assert answer["id"] == request_id
+            assert answer["error"] == {"code": -32000, "message": "Session ended"}
+        assert not live.writers and not live.running
+        await live.notification(
+            JSONRPCNotification(jsonrpc="2.0", method="notifications/initialized")
+        )
 
 
 async def test_a_deleted_sessions_event_log_goes_in_the_script_that_removes_it(

@@ -212,3 +212,32 @@ async def test_the_startup_heap_is_frozen_while_the_middleware_runs() -> None:
         gc.enable()
     assert gc.get_freeze_count() == 0
     assert any(item is kept_from_startup for item in gc.get_objects())
+
+
+async def test_the_heap_stays_frozen_until_the_last_app_with_the_service_stops() -> None:
+    def app() -> MCPSessionMiddleware:
+        return MCPSessionMiddleware(
+            HostApp(), mcp_app=RecordingMCPApp(), services=[frozen_startup_heap]
+        )
+
+    first, second = app(), app()
+    async with LifespanManager(first):
+        async with LifespanManager(second):
+            assert gc.get_freeze_count() > 0
+        assert gc.get_freeze_count() > 0  # the first one still runs
+    assert gc.get_freeze_count() == 0
+
+
+async def test_a_freeze_made_by_someone_else_is_left_to_its_owner() -> None:
+    """A pre-fork server froze its heap before the app started: stopping the app keeps it."""
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        middleware = MCPSessionMiddleware(
+            HostApp(), mcp_app=RecordingMCPApp(), services=[frozen_startup_heap]
+        )
+        async with LifespanManager(middleware):
+            pass
+        assert gc.get_freeze_count() >= frozen
+    finally:
+        gc.unfreeze()

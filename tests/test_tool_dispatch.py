@@ -7,15 +7,20 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.extension import Extension, ToolBinding
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetadata
 from mcp.types import CallToolRequestParams, CallToolResult, TextContent
+from pydantic import Field, ValidationError
 
-from mcp2anp_middleware.anp_tools.dispatch import install_direct_route
+from mcp2anp_middleware import ANPToolkit
+from mcp2anp_middleware.anp_tools.dispatch import _Arguments, install_direct_route
 
 from .anp_stack import API_KEYS, anp_stack
 from .tool_results import ok
@@ -202,3 +207,65 @@ async def test_an_unexpected_failure_is_answered_as_mcpserver_answers_it(
         "resultType": "complete",
     }
     assert any(record.exc_info for record in caplog.records)
+
+
+def _outcome(validate: Any, arguments: dict[str, Any]) -> Any:
+    """What a validation gives: the arguments, or the errors it raised."""
+    try:
+        return ("ok", validate(arguments))
+    except ValidationError as exc:
+        return ("rejected", exc.errors(include_url=False))
+
+
+def _tool_metadata() -> list[FuncMetadata]:
+    server = MCPServer("t")
+    ANPToolkit().register(server)
+
+    def aliased(
+        plain: str,
+        items: Annotated[list[int], Field(alias="itemList")] = [],  # noqa: B006
+        count: int | None = None,
+    ) -> str:
+        return plain
+
+    server.add_tool(aliased, name="aliased")
+    return [tool.fn_metadata for tool in server._tool_manager.list_tools()]
+
+
+_JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=6,
+)
+_VALUES = _JSONISH | _JSONISH.map(json.dumps) | st.sampled_from(["[1, 2]", '{"a": 1}', "12", "x"])
+_KEYS = st.sampled_from(
+    ["url", "endpoint", "method", "params", "request_id", "plain", "items", "itemList", "count"]
+)
+
+
+@given(arguments=st.dictionaries(_KEYS, _VALUES, max_size=5))
+@settings(max_examples=300, deadline=None)
+def test_the_direct_routes_argument_validation_is_the_sdks(arguments: dict[str, Any]) -> None:
+    """Same arguments (JSON-in-a-string ones too), same validated kwargs or the same errors."""
+    for metadata in _METADATA:
+        assert _outcome(_Arguments(metadata), arguments) == _outcome(
+            metadata.validate_arguments, arguments
+        )
+
+
+_METADATA = _tool_metadata()
+
+
+def test_argument_validation_follows_a_replaced_model() -> None:
+    """The SDK reads the argument model live; so does the direct route."""
+    metadata = next(m for m in _METADATA if "url" in m.arg_model.model_fields).model_copy()
+    validate = _Arguments(metadata)
+    assert validate({"url": "https://a.example/"}) == {"url": "https://a.example/"}
+
+    class Other(ArgModelBase):
+        number: int
+
+    metadata.arg_model = Other
+    assert validate({"number": "7"}) == {"number": 7}
+    for arguments in ({"number": "[3]"}, {"url": "https://a.example/"}):
+        assert _outcome(validate, arguments) == _outcome(metadata.validate_arguments, arguments)

@@ -36,9 +36,11 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver import server as mcpserver_module
 from mcp.server.mcpserver.tools.base import Tool
 from mcp.server.mcpserver.tools.tool_manager import ToolManager
+from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetadata
 from mcp.shared.exceptions import MCPError
 from mcp.types import CallToolRequestParams
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 logger = logging.getLogger(mcpserver_module.__name__)
 """:class:`MCPServer`'s own logger: the lines that mirror its lines obey the same settings."""
@@ -64,19 +66,19 @@ def install_direct_route(server: MCPServer, runs: Mapping[str, Run]) -> bool:
     ):
         return False
     ordinary = entry.handler
-    direct: dict[str, tuple[Tool, Run]] = {}
+    direct: dict[str, tuple[Tool, Run, _Arguments]] = {}
     for name, run in runs.items():
         tool = manager.get_tool(name)
         if tool is not None and type(tool).run is Tool.run:
-            direct[name] = (tool, run)
+            direct[name] = (tool, run, _Arguments(tool.fn_metadata))
 
     async def call_tool(ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams) -> Any:
         found = direct.get(params.name)
         if found is None or manager.get_tool(params.name) is not found[0]:
             return await ordinary(ctx, params)
-        tool, run = found
+        _, run, validated = found
         try:
-            arguments = tool.fn_metadata.validate_arguments(params.arguments or {})
+            arguments = validated(params.arguments or {})
         except ValidationError as exc:
             # Field names only, as MCPServer logs them: the rejected values are the caller's.
             fields = sorted({".".join(str(part) for part in err["loc"]) for err in exc.errors()})
@@ -101,3 +103,60 @@ def install_direct_route(server: MCPServer, runs: Mapping[str, Run]) -> bool:
 
 def _tool_error(text: str) -> dict[str, Any]:
     return {"content": [{"type": "text", "text": text}], "isError": True, "resultType": "complete"}
+
+
+class _Arguments:
+    """``FuncMetadata.validate_arguments`` of one tool, its steps unchanged, with what depends only
+    on the tool's argument model worked out once instead of for every call.
+
+    The SDK's steps: pre-parse JSON-in-a-string values of fields that are not ``str``, validate
+    with the argument model, dump one level. The pre-parsing walks the model's fields for every
+    call to find which keys it applies to; here that set is kept (rebuilt if the metadata's
+    model is replaced, since the SDK reads it live), and the SDK's own ``pre_parse_json`` runs
+    whenever an argument could be pre-parsed, so what it does is never re-implemented. A model
+    or metadata class that overrides one of the steps gets the SDK's method itself."""
+
+    __slots__ = ("_dump", "_json_keys", "_metadata", "_model")
+
+    def __init__(self, metadata: FuncMetadata) -> None:
+        self._metadata = metadata
+        self._model: type[ArgModelBase] | None = None
+        self._json_keys: frozenset[str] = frozenset()
+        self._dump: tuple[tuple[str, str], ...] = ()
+
+    def __call__(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        metadata = self._metadata
+        model = metadata.arg_model
+        if model is not self._model:
+            self._learn(model)
+        if self._model is None:  # an override somewhere: the SDK's method, whole
+            return metadata.validate_arguments(arguments)
+        json_keys = self._json_keys
+        for key, value in arguments.items():
+            if key in json_keys and isinstance(value, str):
+                arguments = metadata.pre_parse_json(arguments)
+                break
+        parsed = model.__pydantic_validator__.validate_python(arguments)
+        return {output: getattr(parsed, field) for field, output in self._dump}
+
+    def _learn(self, model: type[ArgModelBase]) -> None:
+        metadata = type(self._metadata)
+        if (
+            metadata.validate_arguments is not FuncMetadata.validate_arguments
+            or model.model_validate.__func__ is not BaseModel.model_validate.__func__  # type: ignore[attr-defined]
+            or model.model_dump_one_level is not ArgModelBase.model_dump_one_level
+        ):
+            self._model = None
+            return
+        fields: dict[str, FieldInfo] = {}  # as pre_parse_json maps keys (aliases after names)
+        for name, info in model.model_fields.items():
+            fields[name] = info
+            if info.alias:
+                fields[info.alias] = info
+        self._json_keys = frozenset(
+            key for key, info in fields.items() if info.annotation is not str
+        )
+        self._dump = tuple(
+            (name, info.alias if info.alias else name) for name, info in model.model_fields.items()
+        )
+        self._model = model
