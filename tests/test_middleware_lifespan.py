@@ -20,6 +20,7 @@ from mcp2anp_middleware import MCPSessionMiddleware, frozen_startup_heap
 from mcp2anp_middleware.sessions.background import BackgroundRunner
 from mcp2anp_middleware.sessions.clock import ManualClock
 from mcp2anp_middleware.sessions.policy import SessionPolicy
+from mcp2anp_middleware.sessions.registry import SessionRegistry
 
 from .inner_apps import HostApp, RecordingMCPApp
 from .messages import BARE_INITIALIZE as INIT
@@ -241,3 +242,25 @@ async def test_a_freeze_made_by_someone_else_is_left_to_its_owner() -> None:
         assert gc.get_freeze_count() >= frozen
     finally:
         gc.unfreeze()
+
+
+async def test_readiness_follows_the_background_task() -> None:
+    """Ready once started; not ready as soon as it is told to stop or its task ends some other
+    way (a host cancelling it); a later start brings it back."""
+    runner = BackgroundRunner(SessionRegistry(), cleanup_interval=60)
+    assert not runner.ready
+    await runner.start()
+    assert runner.ready
+    task = runner._task
+    assert task is not None
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not runner.ready
+    await runner.start()
+    assert runner.ready
+    stopping = asyncio.ensure_future(runner.stop())
+    await asyncio.sleep(0)
+    assert not runner.ready  # at once, before the services are down
+    await stopping
+    assert not runner.ready

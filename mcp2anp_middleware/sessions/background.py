@@ -43,6 +43,8 @@ class BackgroundRunner:
         self._task: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[None] | None = None
         self._stop: asyncio.Event | None = None
+        self._up = False
+        """Set by the task once everything started, cleared as it ends or is told to stop."""
 
     @property
     def running(self) -> bool:
@@ -50,15 +52,9 @@ class BackgroundRunner:
 
     @property
     def ready(self) -> bool:
-        """Services started and the loop running (not merely starting)."""
-        ready = self._ready
-        return (
-            self.running
-            and ready is not None
-            and ready.done()
-            and not ready.cancelled()
-            and ready.exception() is None
-        )
+        """Services started and the loop running (not merely starting). Every request asks,
+        so it is a flag the task keeps, not worked out from the task and its futures."""
+        return self._up
 
     async def start(self) -> None:
         """Start services and the cleanup loop; returns once they are ready, raises if they fail."""
@@ -78,6 +74,7 @@ class BackgroundRunner:
     async def stop(self) -> None:
         """Stop the loop and the services and wait until they are gone."""
         task, self._task = self._task, None
+        self._up = False
         if task is None:
             return
         assert self._stop is not None
@@ -95,10 +92,12 @@ class BackgroundRunner:
                     await stack.enter_async_context(service())
                 sweeper = asyncio.create_task(self._cleanup_loop(), name="mcp2anp-session-cleanup")
                 self._ready.set_result(None)
+                self._up = True
                 logger.debug("Session cleanup task started", interval=self.cleanup_interval)
                 try:
                     await self._stop.wait()
                 finally:
+                    self._up = False
                     sweeper.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await sweeper
