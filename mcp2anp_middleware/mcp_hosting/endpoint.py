@@ -76,6 +76,7 @@ from mcp2anp_middleware.sessions.jsonrpc_errors import (
 )
 from mcp2anp_middleware.sessions.middleware import MESSAGE_SCOPE_KEY
 from mcp2anp_middleware.sessions.registry import SessionRegistry
+from mcp2anp_middleware.sessions.request_headers import RequestHeaders, request_headers
 from mcp2anp_middleware.sessions.state import SessionState
 
 _RESUMABLE_VERSIONS = frozenset(
@@ -207,7 +208,7 @@ class MCPEndpoint:
     # -- requests --------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = _RequestHeaders(scope)
+        headers = request_headers(scope)
         version = headers.version
         if version is not None and version not in HANDSHAKE_PROTOCOL_VERSIONS:
             await handle_modern_request(
@@ -245,16 +246,16 @@ class MCPEndpoint:
         scope: Scope,
         receive: Receive,
         send: Send,
-        headers: _RequestHeaders,
+        headers: RequestHeaders,
     ) -> None:
         request = Request(scope, receive)  # the SDK hands it to handlers (ctx.request)
-        has_json, has_sse = accepted_types(headers.accept)
+        has_json, has_sse = accepted_types(headers.accept or "")
         if not has_json:
             await send_jsonrpc_error(
                 send, 406, INVALID_REQUEST, "Not Acceptable: client must accept application/json"
             )
             return
-        content_type = headers.content_type.split(";")[0].strip().lower()
+        content_type = (headers.content_type or "").split(";")[0].strip().lower()
         if content_type != "application/json":
             await send_jsonrpc_error(
                 send,
@@ -388,11 +389,11 @@ class MCPEndpoint:
         scope: Scope,
         receive: Receive,
         send: Send,
-        headers: _RequestHeaders,
+        headers: RequestHeaders,
     ) -> None:
         """The standalone stream, or a lost stream resumed from ``Last-Event-ID``."""
         request = Request(scope, receive)
-        if not accepted_types(headers.accept)[1]:
+        if not accepted_types(headers.accept or "")[1]:
             await send_jsonrpc_error(
                 send, 406, INVALID_REQUEST, "Not Acceptable: client must accept text/event-stream"
             )
@@ -857,33 +858,6 @@ class _CancelWhenGone:
             self._timer.cancel()
         if self._task is not None:
             self._task.cancel()
-
-
-class _RequestHeaders:
-    """The request headers this endpoint reads, found in one pass (the first of each)."""
-
-    __slots__ = ("accept", "content_type", "last_event_id", "version")
-
-    def __init__(self, scope: Scope) -> None:
-        self.version: str | None = None
-        self.accept = ""
-        self.content_type = ""
-        self.last_event_id: str | None = None
-        seen = 0
-        for name, value in scope["headers"]:
-            if name == b"mcp-protocol-version":
-                if self.version is None:
-                    self.version = value.decode("latin-1")
-            elif name == b"accept":
-                if not seen & 1:
-                    self.accept = value.decode("latin-1")
-                    seen |= 1
-            elif name == b"content-type":
-                if not seen & 2:
-                    self.content_type = value.decode("latin-1")
-                    seen |= 2
-            elif name == b"last-event-id" and self.last_event_id is None:
-                self.last_event_id = value.decode("latin-1")
 
 
 @lru_cache(maxsize=64)

@@ -49,6 +49,7 @@ from mcp2anp_middleware.sessions.request_body import (
     read_body,
     replay,
 )
+from mcp2anp_middleware.sessions.request_headers import HEADERS_SCOPE_KEY, RequestHeaders
 from mcp2anp_middleware.sessions.state import SERVING, SessionConfig, SessionState
 from mcp2anp_middleware.sessions.state_file import load_state_file, save_state_file
 from mcp2anp_middleware.sessions.stats import SessionStatsApp, session_statistics
@@ -67,10 +68,9 @@ reads and parses the body once per request rather than twice."""
 SESSION_HEADER = "mcp-session-id"
 _SESSION_HEADER_B = SESSION_HEADER.encode()
 _EXPOSE = b"access-control-expose-headers"
-_PROTOCOL_HEADER_B = b"mcp-protocol-version"
 HANDSHAKE_RESERVATION = 30.0
 """Seconds a new session's store record lives before its ``initialize`` answer commits it."""
-_CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key"})
+NO_HEADERS = RequestHeaders(())
 _MAX_HELD_INITIALIZE = 1024 * 1024
 
 
@@ -106,13 +106,25 @@ class _Creation(enum.Enum):
 class _Call:
     """One MCP request as it moves through the middleware; lives in the request's own frame."""
 
-    __slots__ = ("finished", "message", "method", "receive", "replaced", "scope", "send", "started")
+    __slots__ = (
+        "finished",
+        "headers",
+        "message",
+        "method",
+        "receive",
+        "replaced",
+        "scope",
+        "send",
+        "started",
+    )
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.scope = scope
         self.receive = receive
         self.send = send
         self.method: str = scope["method"]
+        self.headers = NO_HEADERS
+        """Read by the first check (:meth:`MCPSessionMiddleware._checked`)."""
         self.message: Any = None
         self.started = False
         self.finished = False
@@ -302,51 +314,33 @@ class MCPSessionMiddleware:
 
     async def _checked(self, call: _Call) -> None:
         scope = call.scope
-        session_ids: list[bytes] = []
-        versions: list[bytes] = []
-        origins: list[bytes] = []
-        credentials = 0
-        credential: tuple[bytes, bytes] | None = None
-        header_names_ok = True
-        for name, value in scope["headers"]:
-            if name == _SESSION_HEADER_B:
-                session_ids.append(value)
-            elif name == _PROTOCOL_HEADER_B:
-                versions.append(value)
-            elif name == b"origin":
-                origins.append(value)
-            elif name in _CREDENTIAL_HEADERS:
-                credentials += 1
-                credential = (name, value)
-            elif not name.isascii():
-                header_names_ok = False
-        origin = origins[0].decode("latin-1") if origins else None
-        if len(origins) > 1:
+        headers = call.headers = RequestHeaders(scope["headers"])
+        if headers.origins > 1:
             raise _Refusal(400, INVALID_REQUEST, "Multiple Origin headers", "malformed")
-        if not self.origins.allows(origin):
+        if not self.origins.allows(headers.origin):
             raise _Refusal(403, INVALID_REQUEST, "Forbidden: Origin not allowed", "origin")
         if call.method == "OPTIONS":  # CORS preflight carries no credentials or session
             await self.mcp_app(scope, call.receive, call.send_tracked)
             return
-        if not header_names_ok:
+        if not headers.names_ok:
             raise _Refusal(400, INVALID_REQUEST, "Header names must be ASCII", "malformed")
-        if len(versions) > 1:
+        if headers.versions > 1:
             raise _Refusal(
                 400, INVALID_REQUEST, "Multiple MCP-Protocol-Version headers", "malformed"
             )
-        if credentials > 1:
+        if headers.credentials > 1:
             text = "Send one credential: a single Authorization or X-API-Key header"
             raise _Refusal(400, INVALID_REQUEST, text, "malformed")
-        if len(session_ids) > 1:
+        if headers.session_ids > 1:
             raise _Refusal(400, INVALID_REQUEST, "Multiple Mcp-Session-Id headers", "malformed")
+        credential = headers.credential
         config = await self._authenticate(
             NO_CREDENTIALS if credential is None else credentials_from_header(*credential)
         )
-        version = versions[0].decode("latin-1") if versions else None
-        if is_sessionless_version(version):
-            await self._sessionless(call, config, bool(session_ids))
-        elif session_ids:
-            await self._with_session(call, config, session_ids[0].decode("latin-1"))
+        if is_sessionless_version(headers.version):
+            await self._sessionless(call, config, headers.session_id is not None)
+        elif headers.session_id is not None:
+            await self._with_session(call, config, headers.session_id.decode("latin-1"))
         else:
             await self._handshake(call, config)
 
@@ -411,7 +405,11 @@ class MCPSessionMiddleware:
         try:
             limits = self.limits
             body = await read_body(
-                call.scope, call.receive, limits.max_body_size, limits.body_timeout
+                call.scope,
+                call.receive,
+                limits.max_body_size,
+                limits.body_timeout,
+                declared=call.headers.content_length,
             )
         except BodyTooLarge:
             message = f"Request body exceeds {self.limits.max_body_size} bytes"
@@ -497,6 +495,7 @@ class MCPSessionMiddleware:
         """
         scope = dict(scope)
         scope["state"] = {**scope.get("state", {}), SESSION_SCOPE_KEY: state}
+        scope[HEADERS_SCOPE_KEY] = call.headers  # read here already: not again
         if call.message is not None:  # read here already: the app need not parse it again
             scope[MESSAGE_SCOPE_KEY] = call.message
         registry = self.registry

@@ -18,8 +18,17 @@ class ClientGone(Exception):
     pass
 
 
+_SCAN = b"scan"
+"""``declared`` not given: the body's declared length is looked up in the scope's headers."""
+
+
 async def read_body(
-    scope: Scope, receive: Receive, limit: int, within: float | None = None
+    scope: Scope,
+    receive: Receive,
+    limit: int,
+    within: float | None = None,
+    *,
+    declared: bytes | None = _SCAN,
 ) -> bytes:
     """The whole body, refusing early on a declared or streamed size above ``limit``, and
     ``TimeoutError`` if it has not all come ``within`` seconds of the first wait for it.
@@ -27,9 +36,12 @@ async def read_body(
     Most bodies have arrived with their headers, and servers hand them over without
     suspending: the deadline is armed only if reading suspends (:class:`_ArmOnSuspend`), as a
     bare loop timer cancelling this task, undone as ``asyncio.timeout`` undoes its own
-    (``uncancel``). This runs for every POST."""
+    (``uncancel``). This runs for every POST. ``declared`` is the ``Content-Length`` header
+    (None: there is none) when the caller read the headers already."""
+    if declared is _SCAN:
+        declared = next((v for n, v in scope["headers"] if n == b"content-length"), None)
     if within is None:
-        return await _read_body(scope, receive, limit)
+        return await _read_body(declared, receive, limit)
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
@@ -48,7 +60,7 @@ async def read_body(
         timer = loop.call_later(within, expire)
 
     try:
-        body = await _ArmOnSuspend(_read_body(scope, receive, limit), arm)
+        body = await _ArmOnSuspend(_read_body(declared, receive, limit), arm)
     except asyncio.CancelledError:
         if expired and task.uncancel() <= already:  # this timer's cancellation, no other
             raise TimeoutError from None
@@ -97,12 +109,9 @@ class _ArmOnSuspend:
                 return cast(bytes, done.value)
 
 
-async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            if value.isdigit() and int(value) > limit:
-                raise BodyTooLarge
-            break
+async def _read_body(declared: bytes | None, receive: Receive, limit: int) -> bytes:
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
     chunks: list[bytes] = []
     size = 0
     while True:
