@@ -441,6 +441,20 @@ async def test_a_dropped_sessions_machinery_is_freed_without_the_garbage_collect
             gc.enable()
 
 
+async def test_shutting_down_lets_go_of_every_sessions_machinery(tmp_path: Path) -> None:
+    """A worker that stops closes its sessions' machinery and keeps none of it: an app started
+    again in the same process builds what it needs anew."""
+    async with workers(tmp_path, 1, None) as (worker,), httpx.AsyncClient() as http:
+        client = RawClient(http)
+        await client.initialize(worker.url)
+        await client.call(worker.url, 1, "chatty")
+        endpoint = worker.app.endpoint
+        live = weakref.ref(endpoint.live[client.session_id])
+    assert not endpoint.live and not endpoint._warm and not endpoint._by_instance
+    gc.collect()
+    assert live() is None
+
+
 async def test_a_request_reaching_ended_machinery_is_answered_session_ended(
     tmp_path: Path,
 ) -> None:

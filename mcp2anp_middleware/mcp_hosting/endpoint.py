@@ -199,6 +199,7 @@ class MCPEndpoint:
                     if self._unsubscribe is not None:
                         self._unsubscribe()
                     for live in list(self.live.values()):
+                        self._forget(live)  # a restart in this process builds them anew
                         live.close()
                     tasks.cancel_scope.cancel()
                     self._tasks = None
