@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Seque
 from contextlib import asynccontextmanager
 from functools import lru_cache
 from http import HTTPStatus
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import pydantic_core
@@ -39,6 +39,7 @@ from mcp_types import (
     JSONRPCNotification,
     JSONRPCRequest,
     JSONRPCResponse,
+    RequestId,
 )
 from mcp_types.version import (
     HANDSHAKE_PROTOCOL_VERSIONS,
@@ -300,7 +301,7 @@ class MCPEndpoint:
     async def _serve_request(
         self,
         live: LiveSession,
-        message: JSONRPCRequest,
+        message: CheckedRequest,
         request: Request,
         send: Send,
         *,
@@ -757,7 +758,7 @@ class _AnswerKeeper:
             self.answer = event.payload
 
 
-async def _in_flight_already(send: Send, message: JSONRPCRequest) -> None:
+async def _in_flight_already(send: Send, message: CheckedRequest) -> None:
     await send_jsonrpc_error(
         send,
         409,
@@ -873,20 +874,46 @@ def accepted_types(accept: str) -> tuple[bool, bool]:
     )
 
 
+class CheckedRequest(NamedTuple):
+    """A JSON-RPC request from the client, checked as ``JSONRPCRequest`` checks it (the SDK
+    validates its ``params`` against the method's own model when it serves it)."""
+
+    id: RequestId
+    method: str
+    params: dict[str, Any] | None
+
+
 def _jsonrpc_message(
     parsed: Any,
-) -> JSONRPCRequest | JSONRPCNotification | JSONRPCResponse | JSONRPCError:
+) -> CheckedRequest | JSONRPCNotification | JSONRPCResponse | JSONRPCError:
     """Validate one JSON-RPC message against the one model its members name, rather than
     against the union of all four (which tries each in turn). ValueError if it is none.
 
-    The model's own validator is called directly: ``model_validate`` only forwards to it, and
+    A request of the usual shape (version "2.0", an integer or string id, a string method,
+    object params or none) is checked here: those are the only checks ``JSONRPCRequest``
+    makes of it, it ignores other members as well, and a request is the one message every
+    call sends. Anything else goes to the models, whose errors are the ones clients see. The
+    models' own validators are called directly: ``model_validate`` only forwards to them, and
     its checks of its arguments cost more than the validation of a small message."""
     if not isinstance(parsed, dict):
         raise ValueError("not a JSON-RPC message")
     if "method" in parsed:
-        model: Any = JSONRPCRequest if "id" in parsed else JSONRPCNotification
+        if "id" in parsed:
+            request_id = parsed["id"]
+            method = parsed["method"]
+            params = parsed.get("params")
+            if (
+                (type(request_id) is int or type(request_id) is str)
+                and type(method) is str
+                and (params is None or type(params) is dict)
+                and parsed.get("jsonrpc") == "2.0"
+            ):
+                return CheckedRequest(request_id, method, params)
+            request = JSONRPCRequest.__pydantic_validator__.validate_python(parsed, by_name=False)
+            return CheckedRequest(request.id, request.method, request.params)
+        model: Any = JSONRPCNotification
     else:
         model = JSONRPCError if "error" in parsed else JSONRPCResponse
-    message: JSONRPCRequest | JSONRPCNotification | JSONRPCResponse | JSONRPCError
+    message: JSONRPCNotification | JSONRPCResponse | JSONRPCError
     message = model.__pydantic_validator__.validate_python(parsed, by_name=False)
     return message

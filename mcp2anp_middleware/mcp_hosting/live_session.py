@@ -69,6 +69,20 @@ REQUEST_CANCELLED = -32800
 """The 2025-era wire ends a request's stream only with a response; a cancelled request gets this."""
 
 
+class ClientRequest(Protocol):
+    """A request from the client, as this machinery reads it: a ``JSONRPCRequest``, or the
+    endpoint's :class:`~mcp2anp_middleware.mcp_hosting.endpoint.CheckedRequest`."""
+
+    @property
+    def id(self) -> RequestId: ...
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def params(self) -> dict[str, Any] | None: ...
+
+
 class Writer(Protocol):
     """Where a request's events go on this worker: its HTTP response."""
 
@@ -239,7 +253,7 @@ class LiveSession:
 
     # -- requests from the client ----------------------------------------------------------------
 
-    def begin(self, request: JSONRPCRequest, writer: Writer, *, resumable: bool) -> bool:
+    def begin(self, request: ClientRequest, writer: Writer, *, resumable: bool) -> bool:
         """Register the response stream of ``request``; False if its id is already in flight."""
         stream = str(request.id)
         if stream in self.running or stream in self.writers:
@@ -252,7 +266,7 @@ class LiveSession:
             )
         return True
 
-    async def serve(self, request: JSONRPCRequest, metadata: ServerMessageMetadata) -> None:
+    async def serve(self, request: ClientRequest, metadata: ServerMessageMetadata) -> None:
         """Run ``request`` through the SDK's kernel in this task; its answer (or, if it was
         cancelled, error -32800, since this era's wire ends a stream only with an answer) is
         the last event of its stream."""
@@ -344,7 +358,7 @@ class LiveSession:
         written here (resumable ones are logged and published all the same)."""
         self.writers.pop(stream, None)
 
-    async def _after_success(self, request: JSONRPCRequest) -> None:
+    async def _after_success(self, request: ClientRequest) -> None:
         """Keep what a successful ``initialize`` or ``logging/setLevel`` changed in the session's
         record, before the client can see the answer."""
         changed: Handshake | None = None
