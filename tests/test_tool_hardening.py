@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx2
 import pytest
+import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mcp import Client
@@ -33,7 +34,7 @@ from starlette.routing import Route
 from mcp2anp_middleware import ANPToolkit, SessionState, URLPolicy, ensure_dev_identity
 from mcp2anp_middleware.anp_tools.documents import CacheBudget, DocumentCache
 from mcp2anp_middleware.anp_tools.errors import ANPToolError
-from mcp2anp_middleware.anp_tools.http import HttpResult
+from mcp2anp_middleware.anp_tools.http import POOL_IDLE_SECONDS, ANPHttpClient, HttpResult
 from mcp2anp_middleware.anp_tools.toolkit import ATTACHMENT
 from mcp2anp_middleware.hosting import ANPMiddleware
 from mcp2anp_middleware.sessions.clock import ManualClock
@@ -717,3 +718,16 @@ async def test_private_origins_open_exactly_one_place(url: str, allowed: bool) -
         with pytest.raises(ANPToolError) as refused:
             await policy.check(url)
         assert refused.value.code == "URL_REFUSED"
+
+
+async def test_the_pool_lets_idle_connections_go_before_common_agents_close_them() -> None:
+    """An agent on uvicorn (or Node) closes a keep-alive connection idle for 5 s; a pool that
+    kept it longer could send a call on it as it closes (``ServerDisconnectedError``)."""
+    client = ANPHttpClient(URLPolicy())
+    try:
+        connector = client._http().connector
+        assert connector is not None
+        assert connector._keepalive_timeout == POOL_IDLE_SECONDS
+        assert uvicorn.Config("app:app").timeout_keep_alive > POOL_IDLE_SECONDS
+    finally:
+        await client.aclose()

@@ -31,6 +31,14 @@ from mcp2anp_middleware.anp_tools.url_policy import URLPolicy
 
 _REDIRECTS = {301, 302, 303, 307, 308}
 
+POOL_IDLE_SECONDS = 4.0
+"""How long a pooled connection may sit idle before the pool closes it: under the 5 s after
+which uvicorn and Node servers close an idle keep-alive connection themselves. A pool that kept
+it longer (aiohttp's default is 15 s) could hand out a connection the agent is closing at that
+moment, and a call sent on it fails (``ServerDisconnectedError``); under load the pool notices
+the close late, so that is no rare race. Opening a connection again costs a round trip (a TLS
+handshake too), and only after 4 s without a call to that agent."""
+
 
 @dataclass(frozen=True, slots=True)
 class HttpResult:
@@ -86,7 +94,12 @@ class ANPHttpClient:
 
     def _connector(self) -> aiohttp.TCPConnector:
         """The connection pool: kept-alive connections shared by every session's calls."""
-        return aiohttp.TCPConnector(limit=self._max_connections, ssl=self._ssl, ttl_dns_cache=60)
+        return aiohttp.TCPConnector(
+            limit=self._max_connections,
+            ssl=self._ssl,
+            ttl_dns_cache=60,
+            keepalive_timeout=POOL_IDLE_SECONDS,
+        )
 
     async def aclose(self) -> None:
         if self._session is not None:
