@@ -70,7 +70,7 @@ _SESSION_HEADER_B = SESSION_HEADER.encode()
 _EXPOSE = b"access-control-expose-headers"
 HANDSHAKE_RESERVATION = 30.0
 """Seconds a new session's store record lives before its ``initialize`` answer commits it."""
-NO_HEADERS = RequestHeaders(())
+_NO_HEADERS = RequestHeaders(())
 _MAX_HELD_INITIALIZE = 1024 * 1024
 
 
@@ -123,7 +123,7 @@ class _Call:
         self.receive = receive
         self.send = send
         self.method: str = scope["method"]
-        self.headers = NO_HEADERS
+        self.headers = _NO_HEADERS
         """Read by the first check (:meth:`MCPSessionMiddleware._checked`)."""
         self.message: Any = None
         self.started = False
