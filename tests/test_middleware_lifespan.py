@@ -17,6 +17,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from mcp2anp_middleware import MCPSessionMiddleware, frozen_startup_heap
+from mcp2anp_middleware.sessions import background as background_module
 from mcp2anp_middleware.sessions.background import BackgroundRunner
 from mcp2anp_middleware.sessions.clock import ManualClock
 from mcp2anp_middleware.sessions.policy import SessionPolicy
@@ -264,3 +265,66 @@ async def test_readiness_follows_the_background_task() -> None:
     assert not runner.ready  # at once, before the services are down
     await stopping
     assert not runner.ready
+
+
+class _LogAfterStart:
+    """Stands in for the background module's logger: runs ``then`` when the task says it has
+    started (right after it became ready)."""
+
+    def __init__(self, then: Any) -> None:
+        self.then = then
+
+    def debug(self, message: str, **fields: Any) -> None:
+        if "started" in message:
+            self.then()
+
+    def exception(self, message: str, **fields: Any) -> None:
+        pass
+
+
+async def test_a_task_that_dies_right_after_starting_is_not_ready(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def fail() -> None:
+        raise RuntimeError("a log processor failed")
+
+    monkeypatch.setattr(background_module, "logger", _LogAfterStart(fail))
+    runner = BackgroundRunner(SessionRegistry(), cleanup_interval=60)
+    await runner.start()
+    task = runner._task
+    assert task is not None
+    with pytest.raises(RuntimeError):
+        await task
+    assert not runner.ready  # so the next request starts it again
+
+
+async def test_a_start_whose_caller_is_cancelled_keeps_the_running_task(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The services came up as the caller of ``start()`` was cancelled: the running task is
+    kept (not forgotten, to be started twice, and never stopped)."""
+    exits: list[str] = []
+
+    @asynccontextmanager
+    async def service() -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            exits.append("exit")
+
+    caller: asyncio.Future[None] | None = None
+
+    def cancel_caller() -> None:
+        assert caller is not None
+        caller.cancel()
+
+    monkeypatch.setattr(background_module, "logger", _LogAfterStart(cancel_caller))
+    runner = BackgroundRunner(SessionRegistry(), cleanup_interval=60, services=[service])
+    caller = asyncio.ensure_future(runner.start())
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert runner.ready
+    assert len(background_tasks()) == 2  # one runner (and its cleanup loop), not two
+    await runner.stop()
+    assert exits == ["exit"]
+    assert background_tasks() == []

@@ -50,7 +50,13 @@ def test_nothing_found_and_names_that_are_not_ascii() -> None:
 
 
 def test_the_endpoint_uses_what_the_middleware_read_or_reads_them_itself() -> None:
-    read = RequestHeaders([(b"accept", b"text/event-stream")])
-    assert request_headers({"headers": [], HEADERS_SCOPE_KEY: read}) is read
+    headers = [(b"accept", b"text/event-stream")]
+    read = RequestHeaders(headers)
+    assert request_headers({"headers": headers, HEADERS_SCOPE_KEY: read}) is read
     own = request_headers({"headers": [(b"accept", b"application/json")]})
     assert own.accept == "application/json"
+    # an app in between gave the scope other headers: those are read
+    other = request_headers(
+        {"headers": [(b"accept", b"application/json")], HEADERS_SCOPE_KEY: read}
+    )
+    assert other.accept == "application/json"

@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.extension import Extension, ToolBinding
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.tools.base import Tool
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetadata
 from mcp.types import CallToolRequestParams, CallToolResult, TextContent
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from mcp2anp_middleware import ANPToolkit
 from mcp2anp_middleware.anp_tools.dispatch import _Arguments, install_direct_route
@@ -217,7 +218,8 @@ def _outcome(validate: Any, arguments: dict[str, Any]) -> Any:
         return ("rejected", exc.errors(include_url=False))
 
 
-def _tool_metadata() -> list[FuncMetadata]:
+def _tools() -> list[Tool]:
+    """The ANP tools and one with an aliased field, on a server of their own."""
     server = MCPServer("t")
     ANPToolkit().register(server)
 
@@ -229,7 +231,7 @@ def _tool_metadata() -> list[FuncMetadata]:
         return plain
 
     server.add_tool(aliased, name="aliased")
-    return [tool.fn_metadata for tool in server._tool_manager.list_tools()]
+    return server._tool_manager.list_tools()
 
 
 _JSONISH = st.recursive(
@@ -241,31 +243,84 @@ _VALUES = _JSONISH | _JSONISH.map(json.dumps) | st.sampled_from(["[1, 2]", '{"a"
 _KEYS = st.sampled_from(
     ["url", "endpoint", "method", "params", "request_id", "plain", "items", "itemList", "count"]
 )
+_TOOLS = _tools()
 
 
 @given(arguments=st.dictionaries(_KEYS, _VALUES, max_size=5))
 @settings(max_examples=300, deadline=None)
 def test_the_direct_routes_argument_validation_is_the_sdks(arguments: dict[str, Any]) -> None:
     """Same arguments (JSON-in-a-string ones too), same validated kwargs or the same errors."""
-    for metadata in _METADATA:
-        assert _outcome(_Arguments(metadata), arguments) == _outcome(
-            metadata.validate_arguments, arguments
+    for tool in _TOOLS:
+        assert _outcome(_Arguments(tool), arguments) == _outcome(
+            tool.fn_metadata.validate_arguments, arguments
         )
 
 
-_METADATA = _tool_metadata()
+def _fetch_tool() -> Tool:
+    return next(tool for tool in _tools() if tool.name == "anp_fetchDoc")
 
 
-def test_argument_validation_follows_a_replaced_model() -> None:
-    """The SDK reads the argument model live; so does the direct route."""
-    metadata = next(m for m in _METADATA if "url" in m.arg_model.model_fields).model_copy()
-    validate = _Arguments(metadata)
+class _Number(ArgModelBase):
+    number: int
+
+
+def test_argument_validation_follows_a_replaced_model_or_metadata() -> None:
+    """The SDK reads the tool's metadata and its argument model live; so does the route."""
+    tool = _fetch_tool()
+    validate = _Arguments(tool)
     assert validate({"url": "https://a.example/"}) == {"url": "https://a.example/"}
-
-    class Other(ArgModelBase):
-        number: int
-
-    metadata.arg_model = Other
+    tool.fn_metadata.arg_model = _Number
     assert validate({"number": "7"}) == {"number": 7}
-    for arguments in ({"number": "[3]"}, {"url": "https://a.example/"}):
-        assert _outcome(validate, arguments) == _outcome(metadata.validate_arguments, arguments)
+    tool.fn_metadata = FuncMetadata(arg_model=_tools()[0].fn_metadata.arg_model)
+    for arguments in ({"number": "[3]"}, {"url": "https://a.example/"}, {}):
+        assert _outcome(validate, arguments) == _outcome(
+            tool.fn_metadata.validate_arguments, arguments
+        )
+
+
+class _StrippingMetadata(FuncMetadata):
+    def pre_parse_json(self, data: dict[str, Any]) -> dict[str, Any]:
+        return {
+            key: value.strip() if isinstance(value, str) else value for key, value in data.items()
+        }
+
+
+class _Wider(ArgModelBase):
+    number: int
+
+
+class _WiderStill(_Wider):
+    extra: int = 5
+
+
+class _Widening(_Wider):
+    @model_validator(mode="wrap")
+    @classmethod
+    def widen(cls, data: Any, handler: Any) -> Any:
+        return _WiderStill(number=handler(data).number)
+
+
+def test_a_step_changed_anywhere_is_taken_as_the_sdk_takes_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An override of a step, a patch of the SDK's method, a validator that makes another
+    model: the route answers as the SDK's own method does."""
+    tool = _fetch_tool()
+    tool.fn_metadata = _StrippingMetadata(arg_model=tool.fn_metadata.arg_model)
+    assert _Arguments(tool)({"url": "  https://a.example/  "}) == {"url": "https://a.example/"}
+
+    tool = _fetch_tool()
+    tool.fn_metadata = FuncMetadata(arg_model=_Widening)
+    assert _Arguments(tool)({"number": 1}) == {"number": 1, "extra": 5}
+
+    tool = _fetch_tool()
+    seen: list[dict[str, Any]] = []
+    original = FuncMetadata.validate_arguments
+
+    def audited(self: FuncMetadata, arguments: dict[str, Any]) -> dict[str, Any]:
+        seen.append(arguments)
+        return original(self, arguments)
+
+    monkeypatch.setattr(FuncMetadata, "validate_arguments", audited)
+    _Arguments(tool)({"url": "https://a.example/"})
+    assert seen == [{"url": "https://a.example/"}]

@@ -70,7 +70,7 @@ def install_direct_route(server: MCPServer, runs: Mapping[str, Run]) -> bool:
     for name, run in runs.items():
         tool = manager.get_tool(name)
         if tool is not None and type(tool).run is Tool.run:
-            direct[name] = (tool, run, _Arguments(tool.fn_metadata))
+            direct[name] = (tool, run, _Arguments(tool))
 
     async def call_tool(ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams) -> Any:
         found = direct.get(params.name)
@@ -105,31 +105,42 @@ def _tool_error(text: str) -> dict[str, Any]:
     return {"content": [{"type": "text", "text": text}], "isError": True, "resultType": "complete"}
 
 
+_SDK_VALIDATE = FuncMetadata.validate_arguments
+_SDK_PRE_PARSE = FuncMetadata.pre_parse_json
+_SDK_DUMP = ArgModelBase.model_dump_one_level
+_PYDANTIC_VALIDATE = BaseModel.model_validate.__func__  # type: ignore[attr-defined]
+"""The steps of ``validate_arguments`` as the SDK and pydantic define them (taken at import: a
+later patch of any of them, or an override in a subclass, sends calls the SDK's own way)."""
+
+
 class _Arguments:
     """``FuncMetadata.validate_arguments`` of one tool, its steps unchanged, with what depends only
     on the tool's argument model worked out once instead of for every call.
 
     The SDK's steps: pre-parse JSON-in-a-string values of fields that are not ``str``, validate
     with the argument model, dump one level. The pre-parsing walks the model's fields for every
-    call to find which keys it applies to; here that set is kept (rebuilt if the metadata's
-    model is replaced, since the SDK reads it live), and the SDK's own ``pre_parse_json`` runs
-    whenever an argument could be pre-parsed, so what it does is never re-implemented. A model
-    or metadata class that overrides one of the steps gets the SDK's method itself."""
+    call to find which keys it applies to; here that set is kept (worked out again when the
+    tool's metadata or its model is replaced, since the SDK reads both live), and the SDK's own
+    ``pre_parse_json`` runs whenever an argument could be pre-parsed, so what it does is never
+    re-implemented. Metadata, a model or a validator that changes any step (an override, a
+    patch, a model of another class out of validation) gets the SDK's own method."""
 
-    __slots__ = ("_dump", "_json_keys", "_metadata", "_model")
+    __slots__ = ("_dump", "_fast", "_json_keys", "_metadata", "_model", "_tool")
 
-    def __init__(self, metadata: FuncMetadata) -> None:
-        self._metadata = metadata
+    def __init__(self, tool: Tool) -> None:
+        self._tool = tool
+        self._metadata: FuncMetadata | None = None
         self._model: type[ArgModelBase] | None = None
+        self._fast = False
         self._json_keys: frozenset[str] = frozenset()
         self._dump: tuple[tuple[str, str], ...] = ()
 
     def __call__(self, arguments: dict[str, Any]) -> dict[str, Any]:
-        metadata = self._metadata
+        metadata = self._tool.fn_metadata
         model = metadata.arg_model
-        if model is not self._model:
-            self._learn(model)
-        if self._model is None:  # an override somewhere: the SDK's method, whole
+        if metadata is not self._metadata or model is not self._model:
+            self._learn(metadata, model)
+        if not self._fast:
             return metadata.validate_arguments(arguments)
         json_keys = self._json_keys
         for key, value in arguments.items():
@@ -137,16 +148,21 @@ class _Arguments:
                 arguments = metadata.pre_parse_json(arguments)
                 break
         parsed = model.__pydantic_validator__.validate_python(arguments)
+        if type(parsed) is not model:  # a validator made another model: dumped as it says
+            return parsed.model_dump_one_level()  # type: ignore[no-any-return]
         return {output: getattr(parsed, field) for field, output in self._dump}
 
-    def _learn(self, model: type[ArgModelBase]) -> None:
-        metadata = type(self._metadata)
-        if (
-            metadata.validate_arguments is not FuncMetadata.validate_arguments
-            or model.model_validate.__func__ is not BaseModel.model_validate.__func__  # type: ignore[attr-defined]
-            or model.model_dump_one_level is not ArgModelBase.model_dump_one_level
-        ):
-            self._model = None
+    def _learn(self, metadata: FuncMetadata, model: type[ArgModelBase]) -> None:
+        self._metadata = metadata
+        self._model = model
+        kind = type(metadata)
+        self._fast = (
+            kind.validate_arguments is _SDK_VALIDATE
+            and kind.pre_parse_json is _SDK_PRE_PARSE
+            and getattr(model.model_validate, "__func__", None) is _PYDANTIC_VALIDATE
+            and model.model_dump_one_level is _SDK_DUMP
+        )
+        if not self._fast:
             return
         fields: dict[str, FieldInfo] = {}  # as pre_parse_json maps keys (aliases after names)
         for name, info in model.model_fields.items():
@@ -159,4 +175,3 @@ class _Arguments:
         self._dump = tuple(
             (name, info.alias if info.alias else name) for name, info in model.model_fields.items()
         )
-        self._model = model

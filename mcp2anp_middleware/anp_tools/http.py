@@ -32,12 +32,14 @@ from mcp2anp_middleware.anp_tools.url_policy import URLPolicy
 _REDIRECTS = {301, 302, 303, 307, 308}
 
 POOL_IDLE_SECONDS = 4.0
-"""How long a pooled connection may sit idle before the pool closes it: under the 5 s after
-which uvicorn and Node servers close an idle keep-alive connection themselves. A pool that kept
-it longer (aiohttp's default is 15 s) could hand out a connection the agent is closing at that
-moment, and a call sent on it fails (``ServerDisconnectedError``); under load the pool notices
-the close late, so that is no rare race. Opening a connection again costs a round trip (a TLS
-handshake too), and only after 4 s without a call to that agent."""
+"""How long a pooled connection may sit idle and still be reused: under the 5 s after which
+uvicorn and Node servers close an idle keep-alive connection themselves (aiohttp's default is
+15 s). A pool that reused it later could send a call on a connection the agent is closing at
+that moment, which fails (``ServerDisconnectedError``, aiohttp retries only idempotent
+requests, so an ``anp_invokeOpenRPC`` POST fails ``UNREACHABLE``); under load the pool notices
+the close late, so that is no rare race. This narrows it, it does not close it: servers with a
+shorter keep-alive (gunicorn's default is 2 s) can still race. Opening a connection again costs
+a round trip (a TLS handshake too), and only after 4 s without a call to that agent."""
 
 
 @dataclass(frozen=True, slots=True)

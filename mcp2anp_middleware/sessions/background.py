@@ -67,7 +67,8 @@ class BackgroundRunner:
         try:
             await asyncio.shield(ready)
         except BaseException:
-            if ready.done() and self._ready is ready:  # failed start: allow a later retry
+            failed = ready.done() and (ready.cancelled() or ready.exception() is not None)
+            if failed and self._ready is ready:  # a failed start (not this caller cancelled)
                 self._task = self._ready = self._stop = None
             raise
 
@@ -92,9 +93,9 @@ class BackgroundRunner:
                     await stack.enter_async_context(service())
                 sweeper = asyncio.create_task(self._cleanup_loop(), name="mcp2anp-session-cleanup")
                 self._ready.set_result(None)
-                self._up = True
-                logger.debug("Session cleanup task started", interval=self.cleanup_interval)
                 try:
+                    self._up = True
+                    logger.debug("Session cleanup task started", interval=self.cleanup_interval)
                     await self._stop.wait()
                 finally:
                     self._up = False

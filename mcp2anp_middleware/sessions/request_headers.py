@@ -48,11 +48,14 @@ class RequestHeaders:
         "origins",
         "session_id",
         "session_ids",
+        "source",
         "version",
         "versions",
     )
 
     def __init__(self, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        self.source = headers
+        """What was read: a scope whose headers were replaced since is read again."""
         self.session_id: bytes | None = None
         self.version: str | None = None
         self.origin: str | None = None
@@ -98,6 +101,10 @@ class RequestHeaders:
 
 
 def request_headers(scope: Scope) -> RequestHeaders:
-    """The request's headers as the session middleware read them, or read now."""
+    """The request's headers as the session middleware read them, or read now (also when an
+    app between the two gave the scope other headers)."""
     found = scope.get(HEADERS_SCOPE_KEY)
-    return found if isinstance(found, RequestHeaders) else RequestHeaders(scope["headers"])
+    headers = scope["headers"]
+    if isinstance(found, RequestHeaders) and found.source is headers:
+        return found
+    return RequestHeaders(headers)
