@@ -141,6 +141,15 @@ class _Client:
         await _exchange(self.app, self.session_id, b"", method="DELETE")
         self.session_id = ""
 
+    async def unit(self, kind: str, check: bool) -> None:
+        """One measured unit: a call on the open session, or (``churn``) a whole session."""
+        if kind == "call":
+            await self.call(check)
+        else:
+            await self.open()
+            await self.call(check)
+            await self.close()
+
 
 def _request(request_id: int, method: str, params: dict[str, Any]) -> bytes:
     message = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
@@ -159,23 +168,14 @@ async def _child(side: str, work: str, count: int, settings_json: str, did: str)
     async with LifespanManager(app) as manager:
         client = _Client(manager.app, expect, tool)
         await client.open()
-
-        async def unit(check: bool) -> None:
-            if kind == "call":
-                await client.call(check)
-            else:
-                await client.open()
-                await client.call(check)
-                await client.close()
-
         for _ in range(max(10, count // 3)):  # warm-up: caches filled, first-use costs paid
-            await unit(check=True)
+            await client.unit(kind, check=True)
         if kind == "churn":
             await client.open()  # the session the measured units' first DELETE ends
             await client.close()
         _say_and_wait("ready")
         for _ in range(count):
-            await unit(check=False)
+            await client.unit(kind, check=False)
         _say_and_wait("done")
 
 

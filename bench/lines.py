@@ -59,21 +59,12 @@ async def _side(side: str, work: str, count: int, settings: Any, did: str) -> di
     async with LifespanManager(app) as manager:
         client = _Client(manager.app, expect, tool)
         await client.open()
-
-        async def unit(check: bool) -> None:
-            if kind == "call":
-                await client.call(check)
-            else:
-                await client.open()
-                await client.call(check)
-                await client.close()
-
         for _ in range(10):
-            await unit(check=True)
+            await client.unit(kind, check=True)
         sys.settrace(counter.trace)
         try:
             for _ in range(count):
-                await unit(check=False)
+                await client.unit(kind, check=False)
         finally:
             sys.settrace(None)
     return {key: lines / count for key, lines in counter.counts.items()}
