@@ -12,8 +12,6 @@ from starlette.types import Message
 
 from mcp2anp_middleware.sessions.request_body import read_body
 
-SCOPE = {"type": "http", "headers": []}
-
 
 async def never() -> Message:
     await asyncio.Event().wait()
@@ -27,7 +25,7 @@ async def whole() -> Message:
 @pytest.mark.anyio
 async def test_the_deadline_expiring_is_a_timeout_and_leaves_the_task_uncancelled() -> None:
     with pytest.raises(TimeoutError):
-        await read_body(SCOPE, never, 100, within=0.01)
+        await read_body(never, 100, within=0.01)
     task = asyncio.current_task()
     assert task is not None and task.cancelling() == 0
     await asyncio.sleep(0)  # no cancellation is pending either
@@ -35,7 +33,7 @@ async def test_the_deadline_expiring_is_a_timeout_and_leaves_the_task_uncancelle
 
 @pytest.mark.anyio
 async def test_a_cancellation_from_elsewhere_stays_a_cancellation() -> None:
-    reading = asyncio.ensure_future(read_body(SCOPE, never, 100, within=60))
+    reading = asyncio.ensure_future(read_body(never, 100, within=60))
     await asyncio.sleep(0)
     reading.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -46,7 +44,7 @@ async def test_a_cancellation_from_elsewhere_stays_a_cancellation() -> None:
 async def test_a_body_that_is_there_is_read_and_its_timer_dropped() -> None:
     loop = asyncio.get_running_loop()
     timers = len(getattr(loop, "_scheduled", []))
-    assert await read_body(SCOPE, whole, 100, within=60) == b"{}"
+    assert await read_body(whole, 100, within=60) == b"{}"
     assert all(handle.cancelled() for handle in getattr(loop, "_scheduled", [])[timers:])
 
 
@@ -62,7 +60,7 @@ async def test_the_deadline_is_a_timeout_even_in_a_task_cancelled_before() -> No
         with contextlib.suppress(asyncio.CancelledError):  # caught, not uncancelled
             await asyncio.sleep(0)
         with pytest.raises(TimeoutError):
-            await read_body(SCOPE, never, 100, within=0.01)
+            await read_body(never, 100, within=0.01)
         assert task.cancelling() == 1  # the earlier one is left as it was
 
     await asyncio.ensure_future(read_after_a_caught_cancellation())
@@ -74,7 +72,7 @@ async def test_a_body_that_is_there_arms_no_timer() -> None:
     is needed for it, and none is scheduled."""
     loop = asyncio.get_running_loop()
     before = list(getattr(loop, "_scheduled", []))
-    assert await read_body(SCOPE, whole, 100, within=60) == b"{}"
+    assert await read_body(whole, 100, within=60) == b"{}"
     assert list(getattr(loop, "_scheduled", [])) == before
 
 
@@ -84,7 +82,7 @@ async def test_a_body_that_comes_after_a_wait_is_read_whole() -> None:
     body read whole, and nothing of the deadline is left in the task."""
     parts = asyncio.Queue[Message]()
     parts.put_nowait({"type": "http.request", "body": b'{"a":', "more_body": True})
-    reading = asyncio.ensure_future(read_body(SCOPE, parts.get, 100, within=60))
+    reading = asyncio.ensure_future(read_body(parts.get, 100, within=60))
     for _ in range(3):
         await asyncio.sleep(0)
     assert not reading.done()
@@ -99,4 +97,4 @@ async def test_a_body_whose_rest_never_comes_times_out() -> None:
     parts = asyncio.Queue[Message]()
     parts.put_nowait({"type": "http.request", "body": b'{"a":', "more_body": True})
     with pytest.raises(TimeoutError):
-        await read_body(SCOPE, parts.get, 100, within=0.01)
+        await read_body(parts.get, 100, within=0.01)

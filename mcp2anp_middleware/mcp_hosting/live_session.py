@@ -271,6 +271,10 @@ class LiveSession:
         cancelled, error -32800, since this era's wire ends a stream only with an answer) is
         the last event of its stream."""
         stream = str(request.id)
+        if self.ended:  # the session ended before this request got here
+            ended = ErrorData(code=CONNECTION_CLOSED, message="Session ended")
+            await self.emit(_error_json(request.id, ended), stream, final=True)
+            return
         channel = RequestChannel(
             self,
             request.id,
@@ -278,10 +282,6 @@ class LiveSession:
             _TRANSPORTS[metadata.can_send_request],
             progress_token_from_params(request.params),
         )
-        if self.ended:  # the session ended before this request got here
-            ended = ErrorData(code=CONNECTION_CLOSED, message="Session ended")
-            await self.emit(_error_json(request.id, ended), stream, final=True)
-            return
         scope = cancel_scope()
         self.running[stream] = (scope, channel)
         answer: str | None = None

@@ -405,7 +405,6 @@ class MCPSessionMiddleware:
         try:
             limits = self.limits
             body = await read_body(
-                call.scope,
                 call.receive,
                 limits.max_body_size,
                 limits.body_timeout,

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable, Generator
 from typing import Any, cast
 
 import pydantic_core
-from starlette.types import Message, Receive, Scope
+from starlette.types import Message, Receive
 
 
 class BodyTooLarge(Exception):
@@ -18,28 +18,21 @@ class ClientGone(Exception):
     pass
 
 
-_SCAN = b"scan"
-"""``declared`` not given: the body's declared length is looked up in the scope's headers."""
-
-
 async def read_body(
-    scope: Scope,
     receive: Receive,
     limit: int,
     within: float | None = None,
     *,
-    declared: bytes | None = _SCAN,
+    declared: bytes | None = None,
 ) -> bytes:
-    """The whole body, refusing early on a declared or streamed size above ``limit``, and
-    ``TimeoutError`` if it has not all come ``within`` seconds of the first wait for it.
+    """The whole body, refusing early on a declared (``declared``: the ``Content-Length``
+    header, if any) or streamed size above ``limit``, and ``TimeoutError`` if it has not all
+    come ``within`` seconds of the first wait for it.
 
     Most bodies have arrived with their headers, and servers hand them over without
     suspending: the deadline is armed only if reading suspends (:class:`_ArmOnSuspend`), as a
     bare loop timer cancelling this task, undone as ``asyncio.timeout`` undoes its own
-    (``uncancel``). This runs for every POST. ``declared`` is the ``Content-Length`` header
-    (None: there is none) when the caller read the headers already."""
-    if declared is _SCAN:
-        declared = next((v for n, v in scope["headers"] if n == b"content-length"), None)
+    (``uncancel``). This runs for every POST."""
     if within is None:
         return await _read_body(declared, receive, limit)
     loop = asyncio.get_running_loop()
