@@ -436,3 +436,31 @@ async def test_a_memory_store_of_one_registry_is_not_read_for_the_sessions_it_ho
     assert await registry(store, clock).revoke(held.session_id)
     gc.collect()
     assert await sessions.get(held.session_id, ALICE) is None
+
+
+async def test_a_request_on_a_memory_store_of_one_registry_is_written_once() -> None:
+    """While the record written at the end of the last request outlives a lease, the start of
+    the next writes nothing (its end does), yet makes the session its principal's most recently
+    used: a principal at its cap loses another session, not the busy one. A record closer to its
+    end than a lease is written at the start as well."""
+    clock = ManualClock()
+    store = InMemorySessionStore()
+    sessions = registry(store, clock, per_principal_cap=2, evict_oldest=True, lease=10.0)
+
+    def last_used(state: SessionState) -> float:
+        (record,) = (r for r in store.records() if r.session_id == state.session_id)
+        return record.last_used
+
+    busy = await created(sessions)
+    other = await created(sessions)
+    clock.advance(1)
+    await sessions.acquire(busy)
+    assert last_used(busy) == busy.created_at  # not written at the start
+    await created(sessions)  # the cap evicts the least recently used: not the busy one
+    assert other.closed and not busy.closed
+    await sessions.release(busy)
+    assert last_used(busy) == clock()
+    clock.advance(TIMEOUT - 5)  # 5 s left in the record: less than a lease
+    await sessions.acquire(busy)
+    assert last_used(busy) == clock()
+    await sessions.release(busy)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from mcp2anp_middleware.sessions.request_headers import (
     HEADERS_SCOPE_KEY,
     RequestHeaders,
@@ -60,3 +63,37 @@ def test_the_endpoint_uses_what_the_middleware_read_or_reads_them_itself() -> No
         {"headers": [(b"accept", b"application/json")], HEADERS_SCOPE_KEY: read}
     )
     assert other.accept == "application/json"
+
+
+_NAMES = [
+    b"host",
+    b"accept",
+    b"content-type",
+    b"content-length",
+    b"mcp-session-id",
+    b"mcp-protocol-version",
+    b"origin",
+    b"authorization",
+    b"x-api-key",
+    b"last-event-id",
+    b"x-caf\xc3\xa9",
+    b"user-agent",
+]
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(_NAMES), st.binary(max_size=8)),
+        max_size=12,
+    )
+)
+def test_reading_by_name_finds_what_the_counting_pass_finds(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    """Names that came once are read by name; the counting pass is the reference."""
+    read = RequestHeaders(headers)
+    scanned = RequestHeaders.__new__(RequestHeaders)
+    scanned._scan(headers)
+    for attribute in RequestHeaders.__slots__:
+        if attribute != "source":
+            assert getattr(read, attribute) == getattr(scanned, attribute), attribute

@@ -10,7 +10,7 @@ import pytest
 from starlette.types import Message
 
 from mcp2anp_middleware.mcp_hosting.backplane import Event
-from mcp2anp_middleware.mcp_hosting.sse import SSEWriter
+from mcp2anp_middleware.mcp_hosting.sse import HoldTimer, SSEWriter
 
 pytestmark = pytest.mark.anyio
 
@@ -41,7 +41,7 @@ PRIMING = Event("7", "cursor.w.1.1", None)
 async def test_the_held_start_and_priming_go_out_with_the_first_event() -> None:
     wire = Wire()
     writer = SSEWriter(wire.send)
-    writer.begin_held(PRIMING, retry_ms=1000, hold=60)
+    writer.begin_held(PRIMING, retry_ms=1000, hold=HoldTimer(60))
     assert wire.messages == [] and writer.unseen
     await writer.write(Event("7", None, '{"note":1}'))
     assert [m["type"] for m in wire.messages] == ["http.response.start", "http.response.body"]
@@ -59,7 +59,7 @@ async def test_an_answer_that_comes_while_held_is_the_whole_json_response() -> N
     priming event (it could never use it)."""
     wire = Wire()
     writer = SSEWriter(wire.send)
-    writer.begin_held(PRIMING, retry_ms=1000, hold=60)
+    writer.begin_held(PRIMING, retry_ms=1000, hold=HoldTimer(60))
     await writer.write(Event("7", None, '{"answer":1}', True))
     start, body = wire.messages
     assert start["status"] == 200
@@ -78,7 +78,7 @@ async def test_concurrent_events_wait_for_the_held_start_in_flight() -> None:
     waits, nothing is written before the headers, the stream stays open for the answer."""
     wire = Wire()
     writer = SSEWriter(wire.send)
-    writer.begin_held(None, retry_ms=None, hold=60)
+    writer.begin_held(None, retry_ms=None, hold=HoldTimer(60))
     await asyncio.gather(
         writer.write(Event("7", None, '{"p":1}')), writer.write(Event("7", None, '{"p":2}'))
     )
@@ -94,7 +94,7 @@ async def test_concurrent_events_wait_for_the_held_start_in_flight() -> None:
 async def test_when_the_hold_is_over_the_start_and_priming_go_out_alone() -> None:
     wire = Wire()
     writer = SSEWriter(wire.send)
-    writer.begin_held(PRIMING, retry_ms=None, hold=0)
+    writer.begin_held(PRIMING, retry_ms=None, hold=HoldTimer(0))
     await asyncio.wait_for(wire.sent_something.wait(), 10)
     while len(wire.messages) < 2:  # noqa: ASYNC110 (the flush task's second send)
         await asyncio.sleep(0)
@@ -107,7 +107,7 @@ async def test_when_the_hold_is_over_the_start_and_priming_go_out_alone() -> Non
 async def test_finishing_a_held_stream_sends_what_is_held_and_ends_it() -> None:
     wire = Wire()
     writer = SSEWriter(wire.send)
-    writer.begin_held(PRIMING, retry_ms=None, hold=60)
+    writer.begin_held(PRIMING, retry_ms=None, hold=HoldTimer(60))
     writer.stop_holding()
     await writer.finish()
     assert wire.bodies() == [b"id: cursor.w.1.1\ndata: \n\n"]
@@ -120,7 +120,7 @@ async def test_the_hold_timer_runs_the_callers_work_once_even_after_an_early_eve
     wire = Wire()
     writer = SSEWriter(wire.send)
     over: list[int] = []
-    writer.begin_held(None, retry_ms=None, hold=0, on_hold_over=lambda: over.append(1))
+    writer.begin_held(None, retry_ms=None, hold=HoldTimer(0), on_hold_over=lambda: over.append(1))
     # Written before the loop ran the timer: it takes the held start with it, and the timer
     # fires while the start is being sent (the wire yields to the loop there).
     await writer.write(Event("7", None, '{"note":1}'))
@@ -136,9 +136,58 @@ async def test_a_request_over_before_its_hold_never_runs_the_callers_work() -> N
     wire = Wire()
     writer = SSEWriter(wire.send)
     over: list[int] = []
-    writer.begin_held(None, retry_ms=None, hold=0, on_hold_over=lambda: over.append(1))
+    writer.begin_held(None, retry_ms=None, hold=HoldTimer(0), on_hold_over=lambda: over.append(1))
     await writer.write(Event("7", None, '{"answer":1}', True))  # the whole response, as JSON
     writer.stop_holding()
     for _ in range(3):
         await asyncio.sleep(0)
     assert over == []
+
+
+async def test_one_timer_serves_holds_in_the_order_they_fall_due() -> None:
+    """Holds cancelled before they are due never run; the others run once each, in order, and
+    the timer is armed only while a hold waits."""
+    timer = HoldTimer(0)
+    ran: list[str] = []
+    first = timer.hold(lambda: ran.append("first"))
+    cancelled = timer.hold(lambda: ran.append("cancelled"))
+    timer.hold(lambda: ran.append("third"))
+    cancelled.cancel()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert ran == ["first", "third"]
+    assert timer._timer is None and not timer._queue
+    first.cancel()  # after it ran: nothing happens
+    timer.hold(lambda: ran.append("later"))
+    assert timer._timer is not None
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert ran == ["first", "third", "later"]
+
+
+async def test_a_hold_not_yet_due_waits_behind_the_timer_of_the_first() -> None:
+    timer = HoldTimer(60)
+    ran: list[int] = []
+    early = timer.hold(lambda: ran.append(1))
+    timer.hold(lambda: ran.append(2))
+    early.cancel()
+    timer._fire()  # the timer fires for a cancelled hold: the next one is armed, not run
+    assert ran == [] and timer._timer is not None
+    assert timer._timer.when() == timer._queue[0].due
+    timer._timer.cancel()
+
+
+async def test_a_raising_callback_leaves_the_timer_armed_for_the_rest() -> None:
+    timer = HoldTimer(0)
+    ran: list[int] = []
+
+    def boom() -> None:
+        raise RuntimeError("boom")
+
+    timer.hold(boom)
+    timer.hold(lambda: ran.append(1))
+    timer._queue[1].due = asyncio.get_running_loop().time() + 60  # not due yet
+    with pytest.raises(RuntimeError):
+        timer._fire()
+    assert timer._timer is not None and ran == []
+    timer._timer.cancel()

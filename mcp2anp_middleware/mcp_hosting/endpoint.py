@@ -64,6 +64,7 @@ from mcp2anp_middleware.mcp_hosting.request_state import SharedRequestState
 from mcp2anp_middleware.mcp_hosting.sse import (
     HOLD_SECONDS,
     KEEPALIVE_SECONDS,
+    HoldTimer,
     SSEWriter,
     send_json,
 )
@@ -149,6 +150,8 @@ class MCPEndpoint:
         self._standalone: dict[str, anyio.CancelScope] = {}
         """The standalone stream open here, by session (one per session per worker)."""
         self._tasks: anyio.abc.TaskGroup | None = None
+        self._holds = HoldTimer(HOLD_SECONDS)
+        """The requests' holds (see :class:`HoldTimer`), made anew on the loop of each start."""
         self._unsubscribe: Callable[[], None] | None = None
         self._logs_removed_with_sessions = False
         """The store deletes a removed session's event log itself (Redis, not a cluster)."""
@@ -182,6 +185,7 @@ class MCPEndpoint:
             self.lifespan_state = lifespan_state
             async with anyio.create_task_group() as tasks:
                 self._tasks = tasks
+                self._holds = HoldTimer(HOLD_SECONDS)
                 await self.backplane.relay.start(self._on_note, tasks)
                 if self.request_state is not None:
                     await self.request_state.start(self.backplane, tasks)
@@ -315,7 +319,7 @@ class MCPEndpoint:
             if not live.begin(message, answers, resumable=False):
                 await _in_flight_already(send, message)
                 return
-            watching = _CancelWhenGone(request, live, stream)
+            watching = _CancelWhenGone(request, live, stream, self._holds)
             try:
                 await live.serve(message, self._metadata(live, stream, request, None, sse=False))
             finally:
@@ -342,11 +346,11 @@ class MCPEndpoint:
             # nobody can resume is watched: once its client is gone, the request is cancelled.
             # The watch starts when the hold is over, on the writer's timer.
             if not resumable:
-                watch = _CancelWhenGone(request, live, stream, timer=False)
+                watch = _CancelWhenGone(request, live, stream)
             writer.begin_held(
                 priming,
                 retry_ms=self.retry_ms,
-                hold=HOLD_SECONDS,
+                hold=self._holds,
                 on_hold_over=None if watch is None else watch.start,
             )
             await live.serve(message, self._metadata(live, stream, request, writer, sse=True))
@@ -820,17 +824,15 @@ class _CancelWhenGone:
     ``request`` (a handler asking for it later gets it from there), then what follows."""
 
     def __init__(
-        self, request: Request, live: LiveSession, stream: str, *, timer: bool = True
+        self, request: Request, live: LiveSession, stream: str, holds: HoldTimer | None = None
     ) -> None:
-        """``timer=False``: the caller calls :meth:`start` (an SSE writer's hold timer)."""
+        """Without ``holds`` the caller calls :meth:`start` (an SSE writer's hold)."""
         self._request = request
         self._live = live
         self._stream = stream
         self._task: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
         self._over = False
-        if timer:
-            self._timer = asyncio.get_running_loop().call_later(HOLD_SECONDS, self.start)
+        self._hold = None if holds is None else holds.hold(self.start)
 
     def start(self) -> None:
         if self._task is None and not self._over:
@@ -856,8 +858,8 @@ class _CancelWhenGone:
 
     def cancel(self) -> None:
         self._over = True
-        if self._timer is not None:
-            self._timer.cancel()
+        if self._hold is not None:
+            self._hold.cancel()
         if self._task is not None:
             self._task.cancel()
 

@@ -498,14 +498,16 @@ _HANDSHAKE_CHANGES = frozenset({"initialize", "logging/setLevel"})
 """Requests whose success changes the session's stored handshake (see ``_after_success``)."""
 
 
-_WIRE = TypeAdapter(dict[str, Any])
+_WIRE = TypeAdapter(dict[str, Any]).serializer
+"""The serializer ``TypeAdapter.dump_json`` calls, called directly: its wrapper only forwards
+keyword arguments, and it runs for every answer."""
 
 
 def _answer_json(request_id: RequestId, result: dict[str, Any]) -> str:
     """A JSON-RPC response as the SDK's transports write it: keys in this order, models a
     middleware may have left in the result dumped by alias and without their unset fields."""
     answer = {"jsonrpc": "2.0", "id": request_id, "result": result}
-    return _WIRE.dump_json(answer, by_alias=True, exclude_unset=True).decode()
+    return _WIRE.to_json(answer, by_alias=True, exclude_unset=True).decode()
 
 
 def _error_json(request_id: RequestId, error: ErrorData) -> str:

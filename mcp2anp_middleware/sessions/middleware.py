@@ -485,20 +485,44 @@ class MCPSessionMiddleware:
     async def _serve(
         self, call: _Call, state: SessionState, scope: Scope, *, created: _Creation | None
     ) -> None:
-        """Run the MCP app with ``state`` in scope.
-
-        A session created by this request is kept only if the app serves the request: an
-        ``initialize`` needs a JSON-RPC result (that small answer is held back until complete,
-        then sent with the new id); an implicit session needs a status below 400. Otherwise the
-        creation is discarded, so a refused request leaves the store as it found it.
-        """
-        scope = dict(scope)
-        scope["state"] = {**scope.get("state", {}), SESSION_SCOPE_KEY: state}
-        scope[HEADERS_SCOPE_KEY] = call.headers  # read here already: not again
-        if call.message is not None:  # read here already: the app need not parse it again
-            scope[MESSAGE_SCOPE_KEY] = call.message
+        """Run the MCP app with ``state`` in scope (see :meth:`_serve_created` for a session this
+        request created)."""
+        scope = {
+            **scope,
+            "state": {**scope.get("state", {}), SESSION_SCOPE_KEY: state},
+            HEADERS_SCOPE_KEY: call.headers,  # read here already: not again
+            MESSAGE_SCOPE_KEY: call.message,  # parsed here already (None: not read here)
+        }
+        if created is not None:
+            await self._serve_created(call, state, scope, created)
+            return
         registry = self.registry
-        committed = created is None
+        try:
+            await registry.acquire(state)
+        except StoreUnavailable:
+            raise _unavailable() from None
+        serving_token = SERVING.set(weakref.ref(state))  # the app's code finds its session
+        try:
+            await self.mcp_app(scope, call.receive, call.send_existing)
+        finally:
+            SERVING.reset(serving_token)
+            try:
+                await registry.release(state)  # shielded from cancellation where it writes
+            except StoreUnavailable:
+                logger.warning("Session store unavailable while ending a request")
+
+    async def _serve_created(
+        self, call: _Call, state: SessionState, scope: Scope, created: _Creation
+    ) -> None:
+        """Run the MCP app for the request that created ``state``.
+
+        The session is kept only if the app serves the request: an ``initialize`` needs a
+        JSON-RPC result (that small answer is held back until complete, then sent with the new
+        id); an implicit session needs a status below 400. Otherwise the creation is discarded,
+        so a refused request leaves the store as it found it.
+        """
+        registry = self.registry
+        committed = False
         held_start: Message | None = None
         held_body: list[bytes] = []
         held_size = 0
@@ -558,14 +582,11 @@ class MCPSessionMiddleware:
         try:
             await registry.acquire(state)
         except StoreUnavailable:
-            if created is not None:
-                await registry.discard(state)
+            await registry.discard(state)
             raise _unavailable() from None
         serving_token = SERVING.set(weakref.ref(state))  # the app's code finds its session
         try:
-            await self.mcp_app(
-                scope, call.receive, call.send_existing if created is None else send_with_session
-            )
+            await self.mcp_app(scope, call.receive, send_with_session)
         finally:
             SERVING.reset(serving_token)
             if committed:

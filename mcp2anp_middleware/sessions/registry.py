@@ -499,6 +499,18 @@ class SessionRegistry:
         self._busy[id(state)] = state
         if self._live.get(state.session_id) is state:
             self._live[state.session_id] = self._live.pop(state.session_id)  # most recent
+        if (
+            self._in_place
+            and self._sole_user()
+            and state.synced_at + self.session_timeout - state.last_accessed > self.lease
+        ):
+            # The record written when its last request ended keeps the session for more than a
+            # lease from now; in this store records expire only when this registry expires
+            # them, and its sweep (twice a lease) renews busy sessions first. The end of this
+            # request writes the record anyway: a write now would change only the eviction
+            # order, and that is kept without one.
+            self.store.mark_used(state.session_id)  # type: ignore[attr-defined]
+            return
         try:
             await self._sync(state)
         except BaseException:  # the store failed: this request never started using it

@@ -53,17 +53,72 @@ class RequestHeaders:
         "versions",
     )
 
+    session_id: bytes | None
+    version: str | None
+    origin: str | None
+    credential: tuple[bytes, bytes] | None
+    accept: str | None
+    content_type: str | None
+    content_length: bytes | None
+    last_event_id: str | None
+    session_ids: int
+    versions: int
+    origins: int
+    credentials: int
+    names_ok: bool
+
     def __init__(self, headers: Iterable[tuple[bytes, bytes]]) -> None:
         self.source = headers
         """What was read: a scope whose headers were replaced since is read again."""
-        self.session_id: bytes | None = None
-        self.version: str | None = None
-        self.origin: str | None = None
-        self.credential: tuple[bytes, bytes] | None = None
-        self.accept: str | None = None
-        self.content_type: str | None = None
-        self.content_length: bytes | None = None
-        self.last_event_id: str | None = None
+        items = headers if isinstance(headers, list | tuple) else list(headers)
+        found = dict(items)
+        if (
+            len(found) == len(items)  # no name came twice, none of those that must come once
+            and (found.get(b"authorization") is None or found.get(b"x-api-key") is None)
+            and _ascii_names(found)
+        ):
+            self._from_unique(found)
+        else:
+            self._scan(items)
+
+    def _from_unique(self, found: dict[bytes, bytes]) -> None:
+        """Every name came once (the usual request): read by name, all in C but the lookups."""
+        get = found.get
+        session_id = get(b"mcp-session-id")
+        version = get(b"mcp-protocol-version")
+        origin = get(b"origin")
+        accept = get(b"accept")
+        content_type = get(b"content-type")
+        last_event_id = get(b"last-event-id")
+        authorization = get(b"authorization")
+        self.session_id = session_id
+        self.session_ids = 0 if session_id is None else 1
+        self.version = None if version is None else version.decode("latin-1")
+        self.versions = 0 if version is None else 1
+        self.origin = None if origin is None else origin.decode("latin-1")
+        self.origins = 0 if origin is None else 1
+        if authorization is not None:
+            self.credential = (b"authorization", authorization)
+        else:
+            api_key = get(b"x-api-key")
+            self.credential = None if api_key is None else (b"x-api-key", api_key)
+        self.credentials = 0 if self.credential is None else 1
+        self.accept = None if accept is None else accept.decode("latin-1")
+        self.content_type = None if content_type is None else content_type.decode("latin-1")
+        self.content_length = get(b"content-length")
+        self.last_event_id = None if last_event_id is None else last_event_id.decode("latin-1")
+        self.names_ok = True
+
+    def _scan(self, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        """Some name came more than once (or is not ASCII): one pass, counting."""
+        self.session_id = None
+        self.version = None
+        self.origin = None
+        self.credential = None
+        self.accept = None
+        self.content_type = None
+        self.content_length = None
+        self.last_event_id = None
         self.session_ids = self.versions = self.origins = self.credentials = 0
         self.names_ok = True
         kinds = _KINDS
@@ -98,6 +153,13 @@ class RequestHeaders:
                     self.origin = value.decode("latin-1")
             elif self.last_event_id is None:
                 self.last_event_id = value.decode("latin-1")
+
+
+def _ascii_names(found: dict[bytes, bytes]) -> bool:
+    try:
+        return b"".join(found).isascii()
+    except TypeError:  # a name that is not bytes: the scan judges it
+        return False
 
 
 def request_headers(scope: Scope) -> RequestHeaders:

@@ -89,6 +89,15 @@ class InMemorySessionStore:
         self._store(record)
         return True
 
+    def mark_used(self, session_id: str) -> None:
+        """A request began using the session: its principal's most recently used now (the
+        eviction order), without a new record (its registry writes one when the request ends)."""
+        record = self._records.get(session_id)
+        if record is not None:
+            owned = self._by_principal[record.principal]
+            del owned[session_id]
+            owned[session_id] = None
+
     async def remove(self, session_id: str, *, created_at: float | None = None) -> bool:
         record = self._records.get(session_id)
         if record is None or (created_at is not None and record.created_at != created_at):
