@@ -172,6 +172,7 @@ class HotPathLogger:
         self._name = name
         self._built_for: tuple[object, object, object, object] | None = None
         self._bound: Any = None
+        self._is_enabled_for: Any = None
 
     def get(self) -> Any:
         config = structlog.get_config()
@@ -184,6 +185,7 @@ class HotPathLogger:
             or built[3] is not config["context_class"]
         ):
             self._bound = structlog.get_logger(self._name).bind()
+            self._is_enabled_for = getattr(self._bound, "is_enabled_for", None)
             self._built_for = (
                 config["wrapper_class"],
                 config["logger_factory"],
@@ -195,7 +197,8 @@ class HotPathLogger:
     def enabled(self, level: int) -> bool:
         """Whether a line at ``level`` would be logged (True when the logger cannot tell), so
         a caller skips building the fields of a line that would be filtered out."""
-        check = getattr(self.get(), "is_enabled_for", None)
+        self.get()
+        check = self._is_enabled_for
         return True if check is None else bool(check(level))
 
     def __getattr__(self, name: str) -> Any:

@@ -26,7 +26,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import anyio
 from anyio.abc import TaskGroup
@@ -42,10 +42,11 @@ DEFAULT_RETENTION = 300.0
 LISTENER_BUFFER = 64
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
     """One SSE event of a session: ``payload`` is the JSON-RPC message's JSON text, or None for
-    a priming event (an id the client can resume from, before anything else was sent)."""
+    a priming event (an id the client can resume from, before anything else was sent).
+
+    A named tuple (immutable, made in one step): one or two are made for every request."""
 
     stream: str
     event_id: str | None

@@ -22,7 +22,6 @@ import contextlib
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -52,7 +51,7 @@ from mcp_types import (
 )
 from pydantic import TypeAdapter
 
-from mcp2anp_middleware.cancel_scope import cancel_scope
+from mcp2anp_middleware.cancel_scope import RequestCancellation
 from mcp2anp_middleware.mcp_hosting.backplane import Event
 from mcp2anp_middleware.mcp_hosting.handshake import Handshake, below_level, decoded
 from mcp2anp_middleware.sessions.state import SessionState
@@ -95,19 +94,28 @@ class Writer(Protocol):
         ...
 
 
-@dataclass(eq=False)
 class RequestChannel:
     """The SDK's dispatch context for one request: what a handler sends goes to the request's
     own stream; a request to the client waits for its answer here."""
 
-    live: LiveSession
-    request_id: RequestId | None
-    message_metadata: ServerMessageMetadata | None
-    transport: TransportContext
-    progress_token: str | int | None = None
-    closed: bool = False
-    cancelled_by_client: bool = False
-    _cancel_event: anyio.Event | None = field(default=None, repr=False)
+    # One is made for every request: what starts the same for all is a class attribute.
+    closed = False
+    cancelled_by_client = False
+    _cancel_event: anyio.Event | None = None
+
+    def __init__(
+        self,
+        live: LiveSession,
+        request_id: RequestId | None,
+        message_metadata: ServerMessageMetadata | None,
+        transport: TransportContext,
+        progress_token: str | int | None = None,
+    ) -> None:
+        self.live = live
+        self.request_id = request_id
+        self.message_metadata = message_metadata
+        self.transport = transport
+        self.progress_token = progress_token
 
     @property
     def cancel_requested(self) -> anyio.Event:
@@ -179,7 +187,7 @@ class LiveSession:
         self.users = 0
         self.writers: dict[str, Writer] = {}
         """Response streams open on this worker, by stream (the request id as text)."""
-        self.running: dict[str, tuple[anyio.CancelScope, RequestChannel]] = {}
+        self.running: dict[str, tuple[RequestCancellation, RequestChannel]] = {}
         """Requests running here, by stream."""
         self.resumable: dict[str, str] = {}
         """Resumable streams open here, and the name each one's events are logged under (unique
@@ -282,7 +290,7 @@ class LiveSession:
             _TRANSPORTS[metadata.can_send_request],
             progress_token_from_params(request.params),
         )
-        scope = cancel_scope()
+        scope = RequestCancellation()
         self.running[stream] = (scope, channel)
         answer: str | None = None
         try:
@@ -314,8 +322,11 @@ class LiveSession:
                             if self.state.reserved:  # kept with its commit: nothing to write
                                 await self._after_success(request)
                             else:
-                                with cancel_scope(shield=True):  # committed: kept with it
+                                scope.shielded = True  # committed: kept with it
+                                try:
                                     await self._after_success(request)
+                                finally:
+                                    scope.shielded = False
         finally:
             channel.closed = True
             self.running.pop(stream, None)

@@ -104,19 +104,22 @@ class SSEWriter:
     server two writes (headers, then the body) instead of three or four.
     """
 
+    # What a new writer starts with, as class attributes: a writer is made for every request,
+    # and sets only what changes.
+    open = True
+    started = False
+    _held_start: Message | None = None
+    _held_priming: tuple[Event, int | None] | None = None
+    """The priming event held with the start (framed only if it goes out)."""
+    _held_sent: asyncio.Future[None] | None = None
+    """Done once the held part is on the wire: every other write waits for it."""
+    _flush_task: asyncio.Task[None] | None = None
+    """The task sending what is held when the hold is over (kept: tasks are weakly held)."""
+    _hold: Hold | None = None
+    _on_hold_over: Callable[[], None] | None = None
+
     def __init__(self, send: Send) -> None:
         self._send = send
-        self.open = True
-        self.started = False
-        self._held_start: Message | None = None
-        self._held_priming: tuple[Event, int | None] | None = None
-        """The priming event held with the start (framed only if it goes out)."""
-        self._held_sent: asyncio.Future[None] | None = None
-        """Done once the held part is on the wire: every other write waits for it."""
-        self._flush_task: asyncio.Task[None] | None = None
-        """The task sending what is held when the hold is over (kept: tasks are weakly held)."""
-        self._hold: Hold | None = None
-        self._on_hold_over: Callable[[], None] | None = None
 
     async def start(self, headers: list[tuple[bytes, bytes]]) -> None:
         await self._write_raw(None, [*SSE_HEADERS, *headers])

@@ -106,30 +106,20 @@ class _Creation(enum.Enum):
 class _Call:
     """One MCP request as it moves through the middleware; lives in the request's own frame."""
 
-    __slots__ = (
-        "finished",
-        "headers",
-        "message",
-        "method",
-        "receive",
-        "replaced",
-        "scope",
-        "send",
-        "started",
-    )
+    # One is made for every request: what starts the same for all is a class attribute.
+    headers = _NO_HEADERS
+    """Read by the first check (:meth:`MCPSessionMiddleware._checked`)."""
+    message: Any = None
+    started = False
+    finished = False
+    replaced = False
+    """The app's answer was replaced by a refusal; what it still sends is dropped."""
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.scope = scope
         self.receive = receive
         self.send = send
         self.method: str = scope["method"]
-        self.headers = _NO_HEADERS
-        """Read by the first check (:meth:`MCPSessionMiddleware._checked`)."""
-        self.message: Any = None
-        self.started = False
-        self.finished = False
-        self.replaced = False
-        """The app's answer was replaced by a refusal; what it still sends is dropped."""
 
     async def send_existing(self, message: Message) -> None:
         """The answer to a request of an existing session: no id to add or commit, only the

@@ -526,7 +526,10 @@ class SessionRegistry:
         for every request."""
         if not self._leave(state) or state.closed:
             return
-        max_age = self._expired(state, self.clock()) == "max_age"
+        max_age = (  # (the rule of _expired; _leave just set last_accessed to now)
+            self.max_session_age is not None
+            and state.last_accessed > state.created_at + self.max_session_age
+        )
         if self._in_place and not max_age:
             await self._end_use(state, max_age=False)
             return

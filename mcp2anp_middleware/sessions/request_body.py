@@ -35,39 +35,46 @@ async def read_body(
     (``uncancel``). This runs for every POST."""
     if within is None:
         return await _read_body(declared, receive, limit)
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    expired = False
-    already = 0  # cancellations that are not this timer's
-    timer: asyncio.TimerHandle | None = None
-
-    def expire() -> None:
-        nonlocal expired
-        expired = True
-        task.cancel()
-
-    def arm() -> None:
-        nonlocal already, timer
-        already = task.cancelling()
-        timer = loop.call_later(within, expire)
-
+    deadline = _Deadline(within)
     try:
-        body = await _ArmOnSuspend(_read_body(declared, receive, limit), arm)
+        body = await _ArmOnSuspend(_read_body(declared, receive, limit), deadline.arm)
     except asyncio.CancelledError:
-        if expired and task.uncancel() <= already:  # this timer's cancellation, no other
-            raise TimeoutError from None
+        if deadline.expired and deadline.task.uncancel() <= deadline.already:
+            raise TimeoutError from None  # this timer's cancellation, no other
         raise
     except BaseException:
-        if expired:  # it fired, and something else ended the read: take it back all the same
-            task.uncancel()
+        if deadline.expired:  # it fired and something else ended the read: take it back
+            deadline.task.uncancel()
         raise
     finally:
-        if timer is not None:
-            timer.cancel()
-    if expired:  # it fired as the body completed: take its cancellation back
-        task.uncancel()
+        if deadline.timer is not None:
+            deadline.timer.cancel()
+    if deadline.expired:  # it fired as the body completed: take its cancellation back
+        deadline.task.uncancel()
     return body
+
+
+class _Deadline:
+    """``within`` seconds for a body, from the first wait for it: a loop timer that cancels the
+    reading task. Nothing is looked up or armed until a wait comes (:meth:`arm`)."""
+
+    __slots__ = ("already", "expired", "task", "timer", "within")
+
+    def __init__(self, within: float) -> None:
+        self.within = within
+        self.expired = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    def arm(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self.already = task.cancelling()  # cancellations that are not this timer's
+        self.timer = asyncio.get_running_loop().call_later(self.within, self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+        self.task.cancel()
 
 
 class _ArmOnSuspend:
