@@ -65,8 +65,12 @@ INITIALIZE = json.dumps(
 
 def quiet_logs() -> None:
     """Drop the package's structlog events below WARNING, and the libraries' log lines below
-    WARNING too (production-like; stdout stays clean)."""
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    WARNING too (production-like; stdout stays clean). Loggers are cached on first use, as the
+    launcher configures them."""
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        cache_logger_on_first_use=True,
+    )
     logging.getLogger().setLevel(logging.WARNING)
     for name in ("mcp", "example_app", "anp", "uvicorn.error"):
         logging.getLogger(name).setLevel(logging.WARNING)
