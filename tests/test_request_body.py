@@ -10,7 +10,7 @@ import contextlib
 import pytest
 from starlette.types import Message
 
-from mcp2anp_middleware.sessions.request_body import read_body
+from mcp2anp_middleware.sessions.request_body import BodyTooLarge, ClientGone, read_body
 
 
 async def never() -> Message:
@@ -98,3 +98,41 @@ async def test_a_body_whose_rest_never_comes_times_out() -> None:
     parts.put_nowait({"type": "http.request", "body": b'{"a":', "more_body": True})
     with pytest.raises(TimeoutError):
         await read_body(parts.get, 100, within=0.01)
+
+
+@pytest.mark.anyio
+async def test_a_body_that_comes_only_after_a_wait_is_read_whole() -> None:
+    """Nothing is there at first: the first receive waits (the deadline armed), then the body
+    comes in two parts."""
+    parts = asyncio.Queue[Message]()
+    reading = asyncio.ensure_future(read_body(parts.get, 100, within=60))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not reading.done()
+    parts.put_nowait({"type": "http.request", "body": b'{"a":', "more_body": True})
+    parts.put_nowait({"type": "http.request", "body": b"2}", "more_body": False})
+    assert await reading == b'{"a":2}'
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("more", [False, True])
+async def test_a_body_over_the_limit_is_refused_however_it_comes(more: bool) -> None:
+    parts = asyncio.Queue[Message]()
+    if more:  # over the limit with its second part
+        parts.put_nowait({"type": "http.request", "body": b"x" * 60, "more_body": True})
+        parts.put_nowait({"type": "http.request", "body": b"y" * 60, "more_body": False})
+    else:  # over the limit in one part
+        parts.put_nowait({"type": "http.request", "body": b"x" * 120, "more_body": False})
+    with pytest.raises(BodyTooLarge):
+        await read_body(parts.get, 100, within=60)
+    with pytest.raises(BodyTooLarge):  # declared too large: refused before any receive
+        await read_body(never, 100, within=60, declared=b"101")
+
+
+@pytest.mark.anyio
+async def test_a_client_gone_before_its_body_came_is_told_apart() -> None:
+    parts = asyncio.Queue[Message]()
+    parts.put_nowait({"type": "http.request", "body": b"{", "more_body": True})
+    parts.put_nowait({"type": "http.disconnect"})
+    with pytest.raises(ClientGone):
+        await read_body(parts.get, 100, within=60)

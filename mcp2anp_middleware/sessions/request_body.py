@@ -33,11 +33,26 @@ async def read_body(
     suspending: the deadline is armed only if reading suspends (:class:`_ArmOnSuspend`), as a
     bare loop timer cancelling this task, undone as ``asyncio.timeout`` undoes its own
     (``uncancel``). This runs for every POST."""
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
     if within is None:
-        return await _read_body(declared, receive, limit)
+        return await _read_body(receive, limit, None)
+    reading = receive().__await__()
+    try:
+        waiting_on = reading.send(None)
+    except StopIteration as done:  # the first part had come: no deadline unless more is due
+        message: Message = done.value
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            body: bytes = message.get("body", b"")  # all of it: the usual case, no wait
+            if len(body) > limit:
+                raise BodyTooLarge from None
+            return body
+        rest = _read_body(receive, limit, message)
+    else:
+        rest = _read_body(receive, limit, _Started(reading, waiting_on))
     deadline = _Deadline(within)
     try:
-        body = await _ArmOnSuspend(_read_body(declared, receive, limit), deadline.arm)
+        body = await _ArmOnSuspend(rest, deadline.arm)
     except asyncio.CancelledError:
         if deadline.expired and deadline.task.uncancel() <= deadline.already:
             raise TimeoutError from None  # this timer's cancellation, no other
@@ -94,28 +109,51 @@ class _ArmOnSuspend:
         except StopIteration as done:
             return cast(bytes, done.value)
         self._arm()
-        while True:  # the rest of the await, step by step (PEP 380's ``yield from``)
-            thrown: BaseException | None = None
-            try:
-                sent = yield suspended_on
-            except GeneratorExit:
-                inner.close()
-                raise
-            except BaseException as exc:
-                thrown = exc  # thrown in below, outside this handler, as ``await`` would
-            try:
-                suspended_on = inner.send(sent) if thrown is None else inner.throw(thrown)
-            except StopIteration as done:
-                return cast(bytes, done.value)
+        return cast(bytes, (yield from _rest_of(inner, suspended_on)))
 
 
-async def _read_body(declared: bytes | None, receive: Receive, limit: int) -> bytes:
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge
+class _Started:
+    """The rest of an await whose first step was taken here (it waits on ``waiting_on``)."""
+
+    __slots__ = ("_inner", "_waiting_on")
+
+    def __init__(self, inner: Generator[Any, Any, Message], waiting_on: Any) -> None:
+        self._inner = inner
+        self._waiting_on = waiting_on
+
+    def __await__(self) -> Generator[Any, Any, Message]:
+        return cast(Message, (yield from _rest_of(self._inner, self._waiting_on)))
+
+
+def _rest_of(inner: Generator[Any, Any, Any], suspended_on: Any) -> Generator[Any, Any, Any]:
+    """The rest of an await, step by step, as ``await`` (PEP 380's ``yield from``) does it."""
+    while True:
+        thrown: BaseException | None = None
+        try:
+            sent = yield suspended_on
+        except GeneratorExit:
+            inner.close()
+            raise
+        except BaseException as exc:
+            thrown = exc  # thrown in below, outside this handler, as ``await`` would
+        try:
+            suspended_on = inner.send(sent) if thrown is None else inner.throw(thrown)
+        except StopIteration as done:
+            return done.value
+
+
+async def _read_body(receive: Receive, limit: int, first: Message | _Started | None) -> bytes:
+    """The body from ``first`` on (a message received already, or one on its way)."""
     chunks: list[bytes] = []
     size = 0
     while True:
-        message = await receive()
+        if first is None:
+            message = await receive()
+        elif isinstance(first, _Started):
+            message = await first
+        else:
+            message = first
+        first = None
         if message["type"] == "http.disconnect":
             raise ClientGone
         chunk: bytes = message.get("body", b"")
