@@ -464,3 +464,21 @@ async def test_a_request_on_a_memory_store_of_one_registry_is_written_once() -> 
     await sessions.acquire(busy)
     assert last_used(busy) == clock()
     await sessions.release(busy)
+
+
+def test_a_store_with_writes_of_its_own_is_not_written_in_place() -> None:
+    """The registry writes the memory store directly (``write_now``) only while both of its
+    writes are the memory store's own: a subclass overriding either is written through
+    ``write``, in order."""
+
+    class OwnWrite(InMemorySessionStore):
+        async def write(self, record: SessionRecord, *, ttl: float, now: float) -> bool:
+            return await super().write(record, ttl=ttl, now=now)
+
+    class OwnWriteNow(InMemorySessionStore):
+        def write_now(self, record: SessionRecord) -> bool:
+            return super().write_now(record)
+
+    assert InMemorySessionStore().writes_in_place
+    assert not OwnWrite().writes_in_place
+    assert not OwnWriteNow().writes_in_place

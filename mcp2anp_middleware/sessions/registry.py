@@ -531,7 +531,22 @@ class SessionRegistry:
             and state.last_accessed > state.created_at + self.max_session_age
         )
         if self._in_place and not max_age:
-            await self._end_use(state, max_age=False)
+            if state.store_mark is None:  # not reserved or leased: _sync's write, in one step
+                record = SessionRecord(
+                    session_id=state.session_id,
+                    principal=state.principal,
+                    created_at=state.created_at,
+                    last_used=state.last_accessed,
+                    expires_at=self.deadline(state) + self.touch_interval,
+                    implicit=state.implicit,
+                    handshake=state.handshake,
+                )
+                if self.store.write_now(record):  # type: ignore[attr-defined]
+                    state.synced_at = record.last_used
+                else:
+                    self._ended(state.session_id, SessionEventKind.EXPIRED)
+            else:
+                await self._end_use(state, max_age=False)
             return
         with cancel_scope(shield=True):
             await self._end_use(state, max_age=max_age)

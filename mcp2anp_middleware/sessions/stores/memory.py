@@ -24,9 +24,13 @@ class InMemorySessionStore:
 
     @property
     def writes_in_place(self) -> bool:
-        """:meth:`write` never suspends, so a registry need not order writes to one session
-        (unless a subclass wrote its own ``write``)."""
-        return type(self).write is InMemorySessionStore.write
+        """:meth:`write` never suspends, so a registry need not order writes to one session,
+        and may call :meth:`write_now` instead (unless a subclass wrote its own writes)."""
+        kind = type(self)
+        return (
+            kind.write is InMemorySessionStore.write
+            and kind.write_now is InMemorySessionStore.write_now
+        )
 
     def __init__(self, *, batch: int = 1000) -> None:
         self.batch = max(1, batch)
@@ -81,6 +85,10 @@ class InMemorySessionStore:
         return self._records.get(session_id)  # callers write new records, never mutate this one
 
     async def write(self, record: SessionRecord, *, ttl: float, now: float) -> bool:
+        return self.write_now(record)
+
+    def write_now(self, record: SessionRecord) -> bool:
+        """:meth:`write`, done at once (no TTL: the record's ``expires_at`` is its deadline)."""
         current = self._records.get(record.session_id)
         if current is None or current.created_at != record.created_at:
             return False
