@@ -45,14 +45,12 @@ class RequestCancellation:
       again on every loop iteration; no handler of this package's tools swallows it).
     """
 
-    __slots__ = ("_at_enter", "_delivered", "_task", "called", "shielded")
-
-    def __init__(self) -> None:
-        self.called = False
-        self.shielded = False
-        self._delivered = False
-        self._task: asyncio.Task[Any] | None = None
-        self._at_enter = 0
+    # One is made for every request: what starts the same for all is a class attribute.
+    called = False
+    shielded = False
+    _delivered = False
+    _task: asyncio.Task[Any] | None = None
+    _at_enter = 0
 
     def __enter__(self) -> RequestCancellation:
         task = asyncio.current_task()

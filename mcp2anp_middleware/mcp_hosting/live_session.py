@@ -18,7 +18,6 @@ are the ones that let a session span workers:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Mapping
@@ -281,7 +280,7 @@ class LiveSession:
         stream = str(request.id)
         if self.ended:  # the session ended before this request got here
             ended = ErrorData(code=CONNECTION_CLOSED, message="Session ended")
-            await self.emit(_error_json(request.id, ended), stream, final=True)
+            await self._emit(_error_json(request.id, ended), stream, True)
             return
         channel = RequestChannel(
             self,
@@ -337,7 +336,7 @@ class LiveSession:
         elif answer is None or channel.cancelled_by_client:
             cancelled = ErrorData(code=REQUEST_CANCELLED, message="Request cancelled")
             answer = _error_json(request.id, cancelled)
-        await self.emit(answer, stream, final=True)
+        await self._emit(answer, stream, True)  # (an answer is never counted as on its way)
 
     async def notification(self, message: JSONRPCNotification) -> None:
         """A client notification: a cancellation stops the request it names (if it runs here);
@@ -495,8 +494,10 @@ class LiveSession:
         else:
             writer = self.writers.get(stream)
         if writer is not None:
-            with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            try:  # noqa: SIM105 (contextlib.suppress: an object and two calls per answer)
                 await writer.write(event)
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                pass
 
 
 _TRANSPORTS = {
