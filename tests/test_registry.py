@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -13,8 +15,10 @@ import pytest
 from mcp2anp_middleware import SessionConfig
 from mcp2anp_middleware.sessions.clock import ManualClock
 from mcp2anp_middleware.sessions.events import SessionEvent, SessionEventKind
+from mcp2anp_middleware.sessions.ids import short_id
 from mcp2anp_middleware.sessions.registry import SessionRegistry
 from mcp2anp_middleware.sessions.state import SessionState
+from mcp2anp_middleware.sessions.state_file import save_state_file
 from mcp2anp_middleware.sessions.stores import InMemorySessionStore, SessionStore
 from mcp2anp_middleware.sessions.stores.base import SessionRecord
 from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
@@ -438,7 +442,7 @@ async def test_a_memory_store_of_one_registry_is_not_read_for_the_sessions_it_ho
     assert await sessions.get(held.session_id, ALICE) is None
 
 
-async def test_a_request_on_a_memory_store_of_one_registry_is_written_once() -> None:
+async def test_a_request_on_a_memory_store_of_one_registry_is_written_once(tmp_path: Path) -> None:
     """While the record written at the end of the last request outlives a lease, the start of
     the next writes nothing (its end does), yet makes the session its principal's most recently
     used: a principal at its cap loses another session, not the busy one. A record closer to its
@@ -456,6 +460,14 @@ async def test_a_request_on_a_memory_store_of_one_registry_is_written_once() -> 
     clock.advance(1)
     await sessions.acquire(busy)
     assert last_used(busy) == busy.created_at  # not written at the start
+    # what the process shows and saves of it is its live use all the same
+    shown = {i.short_id: i for i in await sessions.sessions_of(ALICE.principal)}
+    assert shown[short_id(busy.session_id)].last_used == clock()
+    assert shown[short_id(busy.session_id)].expires_at == clock() + TIMEOUT
+    saved = tmp_path / "state.json"
+    await save_state_file(sessions, saved)
+    by_id = {s["id"]: s for s in json.loads(saved.read_text())["sessions"]}
+    assert by_id[busy.session_id]["last_accessed"] == clock()
     await created(sessions)  # the cap evicts the least recently used: not the busy one
     assert other.closed and not busy.closed
     await sessions.release(busy)
@@ -482,3 +494,24 @@ def test_a_store_with_writes_of_its_own_is_not_written_in_place() -> None:
     assert InMemorySessionStore().writes_in_place
     assert not OwnWrite().writes_in_place
     assert not OwnWriteNow().writes_in_place
+
+
+async def test_a_memory_store_with_a_touch_interval_is_written_at_most_that_often() -> None:
+    clock = ManualClock()
+    store = InMemorySessionStore()
+    sessions = registry(store, clock, touch_interval=5.0)
+
+    def last_used(state: SessionState) -> float:
+        (record,) = (r for r in store.records() if r.session_id == state.session_id)
+        return record.last_used
+
+    state = await created(sessions)
+    written = last_used(state)
+    clock.advance(1)
+    await sessions.acquire(state)
+    await sessions.release(state)
+    assert last_used(state) == written  # used within the touch interval: not written
+    clock.advance(5)
+    await sessions.acquire(state)
+    await sessions.release(state)
+    assert last_used(state) == clock()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 import pytest
 from starlette.types import Message
@@ -136,3 +137,48 @@ async def test_a_client_gone_before_its_body_came_is_told_apart() -> None:
     parts.put_nowait({"type": "http.disconnect"})
     with pytest.raises(ClientGone):
         await read_body(parts.get, 100, within=60)
+
+
+class _PlainAwaitable:
+    """An awaitable whose iterator is not a generator (no ``send``), as some ASGI servers'
+    ``receive`` returns: it yields ``waits`` times, then gives ``message``."""
+
+    def __init__(self, message: Message, waits: int) -> None:
+        self._message = message
+        self._waits = waits
+
+    def __await__(self) -> _PlainIterator:
+        return _PlainIterator(self._message, self._waits)
+
+
+class _PlainIterator:
+    def __init__(self, message: Message, waits: int) -> None:
+        self._message = message
+        self._waits = waits
+
+    def __iter__(self) -> _PlainIterator:
+        return self
+
+    def __next__(self) -> None:
+        if self._waits:
+            self._waits -= 1
+            return None  # a bare yield: the task runs again on the next loop iteration
+        raise StopIteration(self._message)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("waits", [0, 2])
+async def test_a_receive_that_is_no_coroutine_is_awaited_as_it_is(waits: int) -> None:
+    def receive() -> Any:
+        return _PlainAwaitable({"type": "http.request", "body": b"{}", "more_body": False}, waits)
+
+    assert await read_body(receive, 100, within=60) == b"{}"
+
+
+@pytest.mark.anyio
+async def test_a_body_given_as_a_bytearray_comes_back_as_bytes() -> None:
+    async def receive() -> Message:
+        return {"type": "http.request", "body": bytearray(b"{}"), "more_body": False}
+
+    body = await read_body(receive, 100, within=60)
+    assert body == b"{}" and type(body) is bytes

@@ -50,7 +50,7 @@ from mcp_types import (
 )
 from pydantic import TypeAdapter
 
-from mcp2anp_middleware.cancel_scope import RequestCancellation
+from mcp2anp_middleware.cancel_scope import cancel_scope
 from mcp2anp_middleware.mcp_hosting.backplane import Event
 from mcp2anp_middleware.mcp_hosting.handshake import Handshake, below_level, decoded
 from mcp2anp_middleware.sessions.state import SessionState
@@ -186,7 +186,7 @@ class LiveSession:
         self.users = 0
         self.writers: dict[str, Writer] = {}
         """Response streams open on this worker, by stream (the request id as text)."""
-        self.running: dict[str, tuple[RequestCancellation, RequestChannel]] = {}
+        self.running: dict[str, tuple[anyio.CancelScope, RequestChannel]] = {}
         """Requests running here, by stream."""
         self.resumable: dict[str, str] = {}
         """Resumable streams open here, and the name each one's events are logged under (unique
@@ -289,7 +289,7 @@ class LiveSession:
             _TRANSPORTS[metadata.can_send_request],
             progress_token_from_params(request.params),
         )
-        scope = RequestCancellation()
+        scope = cancel_scope()
         self.running[stream] = (scope, channel)
         answer: str | None = None
         try:
@@ -321,11 +321,8 @@ class LiveSession:
                             if self.state.reserved:  # kept with its commit: nothing to write
                                 await self._after_success(request)
                             else:
-                                scope.shielded = True  # committed: kept with it
-                                try:
+                                with cancel_scope(shield=True):  # committed: kept with it
                                     await self._after_success(request)
-                                finally:
-                                    scope.shielded = False
         finally:
             channel.closed = True
             self.running.pop(stream, None)

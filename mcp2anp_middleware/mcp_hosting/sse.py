@@ -53,6 +53,7 @@ class HoldTimer:
     holds last the same ``seconds``, so they fall due in the order they began: a queue in that
     order, and one timer for the earliest hold still waiting, does the same work. Under steady
     traffic the timer fires about once per ``seconds`` and finds the holds before it cancelled.
+    One event loop at a time: holds begun on another loop replace the earlier loop's.
     """
 
     def __init__(self, seconds: float) -> None:
@@ -73,9 +74,11 @@ class HoldTimer:
         return hold
 
     def _fire(self) -> None:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a timer of a loop this one has left: its holds went too
+            return
         self._timer = None
         queue = self._queue
-        loop = asyncio.get_running_loop()
         now = loop.time()
         try:
             while queue and (queue[0].callback is None or queue[0].due <= now):

@@ -481,8 +481,9 @@ class MCPSessionMiddleware:
             **scope,
             "state": {**scope.get("state", {}), SESSION_SCOPE_KEY: state},
             HEADERS_SCOPE_KEY: call.headers,  # read here already: not again
-            MESSAGE_SCOPE_KEY: call.message,  # parsed here already (None: not read here)
         }
+        if call.message is not None:  # parsed here already: the app need not parse it again
+            scope[MESSAGE_SCOPE_KEY] = call.message
         if created is not None:
             await self._serve_created(call, state, scope, created)
             return

@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
@@ -507,8 +507,9 @@ class SessionRegistry:
             # The record written when its last request ended keeps the session for more than a
             # lease from now; in this store records expire only when this registry expires
             # them, and its sweep (twice a lease) renews busy sessions first. The end of this
-            # request writes the record anyway: a write now would change only the eviction
-            # order, and that is kept without one.
+            # request writes the record anyway. Until then the record's use time lags: the
+            # eviction order is kept without a write, and the admin view and the state file
+            # take the live object's time (last_use).
             self.store.mark_used(state.session_id)  # type: ignore[attr-defined]
             return
         try:
@@ -531,7 +532,12 @@ class SessionRegistry:
             and state.last_accessed > state.created_at + self.max_session_age
         )
         if self._in_place and not max_age:
-            if state.store_mark is None:  # not reserved or leased: _sync's write, in one step
+            if state.store_mark is not None:  # reserved or leased: the general way
+                await self._end_use(state, max_age=False)
+            elif (
+                self.touch_interval == 0
+                or state.last_accessed - state.synced_at >= self.touch_interval
+            ):  # _sync's write (a use written within touch_interval is not), in one step
                 record = SessionRecord(
                     session_id=state.session_id,
                     principal=state.principal,
@@ -545,8 +551,6 @@ class SessionRegistry:
                     state.synced_at = record.last_used
                 else:
                     self._ended(state.session_id, SessionEventKind.EXPIRED)
-            else:
-                await self._end_use(state, max_age=False)
             return
         with cancel_scope(shield=True):
             await self._end_use(state, max_age=max_age)
@@ -614,17 +618,29 @@ class SessionRegistry:
         """The principal's sessions (least recently used first; None: everyone's), as the admin
         API shows them: short ids only."""
         records = await self.store.principal_sessions(principal, now=self.clock(), limit=limit)
-        return [
-            SessionInfo(
-                short_id=short_id(r.session_id),
-                principal=r.principal,
-                created_at=r.created_at,
-                last_used=r.last_used,
-                expires_at=self.deadline(r),
-                implicit=r.implicit,
+        infos = []
+        for r in records:
+            last_used = self.last_use(r)
+            infos.append(
+                SessionInfo(
+                    short_id=short_id(r.session_id),
+                    principal=r.principal,
+                    created_at=r.created_at,
+                    last_used=last_used,
+                    expires_at=self.deadline(replace(r, last_used=last_used)),
+                    implicit=r.implicit,
+                )
             )
-            for r in records
-        ]
+        return infos
+
+    def last_use(self, record: SessionRecord) -> float:
+        """When the session of ``record`` was last used, as this process knows it: its live
+        object's time when later (a request running now, whose start the memory store's
+        record may not carry, see :meth:`acquire`)."""
+        state = self._live.get(record.session_id)
+        if state is not None and state.created_at == record.created_at:
+            return max(state.last_accessed, record.last_used)
+        return record.last_used
 
     async def revoke(self, session_id: str) -> bool:
         """End one session now, on every worker: its next request gets 404."""

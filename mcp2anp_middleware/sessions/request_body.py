@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Iterator
 from typing import Any, cast
 
 import pydantic_core
@@ -38,18 +38,21 @@ async def read_body(
     if within is None:
         return await _read_body(receive, limit, None)
     reading = receive().__await__()
-    try:
-        waiting_on = reading.send(None)
-    except StopIteration as done:  # the first part had come: no deadline unless more is due
-        message: Message = done.value
-        if message["type"] == "http.request" and not message.get("more_body", False):
-            body: bytes = message.get("body", b"")  # all of it: the usual case, no wait
-            if len(body) > limit:
-                raise BodyTooLarge from None
-            return body
-        rest = _read_body(receive, limit, message)
+    if not hasattr(reading, "send"):  # an awaitable that is no coroutine: awaited as it is
+        rest = _read_body(receive, limit, _Awaiting(reading))
     else:
-        rest = _read_body(receive, limit, _Started(reading, waiting_on))
+        try:
+            waiting_on = reading.send(None)
+        except StopIteration as done:  # the first part had come: no deadline unless more is due
+            message: Message = done.value
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                body = message.get("body", b"")  # all of it: the usual case, no wait
+                if len(body) > limit:
+                    raise BodyTooLarge from None
+                return body if type(body) is bytes else bytes(body)
+            rest = _read_body(receive, limit, message)
+        else:
+            rest = _read_body(receive, limit, _Started(reading, waiting_on))
     deadline = _Deadline(within)
     try:
         body = await _ArmOnSuspend(rest, deadline.arm)
@@ -125,6 +128,19 @@ class _Started:
         return cast(Message, (yield from _rest_of(self._inner, self._waiting_on)))
 
 
+class _Awaiting:
+    """An await not begun yet, whose iterator is not a generator (some servers' ``receive``):
+    ``await`` takes the iterator as it is."""
+
+    __slots__ = ("_iterator",)
+
+    def __init__(self, iterator: Iterator[Any]) -> None:
+        self._iterator = iterator
+
+    def __await__(self) -> Generator[Any, Any, Message]:
+        return cast(Generator[Any, Any, Message], self._iterator)  # (only iterated)
+
+
 def _rest_of(inner: Generator[Any, Any, Any], suspended_on: Any) -> Generator[Any, Any, Any]:
     """The rest of an await, step by step, as ``await`` (PEP 380's ``yield from``) does it."""
     while True:
@@ -142,14 +158,16 @@ def _rest_of(inner: Generator[Any, Any, Any], suspended_on: Any) -> Generator[An
             return done.value
 
 
-async def _read_body(receive: Receive, limit: int, first: Message | _Started | None) -> bytes:
+async def _read_body(
+    receive: Receive, limit: int, first: Message | _Started | _Awaiting | None
+) -> bytes:
     """The body from ``first`` on (a message received already, or one on its way)."""
     chunks: list[bytes] = []
     size = 0
     while True:
         if first is None:
             message = await receive()
-        elif isinstance(first, _Started):
+        elif isinstance(first, _Started | _Awaiting):
             message = await first
         else:
             message = first

@@ -32,7 +32,7 @@ async def save_state_file(registry: SessionRegistry, path: Path) -> int:
             "id": r.session_id,
             "principal": r.principal,
             "created_at": r.created_at,
-            "last_accessed": r.last_used,
+            "last_accessed": registry.last_use(r),
             "implicit": r.implicit,
         }
         for r in registry.store.records()
