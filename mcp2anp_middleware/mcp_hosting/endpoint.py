@@ -261,8 +261,7 @@ class MCPEndpoint:
                 send, 406, INVALID_REQUEST, "Not Acceptable: client must accept application/json"
             )
             return
-        content_type = (headers.content_type or "").split(";")[0].strip().lower()
-        if content_type != "application/json":
+        if not _is_json_type(headers.content_type or ""):
             await send_jsonrpc_error(
                 send,
                 415,
@@ -278,13 +277,12 @@ class MCPEndpoint:
         except ValueError:  # pydantic's ValidationError included
             await send_jsonrpc_error(send, 400, PARSE_ERROR, "Body is not a JSON-RPC message")
             return
-        if isinstance(message, JSONRPCResponse | JSONRPCError):
+        if not isinstance(message, CheckedRequest):  # (a request is the usual message)
             await _accepted(send)
-            await self._answer(state.session_id, message)
-            return
-        if isinstance(message, JSONRPCNotification):
-            await _accepted(send)
-            await self._notification(state, message)
+            if isinstance(message, JSONRPCNotification):
+                await self._notification(state, message)
+            else:
+                await self._answer(state.session_id, message)
             return
         sse = has_sse and not self.json_response
         # ``initialize`` is not resumable: its answer is held back until complete (it carries
@@ -874,6 +872,13 @@ def accepted_types(accept: str) -> tuple[bool, bool]:
         anything or "application/json" in types or "application/*" in types,
         anything or "text/event-stream" in types or "text/*" in types,
     )
+
+
+@lru_cache(maxsize=64)
+def _is_json_type(content_type: str) -> bool:
+    """Whether a ``Content-Type`` names JSON (parameters ignored); cached, since a client sends
+    the same header every time."""
+    return content_type.split(";")[0].strip().lower() == "application/json"
 
 
 class CheckedRequest(NamedTuple):
