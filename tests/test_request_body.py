@@ -182,3 +182,31 @@ async def test_a_body_given_as_a_bytearray_comes_back_as_bytes() -> None:
 
     body = await read_body(receive, 100, within=60)
     assert body == b"{}" and type(body) is bytes
+
+
+class _SendNoThrow:
+    """An await iterator with a ``send`` but no ``throw``: not stepped by ``read_body`` itself,
+    so a deadline or a cancellation still reaches it as ``await`` would deliver them."""
+
+    def __init__(self) -> None:
+        self._future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def __iter__(self) -> _SendNoThrow:
+        return self
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+    def send(self, value: Any) -> Any:
+        self._future._asyncio_future_blocking = True  # as Future.__await__ yields it
+        return self._future  # waits for ever
+
+
+@pytest.mark.anyio
+async def test_an_await_iterator_without_throw_still_times_out() -> None:
+    class Pending:
+        def __await__(self) -> Any:
+            return _SendNoThrow()
+
+    with pytest.raises(TimeoutError):
+        await read_body(lambda: Pending(), 100, within=0.01)

@@ -171,7 +171,7 @@ async def test_a_hold_not_yet_due_waits_behind_the_timer_of_the_first() -> None:
     early = timer.hold(lambda: ran.append(1))
     timer.hold(lambda: ran.append(2))
     early.cancel()
-    timer._fire()  # the timer fires for a cancelled hold: the next one is armed, not run
+    timer._fire(timer._queue)  # fires for a cancelled hold: the next one is armed, not run
     assert ran == [] and timer._timer is not None
     assert timer._timer.when() == timer._queue[0].due
     timer._timer.cancel()
@@ -188,6 +188,20 @@ async def test_a_raising_callback_leaves_the_timer_armed_for_the_rest() -> None:
     timer.hold(lambda: ran.append(1))
     timer._queue[1].due = asyncio.get_running_loop().time() + 60  # not due yet
     with pytest.raises(RuntimeError):
-        timer._fire()
+        timer._fire(timer._queue)
     assert timer._timer is not None and ran == []
     timer._timer.cancel()
+
+
+async def test_a_timer_armed_for_holds_since_replaced_does_nothing() -> None:
+    """A timer armed before the holds moved to another queue (a new loop) finds nothing of its
+    own to do, and leaves the timer of the new holds alone."""
+    timer = HoldTimer(60)
+    timer.hold(lambda: None)
+    old_queue = timer._queue
+    current = timer._timer
+    timer._queue = type(old_queue)()  # what a move to another loop does
+    timer._fire(old_queue)
+    assert timer._timer is current
+    assert current is not None
+    current.cancel()

@@ -862,10 +862,16 @@ class _CancelWhenGone:
             self._task.cancel()
 
 
-@lru_cache(maxsize=64)
 def accepted_types(accept: str) -> tuple[bool, bool]:
     """Whether an ``Accept`` header takes JSON and SSE, wildcards included (RFC 9110 12.5.1),
-    as the SDK's transport decides; cached, since a client sends the same header every time."""
+    as the SDK's transport decides; cached when short, since a client sends the same header
+    every time."""
+    if len(accept) > _CACHED_HEADER_LENGTH:
+        return _accepted_types(accept)
+    return _accepted_types_cached(accept)
+
+
+def _accepted_types(accept: str) -> tuple[bool, bool]:
     types = {part.split(";")[0].strip().lower() for part in accept.split(",")}
     anything = "*/*" in types
     return (
@@ -874,11 +880,27 @@ def accepted_types(accept: str) -> tuple[bool, bool]:
     )
 
 
-@lru_cache(maxsize=64)
+_accepted_types_cached = lru_cache(maxsize=64)(_accepted_types)
+
+
 def _is_json_type(content_type: str) -> bool:
-    """Whether a ``Content-Type`` names JSON (parameters ignored); cached, since a client sends
-    the same header every time."""
+    """Whether a ``Content-Type`` names JSON (parameters ignored). The usual value is compared
+    as it is; others are cached when short, since a client sends the same header every time."""
+    if content_type == "application/json":
+        return True
+    if len(content_type) > _CACHED_HEADER_LENGTH:
+        return _names_json(content_type)
+    return _names_json_cached(content_type)
+
+
+def _names_json(content_type: str) -> bool:
     return content_type.split(";")[0].strip().lower() == "application/json"
+
+
+_names_json_cached = lru_cache(maxsize=64)(_names_json)
+_CACHED_HEADER_LENGTH = 256
+"""Header values longer than this are worked out each time, never cached (a client could
+otherwise make the caches hold 64 of the longest headers the server accepts)."""
 
 
 class CheckedRequest(NamedTuple):

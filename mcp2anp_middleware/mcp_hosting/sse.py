@@ -70,15 +70,14 @@ class HoldTimer:
         hold = Hold(loop.time() + self.seconds, callback)
         self._queue.append(hold)
         if self._timer is None:
-            self._timer = loop.call_at(hold.due, self._fire)
+            self._timer = loop.call_at(hold.due, self._fire, self._queue)
         return hold
 
-    def _fire(self) -> None:
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:  # a timer of a loop this one has left: its holds went too
+    def _fire(self, queue: deque[Hold]) -> None:
+        if queue is not self._queue:  # a timer of a loop this one has left: its holds went too
             return
         self._timer = None
-        queue = self._queue
+        loop = asyncio.get_running_loop()
         now = loop.time()
         try:
             while queue and (queue[0].callback is None or queue[0].due <= now):
@@ -87,7 +86,7 @@ class HoldTimer:
                     callback()
         finally:  # (a callback that raised is the loop's to report; the others still run)
             if queue:
-                self._timer = loop.call_at(queue[0].due, self._fire)
+                self._timer = loop.call_at(queue[0].due, self._fire, queue)
 
 
 async def send_json(send: Send, body: bytes) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import types
 from collections.abc import Awaitable, Callable, Generator, Iterator
 from typing import Any, cast
 
@@ -38,7 +39,7 @@ async def read_body(
     if within is None:
         return await _read_body(receive, limit, None)
     reading = receive().__await__()
-    if not hasattr(reading, "send"):  # an awaitable that is no coroutine: awaited as it is
+    if type(reading) not in _STEPPABLE:  # not a coroutine or generator: awaited as it is
         rest = _read_body(receive, limit, _Awaiting(reading))
     else:
         try:
@@ -70,6 +71,24 @@ async def read_body(
     if deadline.expired:  # it fired as the body completed: take its cancellation back
         deadline.task.uncancel()
     return body
+
+
+async def _probe() -> None:
+    return None
+
+
+def _coroutine_wrapper_type() -> type:
+    probe = _probe()
+    try:
+        return type(probe.__await__())
+    finally:
+        probe.close()
+
+
+_STEPPABLE = frozenset({_coroutine_wrapper_type(), types.GeneratorType})
+"""Iterators of an await that this module steps itself (``send``, ``throw`` and ``close`` as
+PEP 380 uses them): an ``async def`` ``receive`` (what servers give) and generators. Any other
+awaitable is awaited as it is."""
 
 
 class _Deadline:
