@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Seque
 from contextlib import asynccontextmanager
 from functools import lru_cache
 from http import HTTPStatus
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import anyio
 import pydantic_core
@@ -87,6 +87,7 @@ _RESUMABLE_VERSIONS = frozenset(
 """Protocol versions whose request streams carry event ids (resumable), worked out once."""
 
 logger = logging.getLogger("mcp2anp_middleware.mcp_hosting")
+_T = TypeVar("_T")
 
 SESSION_SCOPE_KEY = "mcp_session"
 RESUMED_SILENCE = 300.0
@@ -862,16 +863,27 @@ class _CancelWhenGone:
             self._task.cancel()
 
 
+_CACHED_HEADER_LENGTH = 256
+"""Header values longer than this are worked out each time, never cached (a client could
+otherwise make a cache hold 64 of the longest headers the server accepts)."""
+
+
+def _cached_when_short(function: Callable[[str], _T]) -> Callable[[str], _T]:
+    """``function`` of a header value, cached for values up to ``_CACHED_HEADER_LENGTH`` (a
+    client sends the same header every time)."""
+    cached = lru_cache(maxsize=64)(function)
+
+    def call(value: str) -> _T:
+        return function(value) if len(value) > _CACHED_HEADER_LENGTH else cached(value)
+
+    call.__doc__ = function.__doc__
+    return call
+
+
+@_cached_when_short
 def accepted_types(accept: str) -> tuple[bool, bool]:
     """Whether an ``Accept`` header takes JSON and SSE, wildcards included (RFC 9110 12.5.1),
-    as the SDK's transport decides; cached when short, since a client sends the same header
-    every time."""
-    if len(accept) > _CACHED_HEADER_LENGTH:
-        return _accepted_types(accept)
-    return _accepted_types_cached(accept)
-
-
-def _accepted_types(accept: str) -> tuple[bool, bool]:
+    as the SDK's transport decides."""
     types = {part.split(";")[0].strip().lower() for part in accept.split(",")}
     anything = "*/*" in types
     return (
@@ -880,27 +892,10 @@ def _accepted_types(accept: str) -> tuple[bool, bool]:
     )
 
 
-_accepted_types_cached = lru_cache(maxsize=64)(_accepted_types)
-
-
+@_cached_when_short
 def _is_json_type(content_type: str) -> bool:
-    """Whether a ``Content-Type`` names JSON (parameters ignored). The usual value is compared
-    as it is; others are cached when short, since a client sends the same header every time."""
-    if content_type == "application/json":
-        return True
-    if len(content_type) > _CACHED_HEADER_LENGTH:
-        return _names_json(content_type)
-    return _names_json_cached(content_type)
-
-
-def _names_json(content_type: str) -> bool:
+    """Whether a ``Content-Type`` names JSON (parameters ignored)."""
     return content_type.split(";")[0].strip().lower() == "application/json"
-
-
-_names_json_cached = lru_cache(maxsize=64)(_names_json)
-_CACHED_HEADER_LENGTH = 256
-"""Header values longer than this are worked out each time, never cached (a client could
-otherwise make the caches hold 64 of the longest headers the server accepts)."""
 
 
 class CheckedRequest(NamedTuple):
