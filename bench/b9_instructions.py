@@ -107,6 +107,8 @@ class _Client:
     def __init__(self, app: Any, expect: Any, tool: str) -> None:
         from bench.b8_floor import PROTOCOL
 
+        self.on_request: Any = None
+        """Called with each request's kind before it is sent (``bench.lines`` splits by it)."""
         self.app = app
         self.expect = expect
         self.tool = tool
@@ -123,11 +125,17 @@ class _Client:
         self.call_body = _request(2, "tools/call", {"name": name, "arguments": arguments})
 
     async def open(self) -> None:
+        if self.on_request is not None:
+            self.on_request("initialize")
         headers, _ = await _exchange(self.app, "", self.initialize)
         self.session_id = headers["mcp-session-id"]
+        if self.on_request is not None:
+            self.on_request("notifications/initialized")
         await _exchange(self.app, self.session_id, self.initialized)
 
     async def call(self, check: bool) -> None:
+        if self.on_request is not None:
+            self.on_request("tools/call")
         headers, body = await _exchange(self.app, self.session_id, self.call_body)
         if check:
             from bench.b8_floor import read_answer
@@ -138,6 +146,8 @@ class _Client:
             raise AssertionError(f"{self.tool} failed: {body[:300]!r}")
 
     async def close(self) -> None:
+        if self.on_request is not None:
+            self.on_request("DELETE")
         await _exchange(self.app, self.session_id, b"", method="DELETE")
         self.session_id = ""
 

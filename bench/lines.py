@@ -9,7 +9,8 @@ Python line each function executes during the measured units. Like instructions,
 the same run after run. A line costs a few hundred instructions on average, so the lines a
 function adds are a fair guide to what removing it would save, though the work of one line
 varies (a pydantic validation is one line). Builtins and C extensions run no lines: their cost
-shows in the line that calls them. About a minute.
+shows in the line that calls them. The lines of each kind of request (``initialize``,
+``notifications/initialized``, ``tools/call``, ``DELETE``) are totalled too. About a minute.
 """
 
 from __future__ import annotations
@@ -32,12 +33,16 @@ Key = tuple[str, str, int]
 class _LineCounter:
     def __init__(self) -> None:
         self.counts: collections.Counter[Key] = collections.Counter()
+        self.by_request: collections.Counter[str] = collections.Counter()
+        """Lines while each kind of request was being served (the client says which)."""
+        self.request = ""
 
     def trace(self, frame: FrameType, event: str, arg: Any) -> Any:
         return self._line if event == "call" else None
 
     def _line(self, frame: FrameType, event: str, arg: Any) -> Any:
         if event == "line":
+            self.by_request[self.request] += 1
             code = frame.f_code
             if code.co_filename == "<string>":  # a dataclass's generated __init__: its class
                 owner = type(frame.f_locals.get("self")).__name__
@@ -47,7 +52,9 @@ class _LineCounter:
         return self._line
 
 
-async def _side(side: str, work: str, count: int, settings: Any, did: str) -> dict[Key, float]:
+async def _side(
+    side: str, work: str, count: int, settings: Any, did: str
+) -> tuple[dict[Key, float], dict[str, float]]:
     from asgi_lifespan import LifespanManager
 
     from bench.b8_floor import Expect, Floor, stack_app
@@ -61,13 +68,15 @@ async def _side(side: str, work: str, count: int, settings: Any, did: str) -> di
         await client.open()
         for _ in range(10):
             await client.unit(kind, check=True)
+        client.on_request = lambda request: setattr(counter, "request", request)
         sys.settrace(counter.trace)
         try:
             for _ in range(count):
                 await client.unit(kind, check=False)
         finally:
             sys.settrace(None)
-    return {key: lines / count for key, lines in counter.counts.items()}
+    per_request = {request: lines / count for request, lines in counter.by_request.items()}
+    return {key: lines / count for key, lines in counter.counts.items()}, per_request
 
 
 _AREAS = (
@@ -110,9 +119,15 @@ def main() -> None:
     with environment() as (settings, did, _):
         memory = Settings(**{**settings.__dict__, "redis_url": ""})
         with servers({"agent": ("agent", settings, ROOT)}):
-            floor = asyncio.run(_side("floor", args.work, args.count, memory, did))
-            stack = asyncio.run(_side("stack", args.work, args.count, memory, did))
+            floor, floor_requests = asyncio.run(_side("floor", args.work, args.count, memory, did))
+            stack, stack_requests = asyncio.run(_side("stack", args.work, args.count, memory, did))
     print(f"{args.work}: floor {sum(floor.values()):.0f}, stack {sum(stack.values()):.0f} lines")
+    print(f"\n{'request':26} {'floor':>8} {'stack':>8} {'added':>8}")
+    for request in dict.fromkeys([*stack_requests, *floor_requests]):
+        if not request:
+            continue  # (the few lines before the first request)
+        low, high = floor_requests.get(request, 0.0), stack_requests.get(request, 0.0)
+        print(f"{request:26} {low:8.1f} {high:8.1f} {high - low:+8.1f}")
     by_area: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
     for column, counts in enumerate((floor, stack)):
         for key, lines in counts.items():
