@@ -18,10 +18,16 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.tools.base import Tool
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetadata
 from mcp.types import CallToolRequestParams, CallToolResult, TextContent
+from mcp_types.methods import SERVER_RESULTS, serialize_server_result
 from pydantic import Field, ValidationError, model_validator
 
 from mcp2anp_middleware import ANPToolkit
-from mcp2anp_middleware.anp_tools.dispatch import _Arguments, install_direct_route
+from mcp2anp_middleware.anp_tools.dispatch import (
+    _Arguments,
+    _text_block_model,
+    _typed_text,
+    install_direct_route,
+)
 
 from .anp_stack import API_KEYS, anp_stack
 from .tool_results import ok
@@ -324,3 +330,61 @@ def test_a_step_changed_anywhere_is_taken_as_the_sdk_takes_it(
     monkeypatch.setattr(FuncMetadata, "validate_arguments", audited)
     _Arguments(tool)({"url": "https://a.example/"})
     assert seen == [{"url": "https://a.example/"}]
+
+
+_VERSIONS = sorted(version for method, version in SERVER_RESULTS if method == "tools/call")
+
+
+def _sieved(result: dict[str, Any], version: str) -> Any:
+    """What the kernel's result sieve makes of ``result`` (or the error it raises)."""
+    try:
+        return serialize_server_result("tools/call", version, result)
+    except ValidationError as exc:
+        return ("rejected", [error["type"] for error in exc.errors()])
+
+
+@pytest.mark.parametrize("version", _VERSIONS)
+def test_every_version_has_its_text_block_found(version: str) -> None:
+    model = _text_block_model(version)
+    assert model is not None
+    typed = _typed_text({"content": [{"type": "text", "text": "{}"}], "isError": False}, version)
+    assert type(typed["content"][0]) is model
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    version=st.sampled_from(_VERSIONS),
+    texts=st.lists(st.text(), max_size=3),
+    structured=st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=5)),
+    error=st.booleans(),
+)
+def test_typed_text_blocks_change_nothing_the_sieve_makes(
+    version: str, texts: list[str], structured: dict[str, Any], error: bool
+) -> None:
+    """The sieve makes the same wire result of a typed block as of the plain dict."""
+    result = {
+        "content": [{"type": "text", "text": text} for text in texts],
+        "structuredContent": structured,
+        "isError": error,
+        "resultType": "complete",
+    }
+    assert _sieved(_typed_text(result, version), version) == _sieved(result, version)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        [{"type": "text", "text": 5}],  # rejected by the sieve, as it was
+        [{"type": "text", "text": "a", "annotations": {"priority": 0.5}}],
+        [{"type": "image", "data": "AA==", "mimeType": "image/png"}],
+        [{"type": "text", "text": "a"}, "not a block"],
+        "not a list",
+    ],
+)
+def test_anything_but_plain_text_blocks_is_left_to_the_sieve(content: Any) -> None:
+    result = {"content": content, "isError": False}
+    for version in _VERSIONS:
+        assert _typed_text(result, version) is result
+    assert _typed_text({"content": [{"type": "text", "text": "a"}]}, "1999-01-01") == {
+        "content": [{"type": "text", "text": "a"}]
+    }
