@@ -18,6 +18,8 @@ are the ones that let a session span workers:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import math
 from collections.abc import Mapping
@@ -199,6 +201,7 @@ class LiveSession:
         self.handshake = decoded(state.handshake) if state.handshake else None
         self.connection = self._connection()
         self.runner = ServerRunner(endpoint.lowlevel, self.connection, endpoint.lifespan_state)
+        _fill_cached_callbacks(self.runner)
         self.ended = False
         """Closed: requests that still come are answered 'Session ended', nothing is kept."""
 
@@ -253,7 +256,7 @@ class LiveSession:
         session's GET stream), as before."""
         if not self.ended or not self.finished or not hasattr(self, "runner"):
             return
-        for callback in ("on_request", "on_notify"):  # functools.cached_property values
+        for callback in _RUNNER_CALLBACKS:  # functools.cached_property values
             self.runner.__dict__.pop(callback, None)
         del self.runner
         del self.connection
@@ -495,6 +498,24 @@ class LiveSession:
                 await writer.write(event)
             except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                 pass
+
+
+_RUNNER_CALLBACKS = ("on_request", "on_notify")
+"""The kernel's callbacks, ``functools.cached_property`` values kept in its ``__dict__``."""
+
+
+def _fill_cached_callbacks(runner: ServerRunner[Any]) -> None:
+    """Work out the kernel's cached callbacks now, as their properties do on first use.
+
+    On Python 3.11 a ``cached_property`` takes a lock on first use (per class, not per
+    instance), about 28 lines for the two of every new session's kernel; here each property's
+    own function makes the value and it is kept where the property keeps it, so what the
+    callbacks are is still the SDK's to say. Anything but a plain ``cached_property`` is left to
+    work as it does."""
+    for name in _RUNNER_CALLBACKS:
+        prop = inspect.getattr_static(type(runner), name, None)  # (through the classes, as is)
+        if type(prop) is functools.cached_property and name not in runner.__dict__:
+            runner.__dict__[name] = prop.func(runner)
 
 
 _TRANSPORTS = {

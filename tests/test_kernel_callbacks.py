@@ -1,0 +1,48 @@
+"""A session's kernel gets its cached callbacks worked out when it is made, by the SDK's own
+properties: the same callbacks as on first use, and nothing else is touched."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import anyio
+from mcp.server.connection import Connection
+from mcp.server.mcpserver import MCPServer
+from mcp.server.runner import ServerRunner
+
+from mcp2anp_middleware.mcp_hosting.live_session import _fill_cached_callbacks
+
+
+def kernel(kind: type[ServerRunner[Any]] = ServerRunner) -> ServerRunner[Any]:
+    async def make() -> ServerRunner[Any]:  # a connection belongs to a running loop
+        connection = Connection.for_loop(object(), session_id="s")  # type: ignore[arg-type]
+        return kind(MCPServer("k")._lowlevel_server, connection, None)
+
+    return anyio.run(make)
+
+
+def test_the_callbacks_are_those_the_properties_make() -> None:
+    filled, untouched = kernel(), kernel()
+    _fill_cached_callbacks(filled)
+    assert set(filled.__dict__) >= {"on_request", "on_notify"}
+    assert filled.on_request == filled._on_request
+    assert filled.on_notify == filled._on_notify
+    assert untouched.on_request == untouched._on_request  # what the property gives on first use
+
+
+def test_a_kernel_whose_callbacks_are_not_cached_properties_is_left_alone() -> None:
+    calls: list[str] = []
+
+    class Wrapped(ServerRunner[Any]):
+        @property
+        def on_request(self) -> Any:
+            calls.append("on_request")
+            return self._on_request
+
+    runner = kernel(Wrapped)
+    _fill_cached_callbacks(runner)
+    assert "on_request" not in runner.__dict__
+    assert calls == []
+    assert type(ServerRunner.__dict__["on_notify"]) is functools.cached_property
+    assert runner.__dict__["on_notify"] == runner._on_notify  # the class's own property: filled
