@@ -358,7 +358,8 @@ class MCPEndpoint:
                 watch.cancel()
             live.end(stream)
             writer.stop_holding()
-        await writer.finish()
+        if writer.open:  # (an answer sent alone closed it)
+            await writer.finish()
 
     def _metadata(
         self,

@@ -12,7 +12,7 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 
-from starlette.types import Message, Send
+from starlette.types import Send
 
 from mcp2anp_middleware.mcp_hosting.backplane import Event
 
@@ -110,7 +110,9 @@ class SSEWriter:
     # and sets only what changes.
     open = True
     started = False
-    _held_start: Message | None = None
+    unseen = False
+    """Held, nothing of the response sent yet: its answer, if it comes now, goes out alone as
+    JSON, and the client never holds an id to resume it with."""
     _held_priming: tuple[Event, int | None] | None = None
     """The priming event held with the start (framed only if it goes out)."""
     _held_sent: asyncio.Future[None] | None = None
@@ -140,22 +142,14 @@ class SSEWriter:
         Holding is safe: the priming event still precedes everything else on the wire, and a
         client needs it only if the request outlives a quick answer. ``on_hold_over`` is called
         once the hold is over, unless the request ended first (:meth:`stop_holding`): a request
-        that runs that long gets its other timed work started by the same timer."""
-        self._held_start = {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": list(SSE_HEADERS),
-        }
-        self._held_priming = None if priming is None else (priming, retry_ms)
+        that runs that long gets its other timed work started by the same timer. (The held start
+        is made when it goes out: most requests are answered alone.)"""
+        self.unseen = True
+        if priming is not None:
+            self._held_priming = (priming, retry_ms)
         self.started = True
         self._on_hold_over = on_hold_over
         self._hold = hold.hold(self._flush_soon)
-
-    @property
-    def unseen(self) -> bool:
-        """Nothing of the response has been sent: its answer, if it comes now, goes out alone
-        as JSON, and the client never holds an id to resume it with."""
-        return self._held_start is not None
 
     def stop_holding(self) -> None:
         """No flush after the hold any more (the request is over; :meth:`finish` sends what is
@@ -172,26 +166,28 @@ class SSEWriter:
     async def write(self, event: Event) -> None:
         """A request's event; its answer (``final``) ends the response, as the whole JSON body
         if nothing was sent before it."""
-        held = self._held_start is not None
-        if event.final and held and event.event_id is None and event.payload:
-            await self._answer_alone(event.payload.encode())  # (a logged one has an id)
-            return
-        await self._write_raw(_frame(event, None), more=not event.final)
         if event.final:
+            if self.unseen and event.event_id is None and event.payload:
+                # The answer came while the start was held (and was not logged: a logged one
+                # has an id): it is the response, as JSON. No other writer can be sending: one
+                # would have taken the held start, and none comes after the answer. The hold
+                # is over with it.
+                self.unseen = False
+                self._held_priming = None
+                self.open = False
+                self._on_hold_over = None
+                if self._hold is not None:
+                    self._hold.cancel()
+                    self._hold = None
+                try:  # noqa: SIM105 (contextlib.suppress: an object and two calls per answer)
+                    await send_json(self._send, event.payload.encode())
+                except Exception:  # the client is gone (servers differ in how they say so)
+                    pass
+                return
+            await self._write_raw(_frame(event, None), more=False)
             self.open = False
-
-    async def _answer_alone(self, body: bytes) -> None:
-        """The answer came while the start was held: it is the response, as JSON (no other
-        writer can be sending: one would have taken the held start, and none comes after the
-        answer)."""
-        self._held_start = None
-        self._held_priming = None
-        self.stop_holding()
-        self.open = False
-        try:
-            await send_json(self._send, body)
-        except Exception:  # the client is gone (servers differ in how they say so)
             return
+        await self._write_raw(_frame(event, None))
 
     async def keepalive(self) -> None:
         await self._write_raw(b": keepalive\n\n")
@@ -204,14 +200,14 @@ class SSEWriter:
     def _flush_soon(self) -> None:
         """The hold is over: send what is held now (in a task of its own: sending awaits)."""
         self._hold = None
-        if self._held_start is not None:
+        if self.unseen:
             self._flush_task = asyncio.ensure_future(self._flush_held())
         on_hold_over, self._on_hold_over = self._on_hold_over, None
         if on_hold_over is not None:
             on_hold_over()
 
     async def _flush_held(self) -> None:
-        if self._held_start is not None:  # else an event took it with it meanwhile
+        if self.unseen:  # else an event took it with it meanwhile
             await self._write_raw(b"")
 
     async def _write_raw(
@@ -227,8 +223,9 @@ class SSEWriter:
         if not self.open:
             return
         try:
-            if self._held_start is not None:
-                start, self._held_start = self._held_start, None
+            if self.unseen:
+                self.unseen = False
+                start = {"type": "http.response.start", "status": 200, "headers": list(SSE_HEADERS)}
                 priming, self._held_priming = self._held_priming, None
                 held = b"" if priming is None else _frame(*priming)
                 if self._hold is not None and self._on_hold_over is None:
