@@ -132,3 +132,32 @@ async def test_restored_sessions_are_swept_in_order_of_use(tmp_path: Path) -> No
     assert await middleware.registry.sweep() == 1
     assert "a" * 43 in middleware.registry and "b" * 43 not in middleware.registry
     await middleware.shutdown()
+
+
+async def test_long_accept_and_content_type_values_are_checked_but_never_cached() -> None:
+    """A client sends the same short headers every time (cached); one sending long values
+    cannot fill the caches with them, and gets the same answers."""
+    from mcp2anp_middleware.mcp_hosting import endpoint as endpoint_module
+
+    accepted = endpoint_module._accepted_cached
+    json_type = endpoint_module._is_json_cached
+    endpoint = MCPEndpoint(MCPServer("headers"))
+    middleware = MCPSessionMiddleware(HostApp(), mcp_app=endpoint, services=[endpoint.service])
+    padding = ", ".join(f"x/y{i}" for i in range(60))  # well over 256 characters
+    async with client_for(middleware) as client:
+        accepted.cache_clear()
+        json_type.cache_clear()
+        long = httpx.Headers(MCP_HEADERS)
+        long["accept"] = f"application/json, text/event-stream, {padding}"
+        long["content-type"] = f"application/json; {padding.replace(', ', '; p=')}"
+        answer = await client.post("/mcp", json=INITIALIZE, headers=long)
+        assert answer.status_code == 200
+        assert accepted.cache_info().currsize == json_type.cache_info().currsize == 0
+        long["accept"] = f"text/html, {padding}"
+        refused = await client.post("/mcp", json=INITIALIZE, headers=long)
+        assert refused.status_code == 406
+        assert accepted.cache_info().currsize == 0
+        answer = await client.post("/mcp", json=INITIALIZE, headers=MCP_HEADERS)
+        assert answer.status_code == 200
+        assert accepted.cache_info().currsize == json_type.cache_info().currsize == 1
+    await middleware.shutdown()

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Seque
 from contextlib import asynccontextmanager
 from functools import lru_cache
 from http import HTTPStatus
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import anyio
 import pydantic_core
@@ -78,7 +78,11 @@ from mcp2anp_middleware.sessions.jsonrpc_errors import (
 )
 from mcp2anp_middleware.sessions.middleware import MESSAGE_SCOPE_KEY
 from mcp2anp_middleware.sessions.registry import SessionRegistry
-from mcp2anp_middleware.sessions.request_headers import RequestHeaders, request_headers
+from mcp2anp_middleware.sessions.request_headers import (
+    HEADERS_SCOPE_KEY,
+    RequestHeaders,
+    request_headers,
+)
 from mcp2anp_middleware.sessions.state import SessionState
 
 _RESUMABLE_VERSIONS = frozenset(
@@ -87,7 +91,6 @@ _RESUMABLE_VERSIONS = frozenset(
 """Protocol versions whose request streams carry event ids (resumable), worked out once."""
 
 logger = logging.getLogger("mcp2anp_middleware.mcp_hosting")
-_T = TypeVar("_T")
 
 SESSION_SCOPE_KEY = "mcp_session"
 RESUMED_SILENCE = 300.0
@@ -215,7 +218,9 @@ class MCPEndpoint:
     # -- requests --------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = request_headers(scope)
+        headers = scope.get(HEADERS_SCOPE_KEY)  # (request_headers, inlined: the usual case)
+        if type(headers) is not RequestHeaders or headers.source is not scope["headers"]:
+            headers = request_headers(scope)
         version = headers.version
         if version is not None and version not in HANDSHAKE_PROTOCOL_VERSIONS:
             await handle_modern_request(
@@ -256,13 +261,23 @@ class MCPEndpoint:
         headers: RequestHeaders,
     ) -> None:
         request = Request(scope, receive)  # the SDK hands it to handlers (ctx.request)
-        has_json, has_sse = accepted_types(headers.accept or "")
+        accept = headers.accept or ""
+        has_json, has_sse = (
+            _accepted_cached(accept)
+            if len(accept) <= _CACHED_HEADER_LENGTH
+            else accepted_types(accept)
+        )
         if not has_json:
             await send_jsonrpc_error(
                 send, 406, INVALID_REQUEST, "Not Acceptable: client must accept application/json"
             )
             return
-        if not _is_json_type(headers.content_type or ""):
+        content_type = headers.content_type or ""
+        if not (
+            _is_json_cached(content_type)
+            if len(content_type) <= _CACHED_HEADER_LENGTH
+            else _is_json_type(content_type)
+        ):
             await send_jsonrpc_error(
                 send,
                 415,
@@ -399,7 +414,7 @@ class MCPEndpoint:
     ) -> None:
         """The standalone stream, or a lost stream resumed from ``Last-Event-ID``."""
         request = Request(scope, receive)
-        if not accepted_types(headers.accept or "")[1]:
+        if not accepted_types(headers.accept or "")[1]:  # (a GET: rare enough, not cached)
             await send_jsonrpc_error(
                 send, 406, INVALID_REQUEST, "Not Acceptable: client must accept text/event-stream"
             )
@@ -869,19 +884,6 @@ _CACHED_HEADER_LENGTH = 256
 otherwise make a cache hold 64 of the longest headers the server accepts)."""
 
 
-def _cached_when_short(function: Callable[[str], _T]) -> Callable[[str], _T]:
-    """``function`` of a header value, cached for values up to ``_CACHED_HEADER_LENGTH`` (a
-    client sends the same header every time)."""
-    cached = lru_cache(maxsize=64)(function)
-
-    def call(value: str) -> _T:
-        return function(value) if len(value) > _CACHED_HEADER_LENGTH else cached(value)
-
-    call.__doc__ = function.__doc__
-    return call
-
-
-@_cached_when_short
 def accepted_types(accept: str) -> tuple[bool, bool]:
     """Whether an ``Accept`` header takes JSON and SSE, wildcards included (RFC 9110 12.5.1),
     as the SDK's transport decides."""
@@ -893,10 +895,16 @@ def accepted_types(accept: str) -> tuple[bool, bool]:
     )
 
 
-@_cached_when_short
 def _is_json_type(content_type: str) -> bool:
     """Whether a ``Content-Type`` names JSON (parameters ignored)."""
     return content_type.split(";")[0].strip().lower() == "application/json"
+
+
+# A client sends the same headers with every request: the two checks are cached for values up to
+# _CACHED_HEADER_LENGTH, and called through the cache directly (a wrapper choosing between the
+# two would be a Python call more per request).
+_accepted_cached = lru_cache(maxsize=64)(accepted_types)
+_is_json_cached = lru_cache(maxsize=64)(_is_json_type)
 
 
 class CheckedRequest(NamedTuple):

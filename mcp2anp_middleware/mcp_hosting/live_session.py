@@ -285,12 +285,15 @@ class LiveSession:
             ended = ErrorData(code=CONNECTION_CLOSED, message="Session ended")
             await self._emit(_error_json(request.id, ended), stream, True)
             return
+        params = request.params
+        # Most requests carry no _meta: both of its readers below are skipped without it.
+        meta = params.get("_meta") if params else None
         channel = RequestChannel(
             self,
             request.id,
             metadata,
             _TRANSPORTS[metadata.can_send_request],
-            progress_token_from_params(request.params),
+            None if meta is None else progress_token_from_params(params),
         )
         scope = cancel_scope()
         self.running[stream] = (scope, channel)
@@ -298,7 +301,7 @@ class LiveSession:
         try:
             with scope:
                 try:
-                    if request.method != "initialize" and _enveloped(request.params):
+                    if meta is not None and request.method != "initialize" and _enveloped(params):
                         raise MCPError(
                             code=INVALID_REQUEST,
                             message="This session serves the handshake protocol era; requests "
