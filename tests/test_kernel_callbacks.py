@@ -3,10 +3,10 @@ properties: the same callbacks as on first use, and nothing else is touched."""
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import anyio
+import pytest
 from mcp.server.connection import Connection
 from mcp.server.mcpserver import MCPServer
 from mcp.server.runner import ServerRunner
@@ -31,7 +31,7 @@ def test_the_callbacks_are_those_the_properties_make() -> None:
     assert untouched.on_request == untouched._on_request  # what the property gives on first use
 
 
-def test_a_kernel_whose_callbacks_are_not_cached_properties_is_left_alone() -> None:
+def test_a_subclass_or_a_patched_callback_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
 
     class Wrapped(ServerRunner[Any]):
@@ -42,7 +42,15 @@ def test_a_kernel_whose_callbacks_are_not_cached_properties_is_left_alone() -> N
 
     runner = kernel(Wrapped)
     _fill_cached_callbacks(runner)
-    assert "on_request" not in runner.__dict__
+    assert "on_request" not in runner.__dict__ and "on_notify" not in runner.__dict__
     assert calls == []
-    assert type(ServerRunner.__dict__["on_notify"]) is functools.cached_property
-    assert runner.__dict__["on_notify"] == runner._on_notify  # the class's own property: filled
+
+    def patched(self: ServerRunner[Any]) -> Any:
+        calls.append("patched")
+        return self._on_request
+
+    monkeypatch.setattr(ServerRunner, "on_request", patched)  # a plain function now
+    runner = kernel()
+    _fill_cached_callbacks(runner)
+    assert "on_request" not in runner.__dict__  # the patch is what attribute access finds
+    assert runner.__dict__["on_notify"] == runner._on_notify  # still a cached property: filled

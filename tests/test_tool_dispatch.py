@@ -4,11 +4,13 @@ extension that intercepts tool calls."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
+import mcp_types.methods as sdk_methods
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -388,3 +390,70 @@ def test_anything_but_plain_text_blocks_is_left_to_the_sieve(content: Any) -> No
     assert _typed_text({"content": [{"type": "text", "text": "a"}]}, "1999-01-01") == {
         "content": [{"type": "text", "text": "a"}]
     }
+
+
+@pytest.fixture
+def sieved_blocks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The kind of each content block the result sieve receives (model or dict): the server's
+    kernel first, then the client in this process (its own check of the answer, always dicts)."""
+    kinds: list[str] = []
+    original = sdk_methods.serialize_server_result
+
+    def recording(method: str, version: str, data: Any, **kwargs: Any) -> dict[str, Any]:
+        if method == "tools/call":
+            kinds.extend(type(block).__name__ for block in data.get("content", []))
+        return original(method, version, data, **kwargs)
+
+    monkeypatch.setattr(sdk_methods, "serialize_server_result", recording)
+    return kinds
+
+
+async def test_text_blocks_reach_the_sieve_typed_on_the_stock_server(
+    tmp_path: Path, sieved_blocks: list[str]
+) -> None:
+    async with anp_stack(tmp_path) as stack, stack.client(ALICE) as client:
+        assert ok(await client.call_tool("anp_fetchDoc", {"url": stack.ad_url}))["status"] == 200
+    assert sieved_blocks == ["TextContent", "dict"]
+
+
+async def test_a_middleware_that_rewrites_the_version_gets_plain_blocks(
+    tmp_path: Path, sieved_blocks: list[str]
+) -> None:
+    """A host's server middleware may hand on a context of another protocol version than the
+    one the kernel sieves with: the blocks go as plain data, and the whole result arrives."""
+
+    async def other_version(ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> Any:
+        return await call_next(dataclasses.replace(ctx, protocol_version="2026-07-28"))
+
+    server = MCPServer("rewriting", middleware=[other_version])
+    async with anp_stack(tmp_path, server=server) as stack, stack.client(ALICE) as client:
+        answer = await client.call_tool("anp_fetchDoc", {"url": stack.ad_url})
+    assert ok(answer)["status"] == 200
+    assert isinstance(answer.content[0], TextContent)
+    assert json.loads(answer.content[0].text)["status"] == 200
+    assert sieved_blocks == ["dict", "dict"]
+
+
+async def test_a_wrapped_route_gets_plain_data(tmp_path: Path, sieved_blocks: list[str]) -> None:
+    """A host wrapping the ``tools/call`` handler after the toolkit installed its route reads
+    the result as plain JSON data, as before."""
+    server = MCPServer("wrapped")
+    seen: list[str] = []
+    async with anp_stack(tmp_path, server=server) as stack:
+        lowlevel = server._lowlevel_server
+        entry = lowlevel.get_request_handler("tools/call")
+        assert entry is not None
+        inner = entry.handler
+
+        async def audited(ctx: ServerRequestContext[Any, Any], params: Any) -> Any:
+            result = await inner(ctx, params)
+            seen.append(json.dumps(result))  # plain data: serializable as it is
+            return result
+
+        lowlevel.add_request_handler("tools/call", CallToolRequestParams, audited)
+        async with stack.client(ALICE) as client:
+            assert (
+                ok(await client.call_tool("anp_fetchDoc", {"url": stack.ad_url}))["status"] == 200
+            )
+    assert len(seen) == 1 and json.loads(seen[0])["content"][0]["type"] == "text"
+    assert sieved_blocks == ["dict", "dict"]

@@ -18,7 +18,11 @@ What stays, so nothing a hosted server relies on is skipped:
   of that version's own ``TextContent`` (validated when made): the sieve's content union takes an
   instance of one of its members as it is, where a plain dict is tried against every member.
   That, not the block, was most of the sieve's validation (about 17,000 instructions per call);
-  the wire form is the same, since the sieve dumps the instance as it dumps a dict.
+  the wire form is the same, since the sieve dumps the instance as it dumps a dict. Blocks are
+  typed only when the sieve is the next to see the result, at the version they were typed for:
+  while the route is still the handler (nothing wrapping it reads the result first) and the
+  server's middleware is only the SDK's own (none rewrote the request's context, its version
+  included). Otherwise the result goes as plain data, as it did before.
 
 The route is taken only for a tool this toolkit registered and that is still the one the server
 holds under that name; any other tool, or one the host replaced, goes to :class:`MCPServer`. It
@@ -37,17 +41,21 @@ import typing
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
+from mcp.server._otel import OpenTelemetryMiddleware
 from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver import server as mcpserver_module
 from mcp.server.mcpserver.tools.base import Tool
 from mcp.server.mcpserver.tools.tool_manager import ToolManager
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetadata
+from mcp.server.request_state import RequestStateBoundary
 from mcp.shared.exceptions import MCPError
 from mcp.types import CallToolRequestParams
 from mcp_types.methods import SERVER_RESULTS
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
+
+from mcp2anp_middleware.mcp_hosting.tracing import SpansWhenTraced
 
 logger = logging.getLogger(mcpserver_module.__name__)
 """:class:`MCPServer`'s own logger: the lines that mirror its lines obey the same settings."""
@@ -97,15 +105,38 @@ def install_direct_route(server: MCPServer, runs: Mapping[str, Run]) -> bool:
             logger.exception("Tool %r raised an unexpected exception", params.name)
             return _tool_error(f"Error executing tool {params.name}")
         try:
-            return _typed_text(await run(ctx, arguments), ctx.protocol_version)
+            result = await run(ctx, arguments)
         except MCPError:
             raise
         except Exception:  # nothing of it reaches the client, as on MCPServer's route
             logger.exception("Tool %r raised an unexpected exception", params.name)
             return _tool_error(f"Error executing tool {params.name}")
+        if _sieved_next(lowlevel, call_tool):
+            return _typed_text(result, ctx.protocol_version)
+        return result
 
     lowlevel.add_request_handler("tools/call", CallToolRequestParams, call_tool)
     return True
+
+
+def _sieved_next(lowlevel: Any, route: Any) -> bool:
+    """Whether the kernel's result sieve is the next to see what ``route`` returns, at the
+    version of the request's context: the route is still the ``tools/call`` handler (nothing
+    wrapping it reads the result first, or hands it another context), and the server's
+    middleware is only the SDK's own (none rewrote the context, its version included, on the
+    way in). Otherwise the result goes as plain data."""
+    entry = lowlevel.get_request_handler("tools/call")
+    if entry is None or entry.handler is not route:
+        return False
+    for middleware in lowlevel.middleware:  # noqa: SIM110 (all() makes a generator per call)
+        if type(middleware) not in _SDK_MIDDLEWARE:
+            return False
+    return True
+
+
+_SDK_MIDDLEWARE = frozenset({OpenTelemetryMiddleware, SpansWhenTraced, RequestStateBoundary})
+"""Server middleware that passes a request's context on as it came (the SDK's spans, and
+its request-state boundary, which rewrites only the ``requestState`` of a request's params)."""
 
 
 def _typed_text(result: dict[str, Any], version: str) -> dict[str, Any]:

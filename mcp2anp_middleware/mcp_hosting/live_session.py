@@ -19,10 +19,9 @@ are the ones that let a session span workers:
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -507,36 +506,25 @@ _RUNNER_CALLBACKS = ("on_request", "on_notify")
 """The kernel's callbacks, ``functools.cached_property`` values kept in its ``__dict__``."""
 
 
-_CALLBACKS_OF: dict[type[Any], tuple[tuple[str, Callable[[Any], Any]], ...]] = {}
-"""Worked out once per kernel class (see :func:`_cached_callbacks`)."""
-
-
 def _fill_cached_callbacks(runner: ServerRunner[Any]) -> None:
     """Work out the kernel's cached callbacks now, as their properties do on first use.
 
     On Python 3.11 a ``cached_property`` takes a lock on first use (per class, not per
     instance), about 28 lines for the two of every new session's kernel; here each property's
     own function makes the value and it is kept where the property keeps it, so what the
-    callbacks are is still the SDK's to say. Anything but a plain ``cached_property`` is left to
-    work as it does."""
-    kind = type(runner)
-    callbacks = _CALLBACKS_OF.get(kind)
-    if callbacks is None:
-        callbacks = _CALLBACKS_OF[kind] = _cached_callbacks(kind)
-    for name, make in callbacks:
-        if name not in runner.__dict__:
-            runner.__dict__[name] = make(runner)
-
-
-def _cached_callbacks(kind: type[Any]) -> tuple[tuple[str, Callable[[Any], Any]], ...]:
-    """The callbacks of a kernel class that are plain ``cached_property`` values, and the
-    function of each (looked up through its classes, as attribute access finds them)."""
-    found: list[tuple[str, Callable[[Any], Any]]] = []
+    callbacks are is still the SDK's to say. Only the SDK's own class is filled, and only while
+    its callbacks are plain ``cached_property`` objects (read from the class each time, so a
+    later patch is seen); a subclass, or anything patched in, works as it does."""
+    if type(runner) is not ServerRunner:
+        return
     for name in _RUNNER_CALLBACKS:
-        prop = inspect.getattr_static(kind, name, None)
-        if type(prop) is functools.cached_property:
-            found.append((name, prop.func))
-    return tuple(found)
+        prop = ServerRunner.__dict__.get(name)
+        if (
+            type(prop) is functools.cached_property
+            and prop.attrname == name  # (where the property keeps its value)
+            and name not in runner.__dict__
+        ):
+            runner.__dict__[name] = prop.func(runner)
 
 
 _TRANSPORTS = {
