@@ -145,7 +145,7 @@ class SSEWriter:
         that runs that long gets its other timed work started by the same timer. (The held start
         is made when it goes out: most requests are answered alone.)"""
         self.unseen = True
-        if priming is not None:
+        if priming is not None:  # (else the class default, None: a writer begins held once)
             self._held_priming = (priming, retry_ms)
         self.started = True
         self._on_hold_over = on_hold_over
