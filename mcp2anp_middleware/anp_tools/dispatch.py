@@ -17,7 +17,7 @@ What stays, so nothing a hosted server relies on is skipped:
   the negotiated protocol version as it validates every result. Its text blocks come as instances
   of that version's own ``TextContent`` (validated when made): the sieve's content union takes an
   instance of one of its members as it is, where a plain dict is tried against every member.
-  That, not the block, was most of the sieve's validation (about 17,000 instructions per call);
+  That, not the block, was most of the sieve's validation (about 15,000 instructions per call);
   the wire form is the same, since the sieve dumps the instance as it dumps a dict. Blocks are
   typed only when the sieve is the next to see the result, at the version they were typed for:
   while the route is still the handler (nothing wrapping it reads the result first) and the
@@ -174,12 +174,14 @@ def _text_block_model(version: str) -> type[BaseModel] | None:
             if not (isinstance(member, type) and issubclass(member, BaseModel)):
                 continue
             kind = member.model_fields.get("type")
-            annotation = None if kind is None else kind.annotation
-            if typing.get_origin(annotation) is Literal and typing.get_args(annotation) == (
-                "text",
-            ):
+            if kind is not None and _only_text(kind.annotation):
                 return member
     return None
+
+
+def _only_text(annotation: Any) -> bool:
+    """Whether a field's annotation is ``Literal["text"]``."""
+    return typing.get_origin(annotation) is Literal and typing.get_args(annotation) == ("text",)
 
 
 def _tool_error(text: str) -> dict[str, Any]:
