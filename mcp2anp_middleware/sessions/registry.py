@@ -538,15 +538,7 @@ class SessionRegistry:
                 self.touch_interval == 0
                 or state.last_accessed - state.synced_at >= self.touch_interval
             ):  # _sync's write (a use written within touch_interval is not), in one step
-                record = SessionRecord(
-                    session_id=state.session_id,
-                    principal=state.principal,
-                    created_at=state.created_at,
-                    last_used=state.last_accessed,
-                    expires_at=self.deadline(state) + self.touch_interval,
-                    implicit=state.implicit,
-                    handshake=state.handshake,
-                )
+                record, _ = self._record(state, state.last_accessed)  # (no TTL in this store)
                 if self.store.write_now(record):  # type: ignore[attr-defined]
                     state.synced_at = record.last_used
                 else:
