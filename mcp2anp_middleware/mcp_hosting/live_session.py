@@ -306,6 +306,8 @@ class LiveSession:
                             message="This session serves the handshake protocol era; requests "
                             "carrying the 2026-07-28 envelope are not accepted in it",
                         )
+                    if request.method == "initialize":  # (made once per server, not per session)
+                        self.runner.init_options = self.endpoint.init_options.current()
                     result = await self.runner.on_request(channel, request.method, request.params)
                 except Exception as exc:
                     error = handler_exception_to_error_data(exc)
