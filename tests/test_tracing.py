@@ -96,3 +96,15 @@ async def test_spans_are_made_as_before_once_a_provider_is_installed(
     attributes = spans["tools/call echo"].attributes or {}
     assert attributes["gen_ai.tool.name"] == "echo"
     assert attributes["mcp.method.name"] == "tools/call"
+
+
+async def test_every_initialize_gets_its_span_once_a_provider_is_installed(
+    tmp_path: Path, exporter: InMemorySpanExporter
+) -> None:
+    """(Untraced, a repeated ``initialize`` is answered from the kernel's first answer; traced,
+    the kernel answers each one inside its span.)"""
+    server = echo_server()
+    await call_echo(tmp_path, server)
+    await call_echo(tmp_path / "again", server)
+    names = [span.name for span in exporter.get_finished_spans()]
+    assert names.count("initialize") == 2

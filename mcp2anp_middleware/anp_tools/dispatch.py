@@ -41,21 +41,19 @@ import typing
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
-from mcp.server._otel import OpenTelemetryMiddleware
 from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver import server as mcpserver_module
 from mcp.server.mcpserver.tools.base import Tool
 from mcp.server.mcpserver.tools.tool_manager import ToolManager
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetadata
-from mcp.server.request_state import RequestStateBoundary
 from mcp.shared.exceptions import MCPError
 from mcp.types import CallToolRequestParams
 from mcp_types.methods import SERVER_RESULTS
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from mcp2anp_middleware.mcp_hosting.tracing import SpansWhenTraced
+from mcp2anp_middleware.mcp_hosting.tracing import only_sdk_middleware
 
 logger = logging.getLogger(mcpserver_module.__name__)
 """:class:`MCPServer`'s own logger: the lines that mirror its lines obey the same settings."""
@@ -128,15 +126,7 @@ def _sieved_next(lowlevel: Any, route: Any) -> bool:
     entry = lowlevel.get_request_handler("tools/call")
     if entry is None or entry.handler is not route:
         return False
-    for middleware in lowlevel.middleware:  # noqa: SIM110 (all() makes a generator per call)
-        if type(middleware) not in _SDK_MIDDLEWARE:
-            return False
-    return True
-
-
-_SDK_MIDDLEWARE = frozenset({OpenTelemetryMiddleware, SpansWhenTraced, RequestStateBoundary})
-"""Server middleware that passes a request's context on as it came (the SDK's spans, and
-its request-state boundary, which rewrites only the ``requestState`` of a request's params)."""
+    return only_sdk_middleware(lowlevel.middleware)
 
 
 def _typed_text(result: dict[str, Any], version: str) -> dict[str, Any]:

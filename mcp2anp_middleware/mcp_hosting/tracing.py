@@ -8,15 +8,21 @@ cost per request. :class:`SpansWhenTraced` takes its place: while the global tra
 the API's placeholder it passes the request straight on; once a provider is installed (at any
 time with ``trace.set_tracer_provider``, or by ``OTEL_PYTHON_TRACER_PROVIDER`` set when the
 middleware is made) it makes the SDK's span exactly as before.
+
+Being the link of the chain every request passes anyway, it is also where a repeated
+``initialize`` is answered from what the SDK answered before (:mod:`.initialize`): a link of
+its own would cost every request a step of the chain.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mcp.server._otel import OpenTelemetryMiddleware
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
+from mcp.server.request_state import RequestStateBoundary
 from opentelemetry import trace
 from opentelemetry.environment_variables import OTEL_PYTHON_TRACER_PROVIDER
 from opentelemetry.trace import ProxyTracerProvider, get_tracer_provider
@@ -39,8 +45,15 @@ def traced() -> bool:
 _UNREADABLE = object()
 
 
+Link = Callable[[ServerRequestContext[Any, Any], CallNext], Awaitable[HandlerResult]]
+"""A server middleware, as the SDK calls one."""
+
+
 class SpansWhenTraced(OpenTelemetryMiddleware):
     """:class:`OpenTelemetryMiddleware`, skipped while no tracer provider is installed."""
+
+    initialize: Link | None = None
+    """What serves ``initialize`` while untraced (set by the endpoint hosting the server)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -51,6 +64,8 @@ class SpansWhenTraced(OpenTelemetryMiddleware):
         self, ctx: ServerRequestContext[Any, Any], call_next: CallNext
     ) -> HandlerResult:
         if not traced():
+            if ctx.method == "initialize" and self.initialize is not None:
+                return await self.initialize(ctx, call_next)
             return await call_next(ctx)
         return await super().__call__(ctx, call_next)
 
@@ -61,3 +76,18 @@ def spans_when_traced(middleware: list[Any]) -> None:
     for index, entry in enumerate(middleware):
         if type(entry) is OpenTelemetryMiddleware:
             middleware[index] = SpansWhenTraced()
+
+
+def only_sdk_middleware(middleware: list[Any]) -> bool:
+    """Whether every server middleware in ``middleware`` is the SDK's own (its spans, whether
+    ours or its, and its request-state boundary): links that pass a request's context on as it
+    came (the boundary rewrites only the ``requestState`` of a few methods' params) and hand
+    back what the kernel made. With anything else in the chain, the hosting takes no shortcut
+    that a host's middleware could notice."""
+    for entry in middleware:  # noqa: SIM110 (all() makes a generator per call)
+        if type(entry) not in _SDK_MIDDLEWARE:
+            return False
+    return True
+
+
+_SDK_MIDDLEWARE = frozenset({OpenTelemetryMiddleware, SpansWhenTraced, RequestStateBoundary})
