@@ -515,3 +515,67 @@ async def test_a_memory_store_with_a_touch_interval_is_written_at_most_that_ofte
     await sessions.acquire(state)
     await sessions.release(state)
     assert last_used(state) == clock()
+
+
+class CountingStore(InMemorySessionStore):
+    """The memory store, counting its record writes (on the instance: a subclass that writes
+    its own way is no longer written in place)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+        write_now = self.write_now
+
+        def counted(record: SessionRecord) -> bool:
+            self.writes += 1
+            return write_now(record)
+
+        self.write_now = counted  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("touch_interval", [None, 3600.0])
+async def test_a_creation_in_a_store_of_this_process_alone_is_written_once(
+    touch_interval: float | None,
+) -> None:
+    """Its records expire only when its registry expires them, so a reservation there extends
+    nothing: the handshake goes with the write that ends the creating request (whatever the
+    touch interval), and the commit writes nothing."""
+    clock = ManualClock()
+    store = CountingStore()
+    sessions = registry(store, clock, touch_interval=touch_interval)
+    state = sessions.new_session(ALICE)
+    await sessions.register(state, reservation=30.0)
+    await sessions.acquire(state)
+    before = store.writes  # (a lease longer than the timeout has the start of use written)
+    await sessions.save_handshake(state, '{"v":"2025-11-25"}')
+    await sessions.commit(state)
+    assert store.writes == before and not state.reserved
+    clock.advance(1)
+    await sessions.release(state)
+    assert store.writes == before + 1
+    record = await store.read(state.session_id)
+    assert record is not None
+    assert record.handshake == '{"v":"2025-11-25"}' and record.last_used == clock()
+    clock.advance(1)
+    await sessions.acquire(state)  # and from then on, as any session
+    before = store.writes
+    await sessions.release(state)
+    assert store.writes == (before + 1 if touch_interval is None else before)
+
+
+async def test_a_creation_in_a_shared_memory_store_is_written_by_its_commit() -> None:
+    """Two registries over one memory store (two workers' view): the other one reads records,
+    so the commit writes the handshake before the id is shown, as with a shared store."""
+    clock = ManualClock()
+    store = CountingStore()
+    sessions, other = registry(store, clock), registry(store, clock)
+    state = sessions.new_session(ALICE)
+    await sessions.register(state, reservation=30.0)
+    await sessions.acquire(state)
+    before = store.writes
+    await sessions.save_handshake(state, '{"v":"2025-11-25"}')
+    await sessions.commit(state)
+    assert store.writes == before + 1
+    seen = await other.get(state.session_id, ALICE)
+    assert seen is not None and seen.handshake == '{"v":"2025-11-25"}'
+    await sessions.release(state)

@@ -322,7 +322,14 @@ class SessionRegistry:
         (unreachable, or the reservation lapsed) this raises :class:`StoreUnavailable` and the
         caller refuses the request instead of handing out an id the store may not keep.
         """
-        if state.reserved:
+        if state.reserved and self._sole_user():
+            # This store keeps no reservation (its records expire only when this registry
+            # expires them, and its sweep renews busy sessions first): the commit has nothing to
+            # extend. What changed since the creation (the handshake) goes with the write at the
+            # end of this request, which now writes whatever the touch interval says.
+            state.reserved = False
+            state.synced_at = -math.inf
+        elif state.reserved:
             now = self.clock()
             record, ttl = self._record(state, now)
             notices = self._notices
@@ -556,7 +563,8 @@ class SessionRegistry:
     async def save_handshake(self, state: SessionState, handshake: str) -> None:
         """Remember the session's MCP handshake (or a change to it, such as its log level) here
         and in the store, so every process serves the session with it. A session still reserved
-        gets it with its commit."""
+        gets it with its commit (in a store of this process alone, with the write that ends its
+        creating request: see :meth:`commit`)."""
         state.handshake = sys.intern(handshake)
         if not state.reserved and not state.closed:
             await self._sync(state, force=True)
