@@ -6,15 +6,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import httpx
 import mcp_types.methods as sdk_methods
 import pytest
-from mcp.server.lowlevel.server import NotificationOptions
+from mcp.server.lowlevel.server import NotificationOptions, Server
 from mcp.server.mcpserver import MCPServer
+from mcp.shared.message import SessionMessage
 from mcp.types import EmptyResult, ServerCapabilities, SetLevelRequestParams
+from mcp_types import INTERNAL_ERROR, METHOD_NOT_FOUND, JSONRPCRequest
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
 from mcp2anp_middleware import MCPSessionMiddleware
+from mcp2anp_middleware.mcp_hosting import live_session as live_session_module
 from mcp2anp_middleware.mcp_hosting.endpoint import MCPEndpoint
 from mcp2anp_middleware.mcp_hosting.initialize import InitOptionsCache
 
@@ -55,15 +59,14 @@ async def test_sessions_share_one_payload_while_the_server_stays_the_same(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     server = MCPServer("same", instructions="Be brief.")
-    lowlevel = server._lowlevel_server
     made: list[int] = []
-    make = lowlevel.create_initialization_options
+    make = Server.create_initialization_options
 
-    def counted(*args: Any, **kwargs: Any) -> Any:
+    def counted(self: Server[Any], *args: Any, **kwargs: Any) -> Any:
         made.append(1)
-        return make(*args, **kwargs)
+        return make(self, *args, **kwargs)
 
-    monkeypatch.setattr(lowlevel, "create_initialization_options", counted)
+    monkeypatch.setattr(Server, "create_initialization_options", counted)  # (still the SDK's)
     middleware = hosted(server)
     first, second = await initialize(middleware), await initialize(middleware)
     await middleware.shutdown()
@@ -236,3 +239,164 @@ async def test_a_host_middleware_sees_every_initialize_the_kernel_answers(
     await middleware.shutdown()
     assert watching.seen == ["initialize"] * 3
     assert sieved == ["initialize"] * 3
+
+
+def test_an_object_that_makes_its_own_options_makes_them_every_time() -> None:
+    lowlevel = MCPServer("own")._lowlevel_server
+    cache = InitOptionsCache(lowlevel)
+    assert cache.current() is not None
+    lowlevel.get_capabilities = lambda *args, **kwargs: ServerCapabilities()  # type: ignore[method-assign]
+    assert cache.current() is None
+
+
+async def test_one_server_answers_each_version_with_its_own() -> None:
+    middleware = hosted(MCPServer("versions", instructions="Be brief."))
+    theirs, _ = reference("versions")
+    older = sorted(HANDSHAKE_PROTOCOL_VERSIONS)[0]
+    order = [PROTOCOL, older, PROTOCOL, older]
+    answers = [await initialize(middleware, protocolVersion=version) for version in order]
+    kernel = [await initialize(theirs, protocolVersion=version) for version in order]
+    await middleware.shutdown()
+    await theirs.shutdown()
+    assert [answer["protocolVersion"] for answer in answers] == order
+    assert answers == kernel
+
+
+async def test_answers_are_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each answer is a new object: changing one (a host's code may) changes no later one."""
+    seen: list[dict[str, Any]] = []
+    answer_json = live_session_module._answer_json
+
+    def keeping(request_id: Any, result: dict[str, Any]) -> str:
+        seen.append(result)
+        return answer_json(request_id, result)
+
+    monkeypatch.setattr(live_session_module, "_answer_json", keeping)
+    middleware = hosted(MCPServer("copies"))
+    await initialize(middleware)  # the kernel's answer
+    for changed in range(2):  # then copies of it
+        seen[changed]["capabilities"]["tools"]["listChanged"] = True
+        seen[changed]["serverInfo"]["name"] = "changed"
+        later = await initialize(middleware)
+        assert later["capabilities"]["tools"] == {"listChanged": False}
+        assert later["serverInfo"]["name"] == "copies"
+    await middleware.shutdown()
+
+
+async def test_the_kernels_request_check_runs_before_a_copy_is_handed_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The request's surface validation is the kernel's own function, with its errors: made
+    to refuse a request (as it refuses a method a version does not have), it refuses it here
+    too, though an answer for the same version is kept."""
+    middleware = hosted(MCPServer("checked"))
+    theirs, _ = reference("checked")
+    await initialize(middleware)
+    check = sdk_methods.validate_client_request
+
+    def refusing(method: str, version: str, params: Any, **kwargs: Any) -> None:
+        if params and params.get("clientInfo", {}).get("name") == "refused":
+            raise KeyError((method, version))
+        check(method, version, params, **kwargs)
+
+    monkeypatch.setattr(sdk_methods, "validate_client_request", refusing)
+    params = {**INITIALIZE["params"], "clientInfo": {"name": "refused", "version": "1"}}
+    refused = await post_initialize(middleware, params)
+    expected = await post_initialize(theirs, params)
+    await middleware.shutdown()
+    await theirs.shutdown()
+    assert answer_of(refused) == answer_of(expected)
+    assert answer_of(refused)["error"]["code"] == METHOD_NOT_FOUND
+
+
+async def test_a_host_middleware_that_edits_the_server_is_seen_at_once() -> None:
+    server = MCPServer("edited", instructions="v0")
+    lowlevel = server._lowlevel_server
+    edits = 0
+
+    async def edit(ctx: Any, call_next: Any) -> Any:
+        nonlocal edits
+        if ctx.method == "initialize":
+            edits += 1
+            lowlevel.instructions = f"v{edits}"
+        return await call_next(ctx)
+
+    lowlevel.middleware.append(edit)
+    middleware = hosted(server)
+    answers = [await initialize(middleware) for _ in range(2)]
+    await middleware.shutdown()
+    assert [answer["instructions"] for answer in answers] == ["v1", "v2"]
+
+
+async def test_servers_sharing_a_middleware_list_answer_each_as_itself() -> None:
+    alpha, beta = MCPServer("alpha"), MCPServer("beta")
+    beta._lowlevel_server.middleware = alpha._lowlevel_server.middleware
+    names = []
+    for server in (alpha, beta, alpha, beta):
+        middleware = hosted(server)
+        names.append((await initialize(middleware))["serverInfo"]["name"])
+        await middleware.shutdown()
+    assert names == ["alpha", "beta", "alpha", "beta"]
+
+
+async def sdk_initialize(server: MCPServer, options: Any) -> dict[str, Any]:
+    """``initialize`` through the SDK's own loop (``Server.run``) with options of its own."""
+    lowlevel = server._lowlevel_server
+    to_server, server_reads = anyio.create_memory_object_stream[Any](10)
+    server_writes, from_server = anyio.create_memory_object_stream[Any](10)
+    request = JSONRPCRequest(jsonrpc="2.0", id=1, method="initialize", params=INITIALIZE["params"])
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(lowlevel.run, server_reads, server_writes, options)
+        await to_server.send(SessionMessage(request))
+        answer = await from_server.receive()
+        tasks.cancel_scope.cancel()
+    result: dict[str, Any] = answer.message.result
+    return result
+
+
+@pytest.mark.parametrize("hosted_first", [True, False])
+async def test_the_sdks_own_loop_on_the_same_server_answers_with_its_own_options(
+    hosted_first: bool,
+) -> None:
+    server = MCPServer("shared")
+    options = server._lowlevel_server.create_initialization_options(
+        NotificationOptions(tools_changed=True)
+    )
+    middleware = hosted(server)
+    if hosted_first:
+        ours = await initialize(middleware)
+        theirs = await sdk_initialize(server, options)
+    else:
+        theirs = await sdk_initialize(server, options)
+        ours = await initialize(middleware)
+    ours_again = await initialize(middleware)
+    theirs_again = await sdk_initialize(server, options)
+    await middleware.shutdown()
+    assert (
+        ours["capabilities"]["tools"]
+        == ours_again["capabilities"]["tools"]
+        == {"listChanged": False}
+    )
+    assert (
+        theirs["capabilities"]["tools"]
+        == theirs_again["capabilities"]["tools"]
+        == {"listChanged": True}
+    )
+
+
+async def test_an_answer_that_is_not_json_fails_as_the_kernels_does() -> None:
+    ours = hosted(MCPServer("broken", instructions="bad \ud800 text"))
+    theirs, _ = reference("broken")
+    theirs_server_instructions = "bad \ud800 text"
+    for app in (ours, theirs):
+        endpoint = app.mcp_app
+        assert isinstance(endpoint, MCPEndpoint)
+        endpoint.lowlevel.instructions = theirs_server_instructions
+    refused = await post_initialize(ours, INITIALIZE["params"])
+    expected = await post_initialize(theirs, INITIALIZE["params"])
+    left = len(ours.registry)
+    await ours.shutdown()
+    await theirs.shutdown()
+    assert (refused.status_code, answer_of(refused)) == (expected.status_code, answer_of(expected))
+    assert answer_of(refused)["error"] == {"code": INTERNAL_ERROR, "message": "Internal error"}
+    assert left == 0

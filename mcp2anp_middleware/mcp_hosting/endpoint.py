@@ -59,7 +59,7 @@ from mcp2anp_middleware.mcp_hosting.backplane import (
     priming_id,
 )
 from mcp2anp_middleware.mcp_hosting.handshake import Handshake
-from mcp2anp_middleware.mcp_hosting.initialize import initialize_answers
+from mcp2anp_middleware.mcp_hosting.initialize import InitializeAnswers
 from mcp2anp_middleware.mcp_hosting.live_session import STANDALONE, LiveSession
 from mcp2anp_middleware.mcp_hosting.request_state import SharedRequestState
 from mcp2anp_middleware.mcp_hosting.sse import (
@@ -130,7 +130,8 @@ class MCPEndpoint:
         self.server = server
         self.lowlevel = server._lowlevel_server
         spans_when_traced(self.lowlevel.middleware)
-        self.init_options = initialize_answers(self.lowlevel).options
+        self.initialize = InitializeAnswers(self.lowlevel)
+        """Its sessions' ``initialize``, worked out once while the server stays the same."""
         self.json_response = json_response
         self.resumable = resumable
         self.retry_ms = retry_ms

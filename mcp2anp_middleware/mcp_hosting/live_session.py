@@ -306,9 +306,14 @@ class LiveSession:
                             message="This session serves the handshake protocol era; requests "
                             "carrying the 2026-07-28 envelope are not accepted in it",
                         )
-                    if request.method == "initialize":  # (made once per server, not per session)
-                        self.runner.init_options = self.endpoint.init_options.current()
-                    result = await self.runner.on_request(channel, request.method, request.params)
+                    if request.method == "initialize":  # (worked out once, not per session)
+                        result = await self.endpoint.initialize.run(
+                            self.runner, channel, request.params
+                        )
+                    else:
+                        result = await self.runner.on_request(
+                            channel, request.method, request.params
+                        )
                 except Exception as exc:
                     error = handler_exception_to_error_data(exc)
                     if error is None:

@@ -10,18 +10,19 @@ time with ``trace.set_tracer_provider``, or by ``OTEL_PYTHON_TRACER_PROVIDER`` s
 middleware is made) it makes the SDK's span exactly as before.
 
 Being the link of the chain every request passes anyway, it is also where a repeated
-``initialize`` is answered from what the SDK answered before (:mod:`.initialize`): a link of
-its own would cost every request a step of the chain.
+``initialize`` is answered from what the kernel answered before (:mod:`.initialize`), when the
+request's task asks for it (:data:`KERNEL_SHORTCUT`): a link of its own would cost every request
+a step of the chain.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 from mcp.server._otel import OpenTelemetryMiddleware
-from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
+from mcp.server.context import CallNext, HandlerResult, ServerMiddleware, ServerRequestContext
 from mcp.server.request_state import RequestStateBoundary
 from opentelemetry import trace
 from opentelemetry.environment_variables import OTEL_PYTHON_TRACER_PROVIDER
@@ -45,15 +46,15 @@ def traced() -> bool:
 _UNREADABLE = object()
 
 
-Link = Callable[[ServerRequestContext[Any, Any], CallNext], Awaitable[HandlerResult]]
-"""A server middleware, as the SDK calls one."""
+KERNEL_SHORTCUT: ContextVar[ServerMiddleware[Any] | None] = ContextVar(
+    "mcp2anp_kernel_shortcut", default=None
+)
+"""What :class:`SpansWhenTraced` calls in place of the rest of the chain for an ``initialize``
+the current task serves, while untraced: set around one by this package's endpoint."""
 
 
 class SpansWhenTraced(OpenTelemetryMiddleware):
     """:class:`OpenTelemetryMiddleware`, skipped while no tracer provider is installed."""
-
-    initialize: Link | None = None
-    """What serves ``initialize`` while untraced (set by the endpoint hosting the server)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -64,8 +65,10 @@ class SpansWhenTraced(OpenTelemetryMiddleware):
         self, ctx: ServerRequestContext[Any, Any], call_next: CallNext
     ) -> HandlerResult:
         if not traced():
-            if ctx.method == "initialize" and self.initialize is not None:
-                return await self.initialize(ctx, call_next)
+            if ctx.method == "initialize":
+                shortcut = KERNEL_SHORTCUT.get()
+                if shortcut is not None:
+                    return await shortcut(ctx, call_next)
             return await call_next(ctx)
         return await super().__call__(ctx, call_next)
 
@@ -91,3 +94,5 @@ def only_sdk_middleware(middleware: list[Any]) -> bool:
 
 
 _SDK_MIDDLEWARE = frozenset({OpenTelemetryMiddleware, SpansWhenTraced, RequestStateBoundary})
+"""Server middleware that passes a request's context on as it came (the SDK's spans, and
+its request-state boundary, which rewrites only the ``requestState`` of a request's params)."""
