@@ -19,7 +19,7 @@ from mcp2anp_middleware.sessions.ids import short_id
 from mcp2anp_middleware.sessions.registry import SessionRegistry
 from mcp2anp_middleware.sessions.state import SessionState
 from mcp2anp_middleware.sessions.state_file import save_state_file
-from mcp2anp_middleware.sessions.stores import InMemorySessionStore, SessionStore
+from mcp2anp_middleware.sessions.stores import InMemorySessionStore, SessionStore, StoreUnavailable
 from mcp2anp_middleware.sessions.stores.base import SessionRecord
 from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
 
@@ -546,7 +546,7 @@ async def test_a_creation_in_a_store_of_this_process_alone_is_written_once(
     state = sessions.new_session(ALICE)
     await sessions.register(state, reservation=30.0)
     await sessions.acquire(state)
-    before = store.writes  # (a lease longer than the timeout has the start of use written)
+    before = store.writes
     await sessions.save_handshake(state, '{"v":"2025-11-25"}')
     await sessions.commit(state)
     assert store.writes == before and not state.reserved
@@ -578,4 +578,48 @@ async def test_a_creation_in_a_shared_memory_store_is_written_by_its_commit() ->
     assert store.writes == before + 1
     seen = await other.get(state.session_id, ALICE)
     assert seen is not None and seen.handshake == '{"v":"2025-11-25"}'
+    await sessions.release(state)
+
+
+@pytest.mark.parametrize("gone_by", ["eviction", "revocation", "expiry"])
+async def test_a_creation_gone_from_a_store_of_this_process_alone_is_not_committed(
+    gone_by: str,
+) -> None:
+    """The commit writes nothing there, but still finds out that the record is gone (and its
+    request is refused, no id handed out) as a write finds out elsewhere."""
+    clock = ManualClock()
+    options: dict[str, Any] = {"per_principal_cap": 1, "evict_oldest": True}
+    sessions = registry(CountingStore(), clock, **options)
+    events = recorder(sessions)
+    state = sessions.new_session(ALICE)
+    await sessions.register(state, reservation=30.0)
+    await sessions.acquire(state)
+    if gone_by == "eviction":
+        await sessions.register(sessions.new_session(ALICE), reservation=30.0)
+    elif gone_by == "revocation":
+        await sessions.revoke(state.session_id)
+    else:
+        await sessions.store.remove(state.session_id)  # (as the sweep's expiry removes it)
+    with pytest.raises(StoreUnavailable):
+        await sessions.commit(state)
+    assert sessions.stats.created == 0
+    assert SessionEventKind.CREATED not in [event.kind for event in events]
+
+
+async def test_a_committed_creation_is_its_principals_most_recently_used() -> None:
+    """As when the commit wrote it: the session handed out just now is not the next one a cap
+    evicts, though another of the principal's was used while it was being created."""
+    clock = ManualClock()
+    options: dict[str, Any] = {"per_principal_cap": 2, "evict_oldest": True}
+    sessions = registry(CountingStore(), clock, **options)
+    older = sessions.new_session(ALICE)
+    await sessions.register(older)
+    state = sessions.new_session(ALICE)
+    await sessions.register(state, reservation=30.0)
+    await sessions.acquire(state)
+    await sessions.acquire(older)  # used meanwhile
+    await sessions.release(older)
+    await sessions.commit(state)
+    await sessions.register(sessions.new_session(ALICE))  # one too many: the oldest goes
+    assert state.session_id in sessions and older.session_id not in sessions
     await sessions.release(state)

@@ -323,12 +323,16 @@ class SessionRegistry:
         caller refuses the request instead of handing out an id the store may not keep.
         """
         if state.reserved and self._sole_user():
-            # This store keeps no reservation (its records expire only when this registry
-            # expires them, and its sweep renews busy sessions first): the commit has nothing to
-            # extend. What changed since the creation (the handshake) goes with the write at the
-            # end of this request, which now writes whatever the touch interval says.
+            # This store keeps no reservation (a record's deadline is only what this registry
+            # reads when it expires records): the commit has nothing to extend, only to confirm
+            # that the record is still there (not evicted, revoked or expired meanwhile), and to
+            # make it its principal's most recently used, as a write would. What changed since
+            # the creation (the handshake) goes with the write that ends this request, made
+            # regardless of the touch interval (never synced since).
+            if not self.store.mark_used(state.session_id, state.created_at):  # type: ignore[attr-defined]
+                raise StoreUnavailable("session reservation lapsed before its commit")
             state.reserved = False
-            state.synced_at = -math.inf
+            state.synced_at = NEVER
         elif state.reserved:
             now = self.clock()
             record, ttl = self._record(state, now)

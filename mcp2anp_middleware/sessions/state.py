@@ -69,7 +69,8 @@ session without the request. Weak, because a task or timer started during a requ
 connection's, say) keeps that request's context as long as it lives."""
 
 NEVER = -math.inf
-"""``confirmed_at`` of a session the store has not confirmed yet (one float for all)."""
+"""``confirmed_at`` of a session the store has not confirmed yet, and ``synced_at`` of one whose
+record does not hold everything yet (one float for all)."""
 
 
 class SessionState:
@@ -77,8 +78,9 @@ class SessionState:
 
     The times mirror the store's record: ``last_accessed`` moves at the start and the end of every
     request, so idle time counts from the end of the last one, and the registry writes it back
-    (``synced_at``) at most once per touch interval. ``in_flight`` counts requests using the
-    session; while it is non-zero the session never expires. ``attachments`` holds per-session
+    (``synced_at``) at most once per touch interval (at once when ``synced_at`` is ``NEVER``).
+    ``in_flight`` counts requests using the session; while it is non-zero the session never
+    expires. ``attachments`` holds per-session
     machinery keyed by its owner (the ANP tools' handler, later an MCP transport), created lazily so
     idle sessions stay small, and released by the owner when a session event says it ended.
     """

@@ -97,14 +97,17 @@ class InMemorySessionStore:
         self._store(record)
         return True
 
-    def mark_used(self, session_id: str) -> None:
-        """A request began using the session: its principal's most recently used now (the
-        eviction order), without a new record (its registry writes one when the request ends)."""
+    def mark_used(self, session_id: str, created_at: float | None = None) -> bool:
+        """A request began using the session (or its creation was committed): its principal's
+        most recently used now (the eviction order), without a new record (its registry writes
+        one when the request ends). False if the store does not hold it (of ``created_at``)."""
         record = self._records.get(session_id)
-        if record is not None:
-            owned = self._by_principal[record.principal]
-            del owned[session_id]
-            owned[session_id] = None
+        if record is None or (created_at is not None and record.created_at != created_at):
+            return False
+        owned = self._by_principal[record.principal]
+        del owned[session_id]
+        owned[session_id] = None
+        return True
 
     async def remove(self, session_id: str, *, created_at: float | None = None) -> bool:
         record = self._records.get(session_id)
