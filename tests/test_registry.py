@@ -533,6 +533,20 @@ class CountingStore(InMemorySessionStore):
         self.write_now = counted  # type: ignore[method-assign]
 
 
+async def created_with_handshake(
+    sessions: SessionRegistry, store: CountingStore
+) -> tuple[SessionState, int]:
+    """A session created as ``initialize`` creates one, its handshake saved and its creation
+    committed; and the store's writes before the handshake and the commit."""
+    state = sessions.new_session(ALICE)
+    await sessions.register(state, reservation=30.0)
+    await sessions.acquire(state)
+    before = store.writes
+    await sessions.save_handshake(state, '{"v":"2025-11-25"}')
+    await sessions.commit(state)
+    return state, before
+
+
 @pytest.mark.parametrize("touch_interval", [None, 3600.0])
 async def test_a_creation_in_a_store_of_this_process_alone_is_written_once(
     touch_interval: float | None,
@@ -543,12 +557,7 @@ async def test_a_creation_in_a_store_of_this_process_alone_is_written_once(
     clock = ManualClock()
     store = CountingStore()
     sessions = registry(store, clock, touch_interval=touch_interval)
-    state = sessions.new_session(ALICE)
-    await sessions.register(state, reservation=30.0)
-    await sessions.acquire(state)
-    before = store.writes
-    await sessions.save_handshake(state, '{"v":"2025-11-25"}')
-    await sessions.commit(state)
+    state, before = await created_with_handshake(sessions, store)
     assert store.writes == before and not state.reserved
     clock.advance(1)
     await sessions.release(state)
@@ -569,12 +578,7 @@ async def test_a_creation_in_a_shared_memory_store_is_written_by_its_commit() ->
     clock = ManualClock()
     store = CountingStore()
     sessions, other = registry(store, clock), registry(store, clock)
-    state = sessions.new_session(ALICE)
-    await sessions.register(state, reservation=30.0)
-    await sessions.acquire(state)
-    before = store.writes
-    await sessions.save_handshake(state, '{"v":"2025-11-25"}')
-    await sessions.commit(state)
+    state, before = await created_with_handshake(sessions, store)
     assert store.writes == before + 1
     seen = await other.get(state.session_id, ALICE)
     assert seen is not None and seen.handshake == '{"v":"2025-11-25"}'

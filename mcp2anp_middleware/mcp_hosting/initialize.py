@@ -86,12 +86,7 @@ class InitOptionsCache:
             self._class_makes_its_own = any(
                 getattr(cls, name) is not getattr(Server, name) for name in _OWN_OPTIONS
             )
-        instance = vars(server)
-        return (
-            self._class_makes_its_own
-            or "create_initialization_options" in instance
-            or "get_capabilities" in instance
-        )
+        return self._class_makes_its_own or not vars(server).keys().isdisjoint(_OWN_OPTIONS)
 
     def _inputs(self) -> tuple[Any, ...] | None:
         """Everything ``create_initialization_options()`` reads (with no arguments): the
