@@ -385,13 +385,12 @@ async def test_the_sdks_own_loop_on_the_same_server_answers_with_its_own_options
 
 
 async def test_an_answer_that_is_not_json_fails_as_the_kernels_does() -> None:
-    ours = hosted(MCPServer("broken", instructions="bad \ud800 text"))
+    ours = hosted(MCPServer("broken"))
     theirs, _ = reference("broken")
-    theirs_server_instructions = "bad \ud800 text"
     for app in (ours, theirs):
         endpoint = app.mcp_app
         assert isinstance(endpoint, MCPEndpoint)
-        endpoint.lowlevel.instructions = theirs_server_instructions
+        endpoint.lowlevel.instructions = "bad \ud800 text"  # (a lone surrogate: no JSON has it)
     refused = await post_initialize(ours, INITIALIZE["params"])
     expected = await post_initialize(theirs, INITIALIZE["params"])
     left = len(ours.registry)

@@ -602,8 +602,9 @@ async def test_a_creation_gone_from_a_store_of_this_process_alone_is_not_committ
         await sessions.register(sessions.new_session(ALICE), reservation=30.0)
     elif gone_by == "revocation":
         await sessions.revoke(state.session_id)
-    else:
-        await sessions.store.remove(state.session_id)  # (as the sweep's expiry removes it)
+    else:  # an initialize longer than the idle timeout: its reservation is not renewed
+        clock.advance(TIMEOUT + sessions.touch_interval + 1)
+        assert await sessions.sweep() == 1
     with pytest.raises(StoreUnavailable):
         await sessions.commit(state)
     assert sessions.stats.created == 0
@@ -626,4 +627,39 @@ async def test_a_committed_creation_is_its_principals_most_recently_used() -> No
     await sessions.commit(state)
     await sessions.register(sessions.new_session(ALICE))  # one too many: the oldest goes
     assert state.session_id in sessions and older.session_id not in sessions
+    await sessions.release(state)
+
+
+async def test_a_request_before_its_creation_has_ended_has_the_handshake_written() -> None:
+    """The client has the id once the commit is done: its next request may start before the
+    creating request has ended, and the record has the handshake by then."""
+    store = CountingStore()
+    sessions = registry(store, ManualClock())
+    state, before = await created_with_handshake(sessions, store)
+    assert store.writes == before
+    await sessions.acquire(state)  # the next request of the session
+    assert store.writes == before + 1
+    record = await store.read(state.session_id)
+    assert record is not None and record.handshake == '{"v":"2025-11-25"}'
+    await sessions.release(state)
+    await sessions.release(state)
+
+
+class OwnOrder(InMemorySessionStore):
+    """A subclass keeping its own eviction order, written against the earlier ``mark_used``."""
+
+    def mark_used(self, session_id: str) -> None:  # type: ignore[override]
+        super().mark_used(session_id)
+
+
+async def test_a_store_subclass_with_its_own_mark_used_commits_by_a_write() -> None:
+    store = OwnOrder()
+    sessions = registry(store, ManualClock())
+    state = sessions.new_session(ALICE)
+    await sessions.register(state, reservation=30.0)
+    await sessions.acquire(state)
+    await sessions.save_handshake(state, '{"v":"2025-11-25"}')
+    await sessions.commit(state)
+    record = await store.read(state.session_id)
+    assert record is not None and record.handshake == '{"v":"2025-11-25"}'
     await sessions.release(state)

@@ -19,7 +19,9 @@ the same. So, for the ``initialize`` of a session this package's endpoint serves
   its own would cost every request a step of the chain). What the kernel checks still runs
   first, with its own functions and errors: the request's surface validation and the
   parameters' validation that picks the version. The kernel itself still makes the request's
-  context, runs the chain and commits the handshake.
+  context, runs the chain up to that link (the one after it, the SDK's request-state boundary,
+  passes an ``initialize`` on untouched) and commits the handshake. A server whose chain has no
+  span link (its host removed the SDK's) gets the options made once, and no copies.
 
 Both apply only while the server's middleware is the SDK's own: a host's middleware could change
 the server on the way in, or read what the kernel makes, and then the kernel makes everything as
@@ -70,7 +72,7 @@ class InitOptionsCache:
         key = self._inputs()
         if key is None:
             return None
-        if key != self._key or self._options is None:
+        if key != self._key:
             self._options = self.server.create_initialization_options()
             # Copies of the mutable inputs: an edit made in place later must not match.
             self._key = copy.deepcopy(key)
@@ -160,6 +162,8 @@ class InitializeAnswers:
             ) from None
         _, negotiated = ServerRunner._negotiate_initialize(ctx.params)
         key = (version, negotiated)
+        # (The SDK refuses a cache hint for ``initialize`` when the server is made; one put in
+        # its hints later would still shape the kernel's answer, so it is part of the key.)
         hint = self.server.cache_hints.get("initialize")
         kept = self._answers.get(key)
         if kept is not None and kept.options is options and kept.hint is hint:

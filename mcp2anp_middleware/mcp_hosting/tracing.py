@@ -54,7 +54,9 @@ the current task serves, while untraced: set around one by this package's endpoi
 
 
 class SpansWhenTraced(OpenTelemetryMiddleware):
-    """:class:`OpenTelemetryMiddleware`, skipped while no tracer provider is installed."""
+    """:class:`OpenTelemetryMiddleware`, skipped while no tracer provider is installed (and
+    then, for an ``initialize`` whose task set :data:`KERNEL_SHORTCUT`, calling that instead of
+    the rest of the chain)."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -320,17 +320,20 @@ class SessionRegistry:
 
         A reservation is first extended to the full lifetime; if the store cannot confirm that
         (unreachable, or the reservation lapsed) this raises :class:`StoreUnavailable` and the
-        caller refuses the request instead of handing out an id the store may not keep.
+        caller refuses the request instead of handing out an id the store may not keep. A
+        memory store only this registry uses keeps no reservation: there the record is only
+        checked (still there, not evicted, revoked or expired meanwhile), and the write that
+        ends the creating request carries what changed since the creation (the handshake).
         """
         if state.reserved and self._sole_user():
             # This store keeps no reservation (a record's deadline is only what this registry
             # reads when it expires records): the commit has nothing to extend, only to confirm
-            # that the record is still there (not evicted, revoked or expired meanwhile), and to
-            # make it its principal's most recently used, as a write would. What changed since
-            # the creation (the handshake) goes with the write that ends this request, made
-            # regardless of the touch interval (never synced since).
+            # that the record is still there, and to make it its principal's most recently
+            # used, as a write would. What changed since the creation (the handshake) goes with
+            # the write that ends this request, made regardless of the touch interval (the
+            # record was never synced since).
             if not self.store.mark_used(state.session_id, state.created_at):  # type: ignore[attr-defined]
-                raise StoreUnavailable("session reservation lapsed before its commit")
+                raise StoreUnavailable("session gone before its commit (evicted, revoked, expired)")
             state.reserved = False
             state.synced_at = NEVER
         elif state.reserved:
@@ -567,8 +570,8 @@ class SessionRegistry:
     async def save_handshake(self, state: SessionState, handshake: str) -> None:
         """Remember the session's MCP handshake (or a change to it, such as its log level) here
         and in the store, so every process serves the session with it. A session still reserved
-        gets it with its commit (in a store of this process alone, with the write that ends its
-        creating request: see :meth:`commit`)."""
+        gets it with its commit (in a memory store only this registry uses, with the write that
+        ends its creating request: see :meth:`commit`)."""
         state.handshake = sys.intern(handshake)
         if not state.reserved and not state.closed:
             await self._sync(state, force=True)

@@ -25,11 +25,13 @@ class InMemorySessionStore:
     @property
     def writes_in_place(self) -> bool:
         """:meth:`write` never suspends, so a registry need not order writes to one session,
-        and may call :meth:`write_now` instead (unless a subclass wrote its own writes)."""
+        and may call :meth:`write_now` and :meth:`mark_used` instead (unless a subclass wrote
+        its own writes, or its own :meth:`mark_used`)."""
         kind = type(self)
         return (
             kind.write is InMemorySessionStore.write
             and kind.write_now is InMemorySessionStore.write_now
+            and kind.mark_used is InMemorySessionStore.mark_used
         )
 
     def __init__(self, *, batch: int = 1000) -> None:
