@@ -10,7 +10,13 @@ import uuid
 import pytest
 from redis import asyncio as aioredis
 
-from mcp2anp_middleware.sessions.stores import CapExceeded, Caps, SessionRecord, StoreUnavailable
+from mcp2anp_middleware.sessions.stores import (
+    CapExceeded,
+    Caps,
+    InMemorySessionStore,
+    SessionRecord,
+    StoreUnavailable,
+)
 from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
 
 from .redis_deployments import cluster_deployment, sentinel_deployment
@@ -196,3 +202,28 @@ async def test_redis_store_works_with_a_client_that_returns_bytes(
     assert replacement.evicted == (first,)
     assert len(await store.principal_sessions("alice", now=NOW)) == 1
     await store.aclose()
+
+
+async def test_memory_store_deadlines_moved_either_way_expire_on_time() -> None:
+    """The memory store keeps one deadline entry per session however often it is written (a
+    later deadline keeps the earlier entry, looked at again when it comes due), and expires each
+    session at its last deadline: moved later many times, moved earlier, or a session removed
+    and made again under its id."""
+    store = InMemorySessionStore()
+    later, earlier, again = record(ttl=10), record(ttl=100), record(ttl=10)
+    for new in (later, earlier, again):
+        await store.create(new, ttl=new.expires_at - NOW, now=NOW, caps=NO_CAPS)
+    for step in range(1, 50):  # used every second: its deadline moves on each time
+        assert await store.write(used(later, NOW + step), ttl=TTL, now=NOW + step)
+    assert await store.write(used(earlier, NOW, ttl=20), ttl=20, now=NOW)  # (max age, say)
+    assert await store.remove(again.session_id)
+    remade = SessionRecord(again.session_id, "alice", NOW + 1, NOW + 1, NOW + 31)
+    await store.create(remade, ttl=30, now=NOW + 1, caps=NO_CAPS)
+    assert len(store._deadlines) == 5  # each creation, the deadline moved earlier: no write more
+    assert await store.expire(now=NOW + 19) == []
+    assert [r.session_id for r in await store.expire(now=NOW + 20)] == [earlier.session_id]
+    assert await store.expire(now=NOW + 30) == []
+    assert [r.created_at for r in await store.expire(now=NOW + 31)] == [NOW + 1]
+    assert await store.expire(now=NOW + 49 + TTL - 1) == []
+    assert [r.session_id for r in await store.expire(now=NOW + 49 + TTL)] == [later.session_id]
+    assert len(store) == 0

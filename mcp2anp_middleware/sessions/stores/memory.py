@@ -1,11 +1,14 @@
 """The embedded default store: records in this process's memory, expiry in O(expired).
 
-Records are ordered by deadline in a heap of ``(expires_at, id)`` entries. A write pushes a new
-entry and leaves the old one in place (lazy deletion: an entry whose deadline no longer matches its
-record is skipped when it reaches the top), so expiry pops from the top and stops at the first
-live deadline: its cost grows with the number of expired sessions, not live ones. The heap is
-rebuilt when stale entries outnumber live ones, which keeps it within twice the session count. A
-per-principal dict in order of use serves caps, eviction of the least recently used, and listing.
+Records are ordered by deadline in a heap of ``(expires_at, id)`` entries, where each record has
+an entry no later than its deadline. A write that moves the deadline later (nearly every write:
+a session's use pushes it on) leaves the record's entry as it is; when that entry reaches the top,
+expiry finds the later deadline and pushes the record back under it. Only a new record, or a
+deadline moved earlier, pushes an entry. So expiry pops from the top and stops at the first
+deadline still ahead: its cost grows with the number of sessions expired or used since their
+entry was pushed, not with the live ones, and the heap holds about one entry per session (it is
+rebuilt if left-over entries outnumber the records). A per-principal dict in order of use serves
+caps, eviction of the least recently used, and listing.
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ class InMemorySessionStore:
             return False
         owned = self._by_principal[current.principal]
         del owned[record.session_id]  # to the back: most recently used
-        self._store(record)
+        self._store(record, current)
         return True
 
     def mark_used(self, session_id: str, created_at: float | None = None) -> bool:
@@ -132,10 +135,13 @@ class InMemorySessionStore:
         removed: list[SessionRecord] = []
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
-            expires_at, session_id = heapq.heappop(deadlines)
+            _, session_id = heapq.heappop(deadlines)
             record = self._records.get(session_id)
-            if record is None or record.expires_at != expires_at:
-                continue  # a stale entry: the session was written again or removed
+            if record is None:
+                continue  # removed since
+            if record.expires_at > now:  # written since, with a later deadline: seen again then
+                heapq.heappush(deadlines, (record.expires_at, session_id))
+                continue
             self._forget(session_id)
             removed.append(record)
             if len(removed) % self.batch == 0:
@@ -148,10 +154,13 @@ class InMemorySessionStore:
     async def aclose(self) -> None:
         return None
 
-    def _store(self, record: SessionRecord) -> None:
+    def _store(self, record: SessionRecord, previous: SessionRecord | None = None) -> None:
+        """Keep ``record`` (replacing ``previous``, the record of the same session if any)."""
         self._records[record.session_id] = record
         self._by_principal.setdefault(record.principal, {})[record.session_id] = None
-        heapq.heappush(self._deadlines, (record.expires_at, record.session_id))
+        if previous is None or record.expires_at < previous.expires_at:
+            heapq.heappush(self._deadlines, (record.expires_at, record.session_id))
+        # (else the entry that stood for the earlier deadline stands for this one: see above)
         if len(self._deadlines) > 2 * len(self._records) + 64:
             self._deadlines = [(r.expires_at, r.session_id) for r in self._records.values()]
             heapq.heapify(self._deadlines)
