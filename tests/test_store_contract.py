@@ -205,10 +205,10 @@ async def test_redis_store_works_with_a_client_that_returns_bytes(
 
 
 async def test_memory_store_deadlines_moved_either_way_expire_on_time() -> None:
-    """The memory store keeps one deadline entry per session however often it is written (a
-    later deadline keeps the earlier entry, looked at again when it comes due), and expires each
-    session at its last deadline: moved later many times, moved earlier, or a session removed
-    and made again under its id."""
+    """The memory store pushes a deadline entry for a new session and for a deadline moved
+    earlier, not for one moved later (the earlier entry is looked at again when it comes due),
+    and expires each session at its last deadline: moved later many times, moved earlier, or a
+    session removed and made again under its id."""
     store = InMemorySessionStore()
     later, earlier, again = record(ttl=10), record(ttl=100), record(ttl=10)
     for new in (later, earlier, again):

@@ -6,9 +6,11 @@ a session's use pushes it on) leaves the record's entry as it is; when that entr
 expiry finds the later deadline and pushes the record back under it. Only a new record, or a
 deadline moved earlier, pushes an entry. So expiry pops from the top and stops at the first
 deadline still ahead: its cost grows with the number of sessions expired or used since their
-entry was pushed, not with the live ones, and the heap holds about one entry per session (it is
-rebuilt if left-over entries outnumber the records). A per-principal dict in order of use serves
-caps, eviction of the least recently used, and listing.
+entry was pushed, not with the live ones. While deadlines only move later (the usual case) the
+heap holds one entry per session; a deadline moved earlier, or an id made again, leaves a spare
+entry that is pushed back with its record until the heap is rebuilt (when it holds more than
+twice as many entries as records). A per-principal dict in order of use serves caps, eviction of
+the least recently used, and listing.
 """
 
 from __future__ import annotations
@@ -133,19 +135,23 @@ class InMemorySessionStore:
 
     async def expire(self, *, now: float) -> list[SessionRecord]:
         removed: list[SessionRecord] = []
+        # (If a write rebuilds the heap while this yields, this goes on with the old one: every
+        # record then has its exact entry in the new heap, so what is pushed here is only spare.)
         deadlines = self._deadlines
+        popped = 0
         while deadlines and deadlines[0][0] <= now:
             _, session_id = heapq.heappop(deadlines)
+            popped += 1
+            if popped % self.batch == 0:  # (entries pushed back count too: they are work)
+                await asyncio.sleep(0)
             record = self._records.get(session_id)
             if record is None:
                 continue  # removed since
-            if record.expires_at > now:  # written since, with a later deadline: seen again then
+            if record.expires_at > now:  # a later deadline (written since): seen again then
                 heapq.heappush(deadlines, (record.expires_at, session_id))
                 continue
             self._forget(session_id)
             removed.append(record)
-            if len(removed) % self.batch == 0:
-                await asyncio.sleep(0)
         return removed
 
     async def ping(self) -> bool:
