@@ -20,7 +20,7 @@ from mcp2anp_middleware.sessions.registry import SessionRegistry
 from mcp2anp_middleware.sessions.state import SessionState
 from mcp2anp_middleware.sessions.state_file import save_state_file
 from mcp2anp_middleware.sessions.stores import InMemorySessionStore, SessionStore, StoreUnavailable
-from mcp2anp_middleware.sessions.stores.base import SessionRecord
+from mcp2anp_middleware.sessions.stores.base import Caps, SessionRecord
 from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
 
 from .redis_server import RedisServer
@@ -663,3 +663,87 @@ async def test_a_store_subclass_with_its_own_mark_used_commits_by_a_write() -> N
     record = await store.read(state.session_id)
     assert record is not None and record.handshake == '{"v":"2025-11-25"}'
     await sessions.release(state)
+
+
+async def test_the_live_cache_keeps_the_most_recently_used_sessions(
+    new_store: StoreFactory,
+) -> None:
+    clock = ManualClock()
+    sessions = registry(new_store(), clock, live_cache=3)
+    first, second, third = [await created(sessions) for _ in range(3)]
+    await sessions.acquire(first)  # used: now the most recent
+    await sessions.release(first)
+    fourth = await created(sessions)
+    assert [s.session_id for s in sessions.live_sessions()] == [
+        third.session_id,
+        first.session_id,
+        fourth.session_id,
+    ]  # least recently used first; the second, least recent, dropped
+    assert second.closed
+    rebuilt = await sessions.get(second.session_id, ALICE)  # its record is kept: built again
+    assert rebuilt is not None and rebuilt is not second
+    # An object a request holds is never dropped: the trim moves it to the back and tries again
+    # with a later session.
+    await sessions.acquire(first)
+    for other in sessions.live_sessions()[:-1]:  # the others used since: it is the oldest
+        await sessions.acquire(other)
+        await sessions.release(other)
+    assert sessions.live_sessions()[0] is first
+    fifth = await created(sessions)
+    assert sessions.live_sessions()[-2:] == [fifth, first] and not first.closed
+    await sessions.release(first)
+
+
+async def test_a_sweep_lets_other_tasks_run_while_it_reports_expired_sessions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import mcp2anp_middleware.sessions.registry as registry_module
+    from mcp2anp_middleware.sessions.loop_slice import LoopSlice
+
+    # Slices of no time: the sweep yields after every session it reports.
+    monkeypatch.setattr(registry_module, "LoopSlice", lambda: LoopSlice(0.0))
+    clock = ManualClock()
+    sessions = registry(InMemorySessionStore(batch=10_000), clock)
+    for _ in range(5):
+        await created(sessions)
+    clock.advance(TIMEOUT + 1)
+    reported: list[int] = []
+    seen: list[int] = []
+    sessions.subscribe(lambda event: reported.append(len(reported)))
+
+    async def watch() -> None:
+        while True:
+            seen.append(len(reported))
+            await asyncio.sleep(0)
+
+    watcher = asyncio.ensure_future(watch())
+    await asyncio.sleep(0)
+    try:
+        assert await sessions.sweep() == 5
+    finally:
+        watcher.cancel()
+    assert {1, 2, 3, 4} <= set(seen)  # the other task ran between the reports
+
+
+async def test_a_memory_store_lets_other_tasks_run_every_batch_of_expired_entries() -> None:
+    store = InMemorySessionStore(batch=2)
+    for index in range(6):
+        record = SessionRecord(f"s{index}", "alice", created_at=0.0, last_used=0.0, expires_at=1.0)
+        assert (await store.create(record, ttl=1.0, now=0.0, caps=Caps())).created
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    ticker = asyncio.ensure_future(tick())
+    await asyncio.sleep(0)
+    before = ticks
+    try:
+        removed = await store.expire(now=2.0)
+    finally:
+        ticker.cancel()
+    assert len(removed) == 6 and len(store) == 0
+    assert ticks - before >= 3  # at least once per two entries

@@ -15,15 +15,16 @@ the least recently used, and listing.
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 from dataclasses import replace
 
+from mcp2anp_middleware.sessions.loop_slice import LoopSlice
 from mcp2anp_middleware.sessions.stores.base import CapExceeded, Caps, CreateOutcome, SessionRecord
 
 
 class InMemorySessionStore:
-    """Sessions of this process only; large expiries yield to the event loop every ``batch``."""
+    """Sessions of this process only; a large expiry lets other tasks run every ``batch``
+    entries, or every few milliseconds if that comes first (:class:`LoopSlice`)."""
 
     default_touch_interval = 0.0
 
@@ -138,12 +139,11 @@ class InMemorySessionStore:
         # (If a write rebuilds the heap while this yields, this goes on with the old one: every
         # record then has its exact entry in the new heap, so what is pushed here is only spare.)
         deadlines = self._deadlines
-        popped = 0
+        loop_slice = LoopSlice(steps=self.batch)
         while deadlines and deadlines[0][0] <= now:
             _, session_id = heapq.heappop(deadlines)
-            popped += 1
-            if popped % self.batch == 0:  # (entries pushed back count too: they are work)
-                await asyncio.sleep(0)
+            if loop_slice.over():  # (entries pushed back count too: they are work)
+                await loop_slice.next()
             record = self._records.get(session_id)
             if record is None:
                 continue  # removed since
