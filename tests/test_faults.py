@@ -32,8 +32,14 @@ from mcp2anp_middleware import (
 from mcp2anp_middleware.sessions.clock import ManualClock
 from mcp2anp_middleware.sessions.middleware import SESSION_SCOPE_KEY
 from mcp2anp_middleware.sessions.policy import SessionPolicy
+from mcp2anp_middleware.sessions.registry import SessionRegistry
 from mcp2anp_middleware.sessions.state import SessionState
-from mcp2anp_middleware.sessions.stores import Caps, CreateOutcome, SessionRecord
+from mcp2anp_middleware.sessions.stores import (
+    Caps,
+    CreateOutcome,
+    InMemorySessionStore,
+    SessionRecord,
+)
 from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
 
 from .anp_stack import API_KEYS, anp_stack
@@ -313,6 +319,39 @@ async def test_cancelled_or_abandoned_handshakes_leave_no_session() -> None:
     await asyncio.wait_for(task, WAIT)
     assert ex.status is None and registry.in_flight == 0
     assert len(registry) == 1 and registry.stats.created == 1
+    await middleware.shutdown()
+
+
+@pytest.mark.parametrize("store_shared", [False, True])
+async def test_a_handshake_whose_session_ends_before_its_answer_is_told_to_start_again(
+    store_shared: bool,
+) -> None:
+    """Evicted while its ``initialize`` runs (the principal's cap, a second handshake): the
+    answer is a 503 that says so, not an outage's, and no id goes out. With a memory store of
+    this registry alone the commit writes nothing and checks the record; with one another
+    registry shares, the commit's write finds the record gone."""
+    inner = GatedApp()
+    store = InMemorySessionStore()
+    if store_shared:
+        SessionRegistry(store=store)  # (another app of this process over the same store)
+    policy = SessionPolicy(timeout=TIMEOUT, per_principal_cap=1, cap_policy="evict_oldest")
+    middleware = MCPSessionMiddleware(
+        HostApp(), mcp_app=inner, authenticator=by_key, store=store, policy=policy
+    )
+    registry = middleware.registry
+    task, ex = start(middleware, {**INIT, "id": 7, "params": {"block": True}})
+    await until_entered(inner, 7, task, ex)
+    other = await open_session(middleware)  # at the cap: evicts the one still in its handshake
+    inner.gate(7).set()
+    await asyncio.wait_for(task, WAIT)
+    assert ex.status == 503, ex.response
+    assert "mcp-session-id" not in ex.response_headers
+    assert ex.response_headers["retry-after"] == "1"
+    error = ex.json()["error"]
+    assert error["message"].startswith("Session ended before it was ready")
+    assert registry.stats.rejected["session_gone"] == 1 and registry.stats.created == 1
+    assert [record.session_id for record in store.records()] == [other]
+    assert registry.in_flight == 0
     await middleware.shutdown()
 
 

@@ -19,7 +19,11 @@ from mcp2anp_middleware.sessions.ids import short_id
 from mcp2anp_middleware.sessions.registry import SessionRegistry
 from mcp2anp_middleware.sessions.state import SessionState
 from mcp2anp_middleware.sessions.state_file import save_state_file
-from mcp2anp_middleware.sessions.stores import InMemorySessionStore, SessionStore, StoreUnavailable
+from mcp2anp_middleware.sessions.stores import (
+    InMemorySessionStore,
+    SessionGone,
+    SessionStore,
+)
 from mcp2anp_middleware.sessions.stores.base import Caps, SessionRecord
 from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
 
@@ -605,7 +609,7 @@ async def test_a_creation_gone_from_a_store_of_this_process_alone_is_not_committ
     else:  # an initialize longer than the idle timeout: its reservation is not renewed
         clock.advance(TIMEOUT + sessions.touch_interval + 1)
         assert await sessions.sweep() == 1
-    with pytest.raises(StoreUnavailable):
+    with pytest.raises(SessionGone):
         await sessions.commit(state)
     assert sessions.stats.created == 0
     assert SessionEventKind.CREATED not in [event.kind for event in events]

@@ -53,7 +53,12 @@ from mcp2anp_middleware.sessions.request_headers import HEADERS_SCOPE_KEY, Reque
 from mcp2anp_middleware.sessions.state import SERVING, SessionConfig, SessionState
 from mcp2anp_middleware.sessions.state_file import load_state_file, save_state_file
 from mcp2anp_middleware.sessions.stats import SessionStatsApp, session_statistics
-from mcp2anp_middleware.sessions.stores.base import CapExceeded, SessionStore, StoreUnavailable
+from mcp2anp_middleware.sessions.stores.base import (
+    CapExceeded,
+    SessionGone,
+    SessionStore,
+    StoreUnavailable,
+)
 
 logger = HotPathLogger(
     "mcp2anp_middleware.sessions.middleware"
@@ -72,6 +77,7 @@ HANDSHAKE_RESERVATION = 30.0
 """Seconds a new session's store record lives before its ``initialize`` answer commits it."""
 _NO_HEADERS = RequestHeaders(())
 _MAX_HELD_INITIALIZE = 1024 * 1024
+_SESSION_GONE = "Session ended before it was ready (evicted, revoked or expired); initialize again"
 
 
 class _Refusal(Exception):
@@ -519,24 +525,35 @@ class MCPSessionMiddleware:
         held_size = 0
 
         async def commit_or_refuse() -> bool:
-            """Commit the creation; on a store failure, a 503 replaces the app's answer."""
+            """Commit the creation; if that fails, a 503 replaces the app's answer."""
             nonlocal committed
             try:
                 await registry.commit(state)
+            except SessionGone:  # not an outage: the client starts again, now
+                logger.info(
+                    "New session ended before its creation completed",
+                    session_id=short_id(state.session_id),
+                )
+                await refuse("session_gone", _SESSION_GONE, b"1")
+                return False
             except StoreUnavailable:
                 logger.warning("Session store unavailable while committing a new session")
-                call.replaced = True
-                await send_jsonrpc_error(
-                    call.send_tracked,
-                    503,
-                    INTERNAL_ERROR,
-                    "Session store unavailable; retry shortly",
-                    request_id=jsonrpc_id(call.message),
-                    headers=[(b"retry-after", b"5")],
-                )
+                await refuse("store_unavailable", "Session store unavailable; retry shortly", b"5")
                 return False
             committed = True
             return True
+
+        async def refuse(reason: str, message: str, retry_after: bytes) -> None:
+            registry.stats.rejected[reason] += 1
+            call.replaced = True
+            await send_jsonrpc_error(
+                call.send_tracked,
+                503,
+                INTERNAL_ERROR,
+                message,
+                request_id=jsonrpc_id(call.message),
+                headers=[(b"retry-after", retry_after)],
+            )
 
         async def send_with_session(message: Message) -> None:
             nonlocal held_start, held_size

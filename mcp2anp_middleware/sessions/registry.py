@@ -45,6 +45,7 @@ from mcp2anp_middleware.sessions.state import NEVER, SessionConfig, SessionState
 from mcp2anp_middleware.sessions.stores.base import (
     CapExceeded,
     Caps,
+    SessionGone,
     SessionRecord,
     SessionStore,
     StoreUnavailable,
@@ -322,8 +323,10 @@ class SessionRegistry:
         """The session's creating request succeeded: it now counts, and its id may be shown.
 
         A reservation is first extended to the full lifetime; if the store cannot confirm that
-        (unreachable, or the reservation lapsed) this raises :class:`StoreUnavailable` and the
-        caller refuses the request instead of handing out an id the store may not keep. A
+        this raises (:class:`StoreUnavailable` when unreachable; :class:`SessionGone` when the
+        record is gone: the reservation lapsed, or the session was evicted, revoked or expired
+        meanwhile) and the caller refuses the request instead of handing out an id the store may
+        not keep. A
         memory store only this registry uses keeps no reservation: there the record is only
         checked (still there, not evicted, revoked or expired meanwhile), and the write that
         ends the creating request carries what changed since the creation (the handshake).
@@ -336,7 +339,7 @@ class SessionRegistry:
             # the write that ends this request, made regardless of the touch interval (the
             # record was never synced since).
             if not self.store.mark_used(state.session_id, state.created_at):  # type: ignore[attr-defined]
-                raise StoreUnavailable("session gone before its commit (evicted, revoked, expired)")
+                raise SessionGone("session gone before its commit (evicted, revoked, expired)")
             state.reserved = False
             state.synced_at = NEVER
         elif state.reserved:
@@ -344,7 +347,7 @@ class SessionRegistry:
             record, ttl = self._record(state, now)
             notices = self._notices
             if not await self.store.write(record, ttl=ttl, now=now):
-                raise StoreUnavailable("session reservation lapsed before its commit")
+                raise SessionGone("session gone before its commit (reservation lapsed, removed)")
             state.reserved = False
             state.synced_at = state.last_accessed
             state.leased = self._leased(state, renew=False)

@@ -21,6 +21,12 @@ class StoreUnavailable(Exception):
     """The store cannot be reached; requests are answered 503 until it is back."""
 
 
+class SessionGone(StoreUnavailable):
+    """A new session's record was gone when its creating request came to commit it (evicted,
+    revoked or expired meanwhile, or its reservation lapsed): not an outage, the client starts
+    again. A :class:`StoreUnavailable`, so code that treats any failed commit alike still does."""
+
+
 class CapExceeded(Exception):
     """A session cap refused a new session: ``scope`` is "principal" (429) or "global" (503)."""
 
