@@ -199,7 +199,7 @@ async def store_only(count: int) -> tuple[float, float]:
     gc.collect()
     gc.freeze()
     clock.advance(TIMEOUT + 1)
-    kept: list[object] = []  # the records, freed after the measurement (as the sweep frees them)
+    kept: list[object] = []  # the records, freed after the measurement, not inside it
 
     async def expire(store: SessionStore) -> None:
         kept.append(await store.expire(now=clock()))

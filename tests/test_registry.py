@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -686,16 +687,20 @@ async def test_the_live_cache_keeps_the_most_recently_used_sessions(
     assert second.closed
     rebuilt = await sessions.get(second.session_id, ALICE)  # its record is kept: built again
     assert rebuilt is not None and rebuilt is not second
-    # An object a request holds is never dropped: the trim moves it to the back and tries again
-    # with a later session.
+    # An object a request holds is never dropped: the trim moves it to the back and stops, the
+    # cache one over its size until a later session trims it.
     await sessions.acquire(first)
-    for other in sessions.live_sessions()[:-1]:  # the others used since: it is the oldest
+    kept = sessions.live_sessions()
+    for other in kept[:-1]:  # the others used since: it is the oldest
         await sessions.acquire(other)
         await sessions.release(other)
     assert sessions.live_sessions()[0] is first
     fifth = await created(sessions)
     assert sessions.live_sessions()[-2:] == [fifth, first] and not first.closed
+    assert len(sessions) == 4 and not any(state.closed for state in kept)
     await sessions.release(first)
+    sixth = await created(sessions)
+    assert len(sessions) == 3 and sessions.live_sessions()[-1] is sixth
 
 
 async def test_a_sweep_lets_other_tasks_run_while_it_reports_expired_sessions(
@@ -751,3 +756,82 @@ async def test_a_memory_store_lets_other_tasks_run_every_batch_of_expired_entrie
         ticker.cancel()
     assert len(removed) == 6 and len(store) == 0
     assert ticks - before >= 3  # at least once per two entries
+
+
+async def test_a_sweep_leaves_alone_a_later_implicit_session_with_the_same_id(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An implicit session's id is its principal's: a request may make it again while a sweep
+    that yields still has the earlier session's record to report. The report must not end the
+    new session."""
+    import mcp2anp_middleware.sessions.registry as registry_module
+    from mcp2anp_middleware.sessions.loop_slice import LoopSlice
+
+    monkeypatch.setattr(registry_module, "LoopSlice", lambda: LoopSlice(0.0))
+    clock = ManualClock()
+    sessions = registry(InMemorySessionStore(), clock)
+    for _ in range(3):  # others expiring in the same sweep, reported first
+        bob = sessions.new_session(BOB)
+        await sessions.register(bob)
+        await sessions.commit(bob)
+    clock.advance(1)
+    old, _ = await sessions.implicit_session(ALICE)
+    await sessions.commit(old)
+    clock.advance(TIMEOUT * 2)
+    events = recorder(sessions)
+    reporting = asyncio.Event()
+    sessions.subscribe(lambda event: reporting.set())
+    made: list[SessionState] = []
+
+    async def request() -> None:
+        await reporting.wait()  # the sweep has begun reporting, alice's record not yet
+        new, created_now = await sessions.implicit_session(ALICE)
+        assert created_now
+        await sessions.commit(new)
+        made.append(new)
+
+    racing = asyncio.ensure_future(request())
+    assert await sessions.sweep() == 4
+    await racing
+    new = made[0]
+    assert new is not old and new.session_id == old.session_id
+    assert not new.closed and await sessions.get(new.session_id, ALICE, implicit=True) is new
+    alice = [(event.kind, event.state) for event in events if event.principal == "alice"]
+    assert (SessionEventKind.EXPIRED, new) not in alice
+    assert (SessionEventKind.CREATED, new) in alice
+
+
+async def test_a_memory_store_expiry_cancelled_midway_loses_no_deadline() -> None:
+    store = InMemorySessionStore(batch=2)
+    for index in range(6):
+        record = SessionRecord(f"s{index}", "alice", created_at=0.0, last_used=0.0, expires_at=1.0)
+        assert (await store.create(record, ttl=1.0, now=0.0, caps=Caps())).created
+    expiring = asyncio.ensure_future(store.expire(now=2.0))
+    await asyncio.sleep(0)  # up to its first yield
+    expiring.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await expiring
+    assert 0 < len(store) < 6
+    await store.expire(now=2.0)
+    assert len(store) == 0  # every record left still had its deadline
+
+
+def test_a_loop_slice_ends_after_its_steps_or_its_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mcp2anp_middleware.sessions import loop_slice as module
+
+    now = [100.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])  # (the module reads time's)
+    by_steps = module.LoopSlice(60.0, steps=3)
+    assert [by_steps.over() for _ in range(3)] == [False, False, True]
+    by_time = module.LoopSlice(0.005)
+    assert not by_time.over()
+    now[0] += 0.004
+    assert not by_time.over()
+    now[0] += 0.002
+    assert by_time.over()
+    asyncio.run(by_time.next())  # a new slice, timed from when the task resumed
+    assert not by_time.over()
+    now[0] += 0.006
+    assert by_time.over()
+    asyncio.run(by_steps.next())  # and its count starts again
+    assert [by_steps.over() for _ in range(3)] == [False, False, True]

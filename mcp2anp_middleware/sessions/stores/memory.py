@@ -142,16 +142,19 @@ class InMemorySessionStore:
         loop_slice = LoopSlice(steps=self.batch)
         while deadlines and deadlines[0][0] <= now:
             _, session_id = heapq.heappop(deadlines)
-            if loop_slice.over():  # (entries pushed back count too: they are work)
-                await loop_slice.next()
             record = self._records.get(session_id)
             if record is None:
-                continue  # removed since
-            if record.expires_at > now:  # a later deadline (written since): seen again then
+                pass  # removed since
+            elif record.expires_at > now:  # a later deadline (written since): seen again then
                 heapq.heappush(deadlines, (record.expires_at, session_id))
-                continue
-            self._forget(session_id)
-            removed.append(record)
+            else:
+                self._forget(session_id)
+                removed.append(record)
+            # Only once the entry is dealt with: a cancellation while this yields loses no
+            # entry (a record left without one would never expire). Entries pushed back count
+            # too: they are work.
+            if loop_slice.over():
+                await loop_slice.next()
         return removed
 
     async def ping(self) -> bool:
