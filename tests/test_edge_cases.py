@@ -134,6 +134,79 @@ async def test_restored_sessions_are_swept_in_order_of_use(tmp_path: Path) -> No
     await middleware.shutdown()
 
 
+async def test_a_restored_session_keeps_its_mcp_handshake(tmp_path: Path) -> None:
+    """Without it the SDK's kernel would treat the restored session as uninitialized and refuse
+    every request on it, while the client still holds a valid id."""
+    state_file = tmp_path / "state.json"
+    tools_list = {"jsonrpc": "2.0", "id": 3, "method": "tools/list"}
+
+    def hosted() -> MCPSessionMiddleware:
+        endpoint = MCPEndpoint(MCPServer("restored"), json_response=True)
+        return MCPSessionMiddleware(
+            HostApp(), mcp_app=endpoint, services=[endpoint.service], state_file=state_file
+        )
+
+    first = hosted()
+    async with client_for(first) as client:
+        created = await client.post("/mcp", json=INITIALIZE, headers=MCP_HEADERS)
+        headers = {**MCP_HEADERS, "Mcp-Session-Id": created.headers["mcp-session-id"]}
+        headers["MCP-Protocol-Version"] = "2025-11-25"
+        before = await client.post("/mcp", json=tools_list, headers=headers)
+    assert before.status_code == 200 and "result" in before.json()
+    await first.shutdown()
+    assert json.loads(state_file.read_text())["sessions"][0]["handshake"]
+
+    second = hosted()
+    async with client_for(second) as client:
+        after = await client.post("/mcp", json=tools_list, headers=headers)
+    assert after.status_code == 200
+    assert after.json() == before.json()
+    await second.shutdown()
+
+
+async def test_concurrent_first_requests_wait_for_the_saved_sessions(tmp_path: Path) -> None:
+    """A host without lifespan events: each first request starts the middleware, and none is
+    served before the state file's sessions are back."""
+    state_file = tmp_path / "state.json"
+    first = MCPSessionMiddleware(HostApp(), mcp_app=RecordingMCPApp(), state_file=state_file)
+    async with client_for(first) as client:
+        session_id = (await client.post("/mcp", json=BARE_INITIALIZE)).headers["mcp-session-id"]
+    await first.shutdown()
+    second = MCPSessionMiddleware(HostApp(), mcp_app=RecordingMCPApp(), state_file=state_file)
+    async with client_for(second) as client:
+        headers = {"Mcp-Session-Id": session_id}
+        answers = await asyncio.gather(
+            *(client.post("/mcp", json=PING, headers=headers) for _ in range(3))
+        )
+    assert [answer.status_code for answer in answers] == [200, 200, 200]
+    await second.shutdown()
+
+
+async def test_every_start_consumes_the_state_file(tmp_path: Path) -> None:
+    """Started again in the same process (a second lifespan cycle), the middleware still reads
+    and deletes the file its last stop wrote: left in place, it would bring back after a crash
+    a session deleted meanwhile."""
+    state_file = tmp_path / "state.json"
+    middleware = MCPSessionMiddleware(HostApp(), mcp_app=RecordingMCPApp(), state_file=state_file)
+    await middleware.startup()
+    async with client_for(middleware) as client:
+        session_id = (await client.post("/mcp", json=BARE_INITIALIZE)).headers["mcp-session-id"]
+    await middleware.shutdown()
+    assert state_file.exists()
+    await middleware.startup()
+    assert not state_file.exists()
+    async with client_for(middleware) as client:
+        headers = {"Mcp-Session-Id": session_id}
+        assert (await client.post("/mcp", json=PING, headers=headers)).status_code == 200
+        assert (await client.delete("/mcp", headers=headers)).status_code == 204
+    await middleware.shutdown()
+    restarted = MCPSessionMiddleware(HostApp(), mcp_app=RecordingMCPApp(), state_file=state_file)
+    async with client_for(restarted) as client:
+        headers = {"Mcp-Session-Id": session_id}
+        assert (await client.post("/mcp", json=PING, headers=headers)).status_code == 404
+    await restarted.shutdown()
+
+
 async def test_long_accept_and_content_type_values_are_checked_but_never_cached() -> None:
     """A client sends the same short headers every time (cached); one sending long values
     cannot fill the caches with them, and gets the same answers."""

@@ -218,7 +218,7 @@ class MCPSessionMiddleware:
         self.state_file = Path(state_file) if state_file is not None else None
         self.started_at = time.time()
         self._stopped = False
-        self._state_loaded = False
+        self._starting = asyncio.Lock()
 
     # -- ASGI entry point -----------------------------------------------------------------------
 
@@ -244,15 +244,21 @@ class MCPSessionMiddleware:
         await self.app(scope, receive, send)
 
     async def startup(self) -> None:
-        """Restore saved sessions, start the cleanup loop and services (lifespan, or lazily)."""
-        if self.state_file is not None and not self._state_loaded:
-            self._state_loaded = True
-            restored = await load_state_file(self.registry, self.state_file)
-            if restored:
-                logger.info("Sessions restored from state file", count=restored)
-        self._stopped = False
-        self.registry.accepting = True
-        await self.background.start()
+        """Restore saved sessions, start the cleanup loop and services (lifespan, or lazily).
+
+        One start at a time: the first requests of a host without lifespan events each start
+        the middleware, and none may be served before the saved sessions are back. The state
+        file is read (and deleted) at every start: one written by an earlier stop of this
+        process restores nothing new, and left in place it could bring back, after a crash,
+        sessions deleted since."""
+        async with self._starting:
+            if self.state_file is not None:
+                restored = await load_state_file(self.registry, self.state_file)
+                if restored:
+                    logger.info("Sessions restored from state file", count=restored)
+            self._stopped = False
+            self.registry.accepting = True
+            await self.background.start()
 
     async def shutdown(self) -> None:
         """Stop taking new sessions, let in-flight requests finish (bounded), then stop."""

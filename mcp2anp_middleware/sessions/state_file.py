@@ -1,8 +1,10 @@
 """Saving in-memory sessions at shutdown and restoring the unexpired ones at start.
 
-Only metadata is saved (ids, principals, times), never credentials: a restored session gets its
-credential from the next request's authentication, which must carry the same principal. The file
-holds live session ids, which are secrets: it is written with mode 0600 via a temporary file.
+Only metadata is saved (ids, principals, times, and the MCP handshake the session was opened
+with, without which a restored session would answer every request as uninitialized), never
+credentials: a restored session gets its credential from the next request's authentication,
+which must carry the same principal. The file holds live session ids, which are secrets: it is
+written with mode 0600 via a temporary file.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +37,7 @@ async def save_state_file(registry: SessionRegistry, path: Path) -> int:
             "created_at": r.created_at,
             "last_accessed": registry.last_use(r),
             "implicit": r.implicit,
+            "handshake": r.handshake,
         }
         for r in registry.store.records()
     ]
@@ -73,6 +77,9 @@ async def load_state_file(registry: SessionRegistry, path: Path) -> int:
             )
         except (KeyError, TypeError, ValueError):
             continue
+        handshake = entry.get("handshake")
+        if isinstance(handshake, str):  # (files written before it was saved have none)
+            state.handshake = sys.intern(handshake)
         if not (math.isfinite(state.created_at) and math.isfinite(state.last_accessed)):
             continue  # an edited or damaged file must not restore a session that never expires
         entries.append(state)
