@@ -305,6 +305,20 @@ async def test_remote_honours_retry_after_up_to_cap(verifier: Verifier) -> None:
     assert sleep.delays == [3.0, 10.0, pytest.approx(0.4)]
 
 
+async def test_remote_ignores_a_retry_after_that_is_no_number(verifier: Verifier) -> None:
+    """``"²"`` is a digit to ``str.isdigit`` and not to ``int()``: backed off as without one."""
+    verifier.failures = [
+        PlainTextResponse("slow down", 429, headers={"Retry-After": "\xb2"}),
+        PlainTextResponse("slow down", 429, headers={"Retry-After": "9" * 5000}),
+    ]
+    sleep = RecordingSleep()
+    async with RemoteVerifierAuthenticator(
+        f"{verifier.base}/verify", retries=2, backoff=0.1, max_retry_after=10, sleep=sleep
+    ) as auth:
+        assert (await auth(Credentials(api_key=ALICE_KEY))).principal == "alice"
+    assert sleep.delays == [pytest.approx(0.1), pytest.approx(0.2)]
+
+
 async def test_remote_gives_up_after_retries(verifier: Verifier) -> None:
     verifier.failures = [PlainTextResponse("down", 503) for _ in range(3)]
     sleep = RecordingSleep()

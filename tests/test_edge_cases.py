@@ -207,6 +207,66 @@ async def test_every_start_consumes_the_state_file(tmp_path: Path) -> None:
     await restarted.shutdown()
 
 
+async def test_a_post_to_a_session_ended_after_its_lookup_is_not_found() -> None:
+    """A session removed between the middleware's lookup and the endpoint (a DELETE, an eviction
+    or a revocation on another worker, with Redis) is answered as the spec says, 404, which
+    tells the client to initialize again; a GET already was."""
+    endpoint = MCPEndpoint(MCPServer("ended"), json_response=True)
+    middleware = MCPSessionMiddleware(HostApp(), mcp_app=endpoint, services=[endpoint.service])
+    registry = middleware.registry
+    async with client_for(middleware) as client:
+        created = await client.post("/mcp", json=INITIALIZE, headers=MCP_HEADERS)
+        headers = {**MCP_HEADERS, "Mcp-Session-Id": created.headers["mcp-session-id"]}
+        acquire = registry.acquire
+
+        async def removed_meanwhile(state: Any) -> None:
+            await registry.remove(state.session_id, reason="deleted")
+            await acquire(state)
+
+        registry.acquire = removed_meanwhile  # type: ignore[method-assign]
+        ended = await client.post("/mcp", json=PING, headers=headers)
+    assert ended.status_code == 404
+    assert ended.json()["error"]["message"] == "Session not found"
+    assert ended.json()["id"] == PING["id"]
+    assert registry.in_flight == 0
+    await middleware.shutdown()
+
+
+async def test_a_content_length_of_thousands_of_digits_is_too_large() -> None:
+    """Past 4,300 digits ``int()`` raises: the request must still get its 413 (a JSON-RPC body),
+    not a 500 with none."""
+    middleware = MCPSessionMiddleware(HostApp(), mcp_app=RecordingMCPApp())
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    for length in (b"9" * 30, b"9" * 5000):
+        sent.clear()
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/mcp",
+            "headers": [(b"content-type", b"application/json"), (b"content-length", length)],
+        }
+        await middleware(scope, receive, send)
+        assert sent[0]["status"] == 413
+        assert json.loads(sent[1]["body"])["error"]["message"].startswith("Request body exceeds")
+    await middleware.shutdown()
+
+
+def test_session_caps_are_whole_numbers_of_at_least_one() -> None:
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="at least 1"):
+            SessionPolicy(per_principal_cap=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="at least 1"):
+            SessionPolicy(global_cap=bad)  # type: ignore[arg-type]
+    assert SessionPolicy(per_principal_cap=1, global_cap=None).per_principal_cap == 1
+
+
 async def test_long_accept_and_content_type_values_are_checked_but_never_cached() -> None:
     """A client sends the same short headers every time (cached); one sending long values
     cannot fill the caches with them, and gets the same answers."""

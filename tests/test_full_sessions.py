@@ -599,7 +599,9 @@ async def test_a_priming_id_replays_its_own_stream_only_and_bad_ids_replay_nothi
     stream, events = found
     assert stream == "aaaaaaaaaa.1.2"
     assert [(e.event_id, e.payload, e.final) for e in events] == [(later, '{"mine": true}', True)]
-    for bad in ("", "x~aaaaaaaaaa.1.2", "1~client\nid", "1~aaaaaaaaaa.1", "999"):
+    # (Superscript digits are digits to str.isdigit, and int() refuses them: not an outage.)
+    bad_ids = ("", "x~aaaaaaaaaa.1.2", "1~client\nid", "1~aaaaaaaaaa.1", "999", "\xb2")
+    for bad in (*bad_ids, "\xb2~aaaaaaaaaa.1.2", "9" * 5000):
         assert await log.after("s1", bad) is None, bad
     assert await log.after("another session", primed) == ("aaaaaaaaaa.1.2", [])
 

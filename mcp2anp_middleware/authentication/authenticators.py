@@ -365,7 +365,7 @@ class RemoteVerifierAuthenticator:
 def _retry_after(response: httpx.Response) -> float | None:
     """An integer-seconds ``Retry-After``; HTTP-date and junk values are ignored."""
     value = response.headers.get("retry-after", "").strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit() and len(value) <= 10:  # ("²" is a digit to isdigit)
         return float(int(value))
     return None
 

@@ -132,6 +132,12 @@ def priming_id(anchor: str, stream: str) -> str:
     return f"{anchor}~{stream}"
 
 
+def _number(text: str) -> bool:
+    """ASCII digits, not too many for ``int()`` (``str.isdigit`` is also true of ``"²"``, which
+    ``int()`` refuses): a client's ``Last-Event-ID`` is read with it."""
+    return text.isascii() and text.isdigit() and len(text) <= 30
+
+
 def parse_priming_id(event_id: str) -> tuple[str, str] | None:
     anchor, sep, stream = event_id.partition("~")
     if not sep or not _LOG_STREAM.fullmatch(stream):
@@ -179,10 +185,10 @@ class MemoryEventLog:
         primed = parse_priming_id(event_id)
         if primed is not None:
             anchor, stream = primed
-            if not anchor.isdigit():
+            if not _number(anchor):
                 return None
             seq = int(anchor)
-        elif event_id.isdigit():
+        elif _number(event_id):
             seq = int(event_id)
             found = (
                 next((e.stream for e in log.events if e.event_id == event_id), None)

@@ -296,6 +296,11 @@ class MCPEndpoint:
         except ValueError:  # pydantic's ValidationError included
             await send_jsonrpc_error(send, 400, PARSE_ERROR, "Body is not a JSON-RPC message")
             return
+        if state.closed:  # ended since the middleware found it (DELETE, eviction, another worker)
+            request_id = message.id if isinstance(message, CheckedRequest) else None
+            text = "Session not found"
+            await send_jsonrpc_error(send, 404, INVALID_REQUEST, text, request_id=request_id)
+            return
         if not isinstance(message, CheckedRequest):  # (a request is the usual message)
             await _accepted(send)
             if isinstance(message, JSONRPCNotification):

@@ -36,6 +36,10 @@ class SessionPolicy:
             raise ValueError("cap_policy must be 'reject' or 'evict_oldest'")
         if not (math.isfinite(self.cleanup_interval) and self.cleanup_interval > 0):
             raise ValueError("cleanup_interval must be a finite number of seconds above 0")
+        for name in ("per_principal_cap", "global_cap"):
+            cap = getattr(self, name)
+            if cap is not None and (type(cap) is not int or cap < 1):
+                raise ValueError(f"{name} must be a whole number of at least 1 (or None: no cap)")
 
 
 @dataclass(frozen=True, slots=True)
