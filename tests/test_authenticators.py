@@ -99,6 +99,11 @@ async def test_static_hashed_entries_and_bad_input() -> None:
         StaticKeyAuthenticator({}, hashed_entries={"abc": ALICE})
     with pytest.raises(ValueError, match="non-empty"):
         StaticKeyAuthenticator({"": ALICE})
+    # Keys that could never arrive as written (a header is bytes read as Latin-1, stripped):
+    for never_matches in ("café-key", " padded", "tab\tkey", "line\nbreak"):
+        with pytest.raises(ValueError, match="printable ASCII") as refused:
+            StaticKeyAuthenticator({never_matches: ALICE})
+        assert never_matches.strip() not in str(refused.value)  # (named by fingerprint only)
 
 
 def write(tmp_path: Path, document: Any) -> Path:

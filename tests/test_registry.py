@@ -4,6 +4,7 @@ per-principal listing and revocation. Two registries over one store behave like 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import time
@@ -25,7 +26,7 @@ from mcp2anp_middleware.sessions.stores import (
     SessionGone,
     SessionStore,
 )
-from mcp2anp_middleware.sessions.stores.base import Caps, SessionRecord
+from mcp2anp_middleware.sessions.stores.base import CapExceeded, Caps, SessionRecord
 from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
 
 from .redis_server import RedisServer
@@ -835,3 +836,26 @@ def test_a_loop_slice_ends_after_its_steps_or_its_time(monkeypatch: pytest.Monke
     assert by_time.over()
     asyncio.run(by_steps.next())  # and its count starts again
     assert [by_steps.over() for _ in range(3)] == [False, False, True]
+
+
+async def test_a_cap_met_expires_no_session_a_request_still_runs_on(
+    new_store: StoreFactory,
+) -> None:
+    """Past its maximum age a session is refused to new requests, and removed when its last one
+    ends; a creation meeting the cap, which expires what the store still counts, must not
+    remove it while a request runs (as the sweep renews it first)."""
+    clock = ManualClock()
+    sessions = registry(new_store(), clock, max_session_age=60.0, per_principal_cap=1)
+    events = recorder(sessions)
+    busy = await created(sessions)
+    clock.advance(50)
+    await sessions.acquire(busy)
+    clock.advance(20)  # past its maximum age, its request still running, no sweep yet
+    # (Refused in memory; Redis counts a session by its written deadline, here past.)
+    with contextlib.suppress(CapExceeded):
+        await sessions.register(sessions.new_session(ALICE))
+    assert not busy.closed
+    assert SessionEventKind.EXPIRED not in [event.kind for event in events]
+    await sessions.release(busy)  # its last request ended: now it goes
+    assert busy.closed
+    assert await sessions.get(busy.session_id, ALICE) is None

@@ -109,6 +109,13 @@ class StaticKeyAuthenticator:
         for key, config in entries.items():
             if not key:
                 raise ValueError("API keys must be non-empty strings")
+            if not (key.isascii() and key.isprintable()) or key != key.strip():
+                # A header carries bytes, read as Latin-1 and stripped: such a key never
+                # arrives as written, so it could never match.
+                raise ValueError(
+                    "API keys must be printable ASCII without surrounding spaces (the key with "
+                    f"fingerprint {credential_fingerprint(key)} is not)"
+                )
             table[_digest(key)] = config
         for hex_digest, config in (hashed_entries or {}).items():
             table[_parse_sha256(hex_digest)] = config

@@ -302,8 +302,15 @@ class SessionRegistry:
             try:
                 outcome = await self.store.create(record, ttl=ttl, now=now, caps=self.caps)
             except CapExceeded:
-                if not await self._expire_store(now):  # stores without native expiry may still
-                    raise  # count sessions past their deadline: expire those, then try again
+                # Stores without native expiry may still count sessions past their deadline:
+                # expire those, then try again. A session a request still runs on is never
+                # expired under it: first renewed, as the sweep renews it (past its maximum age
+                # it goes when its last request ends).
+                for busy in list(self._busy.values()):
+                    if self.deadline(busy) + self.touch_interval <= now:
+                        await self._sync(busy, force=True, renew=True)
+                if not await self._expire_store(now):
+                    raise
                 outcome = await self.store.create(record, ttl=ttl, now=now, caps=self.caps)
         except StoreUnavailable:
             await self.discard(state)  # the store may still carry the creation out later
