@@ -360,6 +360,36 @@ async def test_the_get_stream_carries_notifications_sent_by_another_worker(
                     break
 
 
+async def test_a_resumed_get_stream_replaces_the_sessions_standalone_stream(
+    tmp_path: Path,
+) -> None:
+    """A client that reconnects its GET stream with ``Last-Event-ID`` gets the session's one
+    standalone stream: the earlier one ends (no message goes on two streams), and a fresh GET
+    is still refused."""
+    async with workers(tmp_path, 1, None) as (a,), httpx.AsyncClient() as http:
+        client = RawClient(http)
+        await client.initialize(a.url)
+        async with http.stream("GET", a.url, headers=client.headers()) as first:
+            assert first.status_code == 200
+            assert result_text(await client.call(a.url, 1, "touch")) == "touched"
+            lines = first.aiter_lines()
+            event_id = None
+            async for line in lines:
+                if line.startswith("id:"):
+                    event_id = line[3:].strip()
+                if line.startswith("data:") and line[5:].strip():
+                    break
+            assert event_id is not None
+            headers = client.headers(**{"Last-Event-ID": event_id})
+            async with http.stream("GET", a.url, headers=headers) as resumed:
+                assert resumed.status_code == 200
+                with anyio.fail_after(10):
+                    async for _ in lines:
+                        pass  # the earlier stream ended
+                fresh = await http.get(a.url, headers=client.headers())
+                assert fresh.status_code == 409
+
+
 async def test_a_stream_lost_after_its_priming_event_is_resumed_on_the_other_worker(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:

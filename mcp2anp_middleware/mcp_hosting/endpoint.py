@@ -468,6 +468,13 @@ class MCPEndpoint:
                         if found is None:
                             return
                         stream, replayed = found
+                        if stream == STANDALONE:  # the standalone stream, reconnected: the
+                            # session's one from now on (the earlier one's client left, or
+                            # will receive nothing more: no message goes on two streams)
+                            earlier = self._standalone.get(session_id)
+                            if earlier is not None:
+                                earlier.cancel()
+                            self._standalone[session_id] = cancel
                         for event in replayed:
                             if event.event_id is not None:
                                 seen.add(event.event_id)
