@@ -32,11 +32,12 @@ from mcp2anp_middleware.mcp_hosting import endpoint as endpoint_module
 from mcp2anp_middleware.mcp_hosting.backplane import (
     LISTENER_BUFFER,
     Event,
+    LocalBackplane,
     LocalRelay,
     MemoryEventLog,
     priming_id,
 )
-from mcp2anp_middleware.mcp_hosting.live_session import LiveSession
+from mcp2anp_middleware.mcp_hosting.live_session import STANDALONE, LiveSession
 from mcp2anp_middleware.mcp_hosting.redis_backplane import RedisBackplane, RedisRelay
 from mcp2anp_middleware.sessions.registry import SessionRegistry
 from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
@@ -133,7 +134,7 @@ class RawClient:
         note = {"jsonrpc": "2.0", "method": "notifications/initialized"}
         assert (await self.http.post(url, json=note, headers=self.headers())).status_code == 202
 
-    async def call(self, url: str, request_id: int, tool: str) -> list[dict[str, Any]]:
+    async def call(self, url: str, request_id: int | str, tool: str) -> list[dict[str, Any]]:
         message = {
             "jsonrpc": "2.0",
             "id": request_id,
@@ -358,6 +359,81 @@ async def test_the_get_stream_carries_notifications_sent_by_another_worker(
                     assert note["method"] == "notifications/resources/updated"
                     assert note["params"] == {"uri": "test://thing"}
                     break
+
+
+async def test_a_request_id_spelled_like_the_get_streams_name_is_just_a_request(
+    tmp_path: Path,
+) -> None:
+    """A client may use any string as a request id: the one this package's GET stream is kept
+    under internally too. The request's answer and the session's notifications still go where
+    they belong."""
+    async with workers(tmp_path, 1, None) as (a,), httpx.AsyncClient() as http:
+        client = RawClient(http)
+        await client.initialize(a.url)
+        async with http.stream("GET", a.url, headers=client.headers()) as standalone:
+            assert standalone.status_code == 200
+            answer = await client.call(a.url, STANDALONE, "touch")
+            assert result_text(answer) == "touched"
+            assert all(event["data"].get("id") == STANDALONE for event in answer if event["data"])
+            with anyio.fail_after(10):
+                async for line in standalone.aiter_lines():
+                    if line.startswith("data:"):
+                        note = json.loads(line[5:])
+                        assert note["method"] == "notifications/resources/updated"
+                        break
+
+
+async def test_an_id_reused_while_its_answer_is_being_logged_is_refused(tmp_path: Path) -> None:
+    """A polled request's answer reaches its client through the log's relay before the log's
+    write returns here (Redis publishes inside its script). Until it returns the request is in
+    flight: its id reused then is refused (409), not handed the old answer with the new one
+    lost."""
+    published = anyio.Event()
+    returned = anyio.Event()
+    release = anyio.Event()
+
+    class SlowAnswerLog(LocalBackplane):
+        async def record(self, session_id: str, event: Event) -> Event:
+            logged = await super().record(session_id, event)
+            if event.final:
+                published.set()
+                await release.wait()
+                returned.set()
+            return logged
+
+    gate = anyio.Event()
+    server = MCPServer("reuse")
+
+    @server.tool()
+    async def poll(ctx: Context) -> str:
+        await ctx.report_progress(1, 2, "started")
+        await ctx.close_sse_stream()
+        await gate.wait()
+        return "old"
+
+    @server.tool()
+    async def fresh() -> str:
+        return "new"
+
+    app = ANPMiddleware(Starlette(), server=server, data_dir=tmp_path)
+    app.endpoint.backplane = SlowAnswerLog()
+    async with serve(app) as base, httpx.AsyncClient() as http:
+        url = base + "/mcp"
+        client = RawClient(http)
+        await client.initialize(url)
+        polled = await client.call(url, 5, "poll")  # closed for polling: no answer in it
+        assert not any("result" in (event["data"] or {}) for event in polled)
+        gate.set()
+        with anyio.fail_after(10):
+            await published.wait()
+        message = {"jsonrpc": "2.0", "id": 5, "method": "tools/call"}
+        message["params"] = {"name": "fresh", "arguments": {}}
+        refused = await http.post(url, json=message, headers=client.headers())
+        assert refused.status_code == 409
+        release.set()
+        with anyio.fail_after(10):
+            await returned.wait()
+        assert result_text(await client.call(url, 5, "fresh")) == "new"
 
 
 async def test_a_resumed_get_stream_replaces_the_sessions_standalone_stream(

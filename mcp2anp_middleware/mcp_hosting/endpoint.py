@@ -60,7 +60,7 @@ from mcp2anp_middleware.mcp_hosting.backplane import (
 )
 from mcp2anp_middleware.mcp_hosting.handshake import Handshake
 from mcp2anp_middleware.mcp_hosting.initialize import InitializeAnswers
-from mcp2anp_middleware.mcp_hosting.live_session import STANDALONE, LiveSession
+from mcp2anp_middleware.mcp_hosting.live_session import STANDALONE, LiveSession, request_stream
 from mcp2anp_middleware.mcp_hosting.request_state import SharedRequestState
 from mcp2anp_middleware.mcp_hosting.sse import (
     HOLD_SECONDS,
@@ -335,7 +335,7 @@ class MCPEndpoint:
         resumable: bool,
     ) -> None:
         """Run the request in this task, its events written as the server sends them."""
-        stream = str(message.id)
+        stream = request_stream(message.id)
         if not sse:
             answers = _AnswerKeeper()
             if not live.begin(message, answers, resumable=False):

@@ -64,6 +64,14 @@ logger = logging.getLogger("mcp2anp_middleware.mcp_hosting")
 STANDALONE = "_GET_stream"
 """The stream of messages tied to no request: the session's GET stream."""
 
+
+def request_stream(request_id: RequestId) -> str:
+    """The key of a request's stream: never :data:`STANDALONE`, whatever string id a client
+    sends (``"_GET_stream"`` is one). An id and its text (``1``, ``"1"``) share one, as in the
+    SDK's transport."""
+    return f"#{request_id}"
+
+
 REQUEST_CANCELLED = -32800
 """The 2025-era wire ends a request's stream only with a response; a cancelled request gets this."""
 
@@ -163,7 +171,7 @@ class RequestChannel:
         await self.notify("notifications/progress", params)
 
     def _stream(self) -> str:
-        return STANDALONE if self.request_id is None else str(self.request_id)
+        return STANDALONE if self.request_id is None else request_stream(self.request_id)
 
 
 class _Answer:
@@ -264,7 +272,7 @@ class LiveSession:
 
     def begin(self, request: ClientRequest, writer: Writer, *, resumable: bool) -> bool:
         """Register the response stream of ``request``; False if its id is already in flight."""
-        stream = str(request.id)
+        stream = request_stream(request.id)
         if stream in self.running or stream in self.writers:
             return False
         self.writers[stream] = writer
@@ -279,7 +287,7 @@ class LiveSession:
         """Run ``request`` through the SDK's kernel in this task; its answer (or, if it was
         cancelled, error -32800, since this era's wire ends a stream only with an answer) is
         the last event of its stream."""
-        stream = str(request.id)
+        stream = request_stream(request.id)
         if self.ended:  # the session ended before this request got here
             ended = ErrorData(code=CONNECTION_CLOSED, message="Session ended")
             await self._emit(_error_json(request.id, ended), stream, True)
@@ -335,17 +343,26 @@ class LiveSession:
                             else:
                                 with cancel_scope(shield=True):  # committed: kept with it
                                     await self._after_success(request)
-        finally:
-            channel.closed = True
+        except BaseException:
             self.running.pop(stream, None)
             self._unlink_if_done()
+            raise
+        finally:
+            channel.closed = True
         if self.ended and answer is None:
             ended = ErrorData(code=CONNECTION_CLOSED, message="Session ended")
             answer = _error_json(request.id, ended)
         elif answer is None or channel.cancelled_by_client:
             cancelled = ErrorData(code=REQUEST_CANCELLED, message="Request cancelled")
             answer = _error_json(request.id, cancelled)
-        await self._emit(answer, stream, True)  # (an answer is never counted as on its way)
+        try:
+            await self._emit(answer, stream, True)  # (an answer is never counted as on its way)
+        finally:
+            # In flight until its answer is out: a logged answer reaches a polling client
+            # through the log's relay before its write here returns, and a request reusing the
+            # id meanwhile is refused (409), not handed this answer while its own is dropped.
+            self.running.pop(stream, None)
+            self._unlink_if_done()
 
     async def notification(self, message: JSONRPCNotification) -> None:
         """A client notification: a cancellation stops the request it names (if it runs here);
@@ -353,7 +370,7 @@ class LiveSession:
         if message.method == "notifications/cancelled":
             target = cancelled_request_id_from_params(message.params)
             if target is not None:
-                self.cancel(str(target))
+                self.cancel(request_stream(target))
         if self.ended:  # nothing of the session is served any more
             return
         channel = RequestChannel(self, None, None, _TRANSPORTS[False])
