@@ -30,6 +30,7 @@ from mcp2anp_middleware import (
     ensure_dev_identity,
 )
 from mcp2anp_middleware.sessions.clock import ManualClock
+from mcp2anp_middleware.sessions.events import SessionEventKind
 from mcp2anp_middleware.sessions.middleware import SESSION_SCOPE_KEY
 from mcp2anp_middleware.sessions.policy import SessionPolicy
 from mcp2anp_middleware.sessions.registry import SessionRegistry
@@ -352,6 +353,88 @@ async def test_a_handshake_whose_session_ends_before_its_answer_is_told_to_start
     assert registry.stats.rejected["session_gone"] == 1 and registry.stats.created == 1
     assert [record.session_id for record in store.records()] == [other]
     assert registry.in_flight == 0
+    await middleware.shutdown()
+
+
+class HeldAnswers:
+    """A session-less-era app: each request waits for its id's gate, then answers with the
+    status its params name (a JSON-RPC error below 200 or from 400, a result otherwise)."""
+
+    def __init__(self) -> None:
+        self.gates: dict[Any, asyncio.Event] = {}
+        self.entered: dict[Any, asyncio.Event] = {}
+
+    def gate(self, request_id: Any) -> asyncio.Event:
+        return self.gates.setdefault(request_id, asyncio.Event())
+
+    def entry(self, request_id: Any) -> asyncio.Event:
+        return self.entered.setdefault(request_id, asyncio.Event())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = json.loads((await receive())["body"])
+        self.entry(request["id"]).set()
+        await self.gate(request["id"]).wait()
+        status = request["params"]["status"]
+        outcome = {"result": {}} if status < 400 else {"error": {"code": -1, "message": "no"}}
+        body = json.dumps({"jsonrpc": "2.0", "id": request["id"], **outcome}).encode()
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def start_session_less(
+    app: Any, request_id: int, status: int
+) -> tuple[asyncio.Task[None], Exchange]:
+    message = {"jsonrpc": "2.0", "id": request_id, "method": "x", "params": {"status": status}}
+    scope, ex = exchange(message)
+    scope["headers"].append((b"mcp-protocol-version", b"2026-07-28"))
+    return asyncio.create_task(app(scope, ex.receive, ex.send)), ex
+
+
+@pytest.mark.parametrize("second_status", [400, 200])
+async def test_a_principals_implicit_session_is_kept_only_if_one_of_its_requests_is_served(
+    second_status: int,
+) -> None:
+    """Two requests of one principal begin before its implicit session exists: the first
+    creates it, the second finds it still uncommitted. Whichever is served commits it (once);
+    if neither is, the last one out removes it."""
+    inner = HeldAnswers()
+    middleware = middleware_with(inner)
+    registry = middleware.registry
+    kinds: list[SessionEventKind] = []
+    registry.subscribe(lambda event: kinds.append(event.kind))
+    first, first_ex = start_session_less(middleware, 1, 400)
+    await asyncio.wait_for(inner.entry(1).wait(), WAIT)
+    second, second_ex = start_session_less(middleware, 2, second_status)
+    await asyncio.wait_for(inner.entry(2).wait(), WAIT)
+    inner.gate(1).set()
+    await asyncio.wait_for(first, WAIT)
+    inner.gate(2).set()
+    await asyncio.wait_for(second, WAIT)
+    assert (first_ex.status, second_ex.status) == (400, second_status)
+    kept = second_status < 400
+    assert len(registry.store) == (1 if kept else 0)  # type: ignore[arg-type]
+    assert registry.stats.created == (1 if kept else 0)
+    assert kinds.count(SessionEventKind.CREATED) == (1 if kept else 0)
+    assert registry.in_flight == 0
+    await middleware.shutdown()
+
+
+async def test_an_implicit_session_revoked_while_its_first_request_runs_is_not_created() -> None:
+    inner = HeldAnswers()
+    middleware = middleware_with(inner)
+    registry = middleware.registry
+    kinds: list[SessionEventKind] = []
+    registry.subscribe(lambda event: kinds.append(event.kind))
+    task, ex = start_session_less(middleware, 1, 200)
+    await asyncio.wait_for(inner.entry(1).wait(), WAIT)
+    assert await registry.revoke_principal("alice") == 1
+    inner.gate(1).set()
+    await asyncio.wait_for(task, WAIT)
+    assert ex.status == 503
+    assert ex.json()["error"]["message"].startswith("Session ended before it was ready")
+    assert registry.stats.created == 0 and SessionEventKind.CREATED not in kinds
+    assert len(registry.store) == 0  # type: ignore[arg-type]
     await middleware.shutdown()
 
 

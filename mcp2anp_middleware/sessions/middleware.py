@@ -359,6 +359,9 @@ class MCPSessionMiddleware:
             state, created = await _store_call(self.registry.implicit_session(config))
         except (CapExceeded, ShuttingDown) as exc:
             raise _creation_refusal(exc) from None
+        # Still uncommitted (the request that created it runs yet): this one may commit it too,
+        # and, refused, may be the last one out that removes it.
+        created = created or state.reserved
         scope = call.scope
         if had_id:  # the spec says to ignore it in this era
             scope = dict(scope)

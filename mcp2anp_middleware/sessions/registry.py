@@ -284,16 +284,20 @@ class SessionRegistry:
         """A session not yet in the store; :meth:`register` reserves it."""
         return SessionState(new_session_id(), config, created_at=self.clock())
 
-    async def register(self, state: SessionState, *, reservation: float | None = None) -> None:
+    async def register(
+        self, state: SessionState, *, reservation: float | None = None, pending: bool = False
+    ) -> None:
         """Reserve ``state`` in the store (caps apply); :meth:`commit` or :meth:`discard` it.
 
         With ``reservation`` the store keeps the record only that long unless :meth:`commit`
         extends it, so a creation the store carries out after its request was refused (a stalled
         Redis running the script late) lapses by itself instead of counting against the caps for
-        a whole idle timeout.
+        a whole idle timeout. ``pending`` (an implicit session) keeps the whole lifetime but
+        still awaits its commit. Without either (a restored session) it counts at once.
         """
         if not self.accepting:
             raise ShuttingDown("server is shutting down; no new sessions")
+        state.reserved = True  # until created: a failed creation is discarded
         now = self.clock()
         record, ttl = self._record(state, now)
         if reservation is not None:
@@ -316,9 +320,10 @@ class SessionRegistry:
             await self.discard(state)  # the store may still carry the creation out later
             raise
         if not outcome.created:
+            state.reserved = False  # nothing of it was made: nothing to discard
             raise KeyError("session id already exists")
         state.synced_at = state.last_accessed
-        state.reserved = reservation is not None
+        state.reserved = reservation is not None or pending
         for victim in outcome.evicted:
             self.stats.removed["evicted"] += 1
             logger.info("Session removed", session_id=short_id(victim.session_id), reason="evicted")
@@ -333,12 +338,17 @@ class SessionRegistry:
         this raises (:class:`StoreUnavailable` when unreachable; :class:`SessionGone` when the
         record is gone: the reservation lapsed, or the session was evicted, revoked or expired
         meanwhile) and the caller refuses the request instead of handing out an id the store may
-        not keep. A
-        memory store only this registry uses keeps no reservation: there the record is only
-        checked (still there, not evicted, revoked or expired meanwhile), and the write that
-        ends the creating request carries what changed since the creation (the handshake).
+        not keep. A memory store only this registry uses keeps no reservation: there the record
+        is only checked (still there, not evicted, revoked or expired meanwhile), and the write
+        that ends the creating request carries what changed since the creation (the handshake).
+
+        An implicit session may have several requests that could commit it (they began before
+        it was committed): the first to be served does; for the others this does nothing.
         """
-        if state.reserved and self._sole_user():
+        if not state.reserved:
+            if state.implicit:
+                return  # committed already, by another of its requests
+        elif self._sole_user():
             # This store keeps no reservation (a record's deadline is only what this registry
             # reads when it expires records): the commit has nothing to extend, only to confirm
             # that the record is still there, and to make it its principal's most recently
@@ -349,7 +359,7 @@ class SessionRegistry:
                 raise SessionGone("session gone before its commit (evicted, revoked, expired)")
             state.reserved = False
             state.synced_at = NEVER
-        elif state.reserved:
+        else:
             now = self.clock()
             record, ttl = self._record(state, now)
             notices = self._notices
@@ -383,8 +393,8 @@ class SessionRegistry:
         background until it lands: a stalled store may still carry out the creation after the
         client had its answer, and that record must not outlive the stall.
         """
-        if state.in_flight:  # an implicit session another request of its principal now uses
-            return
+        if state.in_flight or (state.implicit and not state.reserved):
+            return  # an implicit session another request still uses, or one committed since
         self.abandon(state)
         try:
             with anyio.CancelScope(shield=True):
@@ -433,7 +443,8 @@ class SessionRegistry:
         """The principal's one session-less-era session, and whether this call created it.
 
         A created session is the caller's to :meth:`commit` (its request was served) or
-        :meth:`discard` (its request was refused).
+        :meth:`discard` (its request was refused), and so is one found still uncommitted
+        (``state.reserved``: a request that created it is still running).
         """
         session_id = implicit_session_id(config.principal)
         state = await self.get(session_id, config, implicit=True)
@@ -441,7 +452,7 @@ class SessionRegistry:
             return state, False
         state = SessionState(session_id, config, created_at=self.clock(), implicit=True)
         try:
-            await self.register(state)
+            await self.register(state, pending=True)
         except KeyError:  # another request or process created it first
             existing = await self.get(session_id, config, implicit=True)
             if existing is None:  # the old one is past its age but still serving a request
