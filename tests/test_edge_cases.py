@@ -267,6 +267,52 @@ def test_session_caps_are_whole_numbers_of_at_least_one() -> None:
     assert SessionPolicy(per_principal_cap=1, global_cap=None).per_principal_cap == 1
 
 
+async def test_a_middleware_started_again_restores_the_state_file(tmp_path: Path) -> None:
+    """A stop leaves the registry refusing new sessions; a later start takes new ones again
+    before it restores the file's (they were all refused, and the file deleted anyway)."""
+    state_file = tmp_path / "state.json"
+    first = MCPSessionMiddleware(HostApp(), mcp_app=RecordingMCPApp(), state_file=state_file)
+    async with client_for(first) as client:
+        session_id = (await client.post("/mcp", json=BARE_INITIALIZE)).headers["mcp-session-id"]
+    await first.shutdown()
+    second = MCPSessionMiddleware(HostApp(), mcp_app=RecordingMCPApp())
+    await second.startup()
+    await second.shutdown()  # one start and stop before, without the file
+    second.state_file = state_file
+    await second.startup()
+    async with client_for(second) as client:
+        ping = await client.post("/mcp", json=PING, headers={"Mcp-Session-Id": session_id})
+    assert ping.status_code == 200
+    await second.shutdown()
+
+
+async def test_a_request_waiting_for_a_start_is_refused_once_stopped(tmp_path: Path) -> None:
+    state_file = tmp_path / "state.json"
+    middleware = MCPSessionMiddleware(HostApp(), mcp_app=RecordingMCPApp(), state_file=state_file)
+    async with client_for(middleware) as client:
+        await client.post("/mcp", json=BARE_INITIALIZE)
+        await middleware.shutdown()
+        assert state_file.exists()
+        assert not await middleware._start_for_request()  # (as a request queued meanwhile)
+        late = await client.post("/mcp", json=BARE_INITIALIZE)
+    assert late.status_code == 503
+    assert state_file.exists() and not middleware.background.ready  # nothing started again
+
+
+def test_one_middleware_starts_lazily_on_one_event_loop_after_another() -> None:
+    middleware = MCPSessionMiddleware(HostApp(), mcp_app=RecordingMCPApp())
+
+    async def first_requests() -> list[int]:
+        async with client_for(middleware) as client:
+            answers = await asyncio.gather(
+                *(client.post("/mcp", json=BARE_INITIALIZE) for _ in range(2))
+            )
+        return [answer.status_code for answer in answers]
+
+    assert asyncio.run(first_requests()) == [200, 200]
+    assert asyncio.run(first_requests()) == [200, 200]
+
+
 async def test_long_accept_and_content_type_values_are_checked_but_never_cached() -> None:
     """A client sends the same short headers every time (cached); one sending long values
     cannot fill the caches with them, and gets the same answers."""

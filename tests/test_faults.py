@@ -420,6 +420,64 @@ async def test_a_principals_implicit_session_is_kept_only_if_one_of_its_requests
     await middleware.shutdown()
 
 
+async def test_an_implicit_sessions_first_request_outliving_the_timeout_keeps_it() -> None:
+    """Not yet committed, an implicit session is still renewed by the sweep while its first
+    request runs, as any session a request runs on."""
+    inner = HeldAnswers()
+    clock = ManualClock()
+    middleware = middleware_with(inner, clock=clock)
+    registry = middleware.registry
+    task, ex = start_session_less(middleware, 1, 200)
+    await asyncio.wait_for(inner.entry(1).wait(), WAIT)
+    clock.advance(3 * TIMEOUT)
+    assert await registry.sweep() == 0
+    inner.gate(1).set()
+    await asyncio.wait_for(task, WAIT)
+    assert ex.status == 200 and registry.stats.created == 1
+    assert len(registry.store) == 1  # type: ignore[arg-type]
+    await middleware.shutdown()
+
+
+class SuspendingWrites(InMemorySessionStore):
+    """A memory store whose writes suspend until let through, as a shared store's do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holding = False
+        self.let_through = asyncio.Event()
+        self.began = asyncio.Event()
+
+    async def write(self, record: SessionRecord, *, ttl: float, now: float) -> bool:
+        if self.holding:
+            self.began.set()
+            await self.let_through.wait()
+        return self.write_now(record)
+
+
+async def test_an_implicit_session_served_twice_at_once_is_created_once() -> None:
+    inner = HeldAnswers()
+    store = SuspendingWrites()
+    middleware = middleware_with(inner, store=store)
+    registry = middleware.registry
+    kinds: list[SessionEventKind] = []
+    registry.subscribe(lambda event: kinds.append(event.kind))
+    tasks = []
+    for request_id in (1, 2):
+        task, _ = start_session_less(middleware, request_id, 200)
+        tasks.append(task)
+        await asyncio.wait_for(inner.entry(request_id).wait(), WAIT)
+    store.holding = True
+    inner.gate(1).set()
+    inner.gate(2).set()
+    await asyncio.wait_for(store.began.wait(), WAIT)  # the first commit's write is under way
+    for _ in range(5):  # and the second request's answer has had every chance to commit too
+        await asyncio.sleep(0)
+    store.let_through.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
+    assert registry.stats.created == 1 and kinds.count(SessionEventKind.CREATED) == 1
+    await middleware.shutdown()
+
+
 async def test_an_implicit_session_revoked_while_its_first_request_runs_is_not_created() -> None:
     inner = HeldAnswers()
     middleware = middleware_with(inner)

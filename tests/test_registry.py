@@ -859,3 +859,22 @@ async def test_a_cap_met_expires_no_session_a_request_still_runs_on(
     await sessions.release(busy)  # its last request ended: now it goes
     assert busy.closed
     assert await sessions.get(busy.session_id, ALICE) is None
+
+
+async def test_a_cap_met_renews_a_busy_session_by_what_was_last_written_of_it() -> None:
+    """A request's start on a memory store of one registry writes nothing (the record written
+    when the last one ended keeps the session longer than a lease): the store's deadline is the
+    written one, earlier than the live object's."""
+    clock = ManualClock()
+    sessions = registry(InMemorySessionStore(), clock, per_principal_cap=1)
+    busy = await created(sessions)
+    await sessions.acquire(busy)
+    await sessions.release(busy)  # written: the store keeps it until t+60
+    clock.advance(40)
+    await sessions.acquire(busy)  # a long request begins: nothing written
+    clock.advance(30)  # 70 s after the write, no sweep since
+    with pytest.raises(CapExceeded):
+        await sessions.register(sessions.new_session(ALICE))
+    assert not busy.closed
+    await sessions.release(busy)
+    assert await sessions.get(busy.session_id, ALICE) is busy

@@ -77,7 +77,7 @@ from mcp2anp_middleware.sessions.jsonrpc_errors import (
     PARSE_ERROR,
     send_jsonrpc_error,
 )
-from mcp2anp_middleware.sessions.middleware import MESSAGE_SCOPE_KEY
+from mcp2anp_middleware.sessions.middleware import MESSAGE_SCOPE_KEY, SESSION_GONE
 from mcp2anp_middleware.sessions.registry import SessionRegistry
 from mcp2anp_middleware.sessions.request_headers import (
     HEADERS_SCOPE_KEY,
@@ -298,6 +298,16 @@ class MCPEndpoint:
             return
         if state.closed:  # ended since the middleware found it (DELETE, eviction, another worker)
             request_id = message.id if isinstance(message, CheckedRequest) else None
+            if state.reserved:  # its creating request (an initialize): the client has no id yet
+                await send_jsonrpc_error(
+                    send,
+                    503,
+                    INTERNAL_ERROR,
+                    SESSION_GONE,
+                    request_id=request_id,
+                    headers=[(b"retry-after", b"1")],
+                )
+                return
             text = "Session not found"
             await send_jsonrpc_error(send, 404, INVALID_REQUEST, text, request_id=request_id)
             return

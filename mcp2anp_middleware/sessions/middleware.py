@@ -77,7 +77,9 @@ HANDSHAKE_RESERVATION = 30.0
 """Seconds a new session's store record lives before its ``initialize`` answer commits it."""
 _NO_HEADERS = RequestHeaders(())
 _MAX_HELD_INITIALIZE = 1024 * 1024
-_SESSION_GONE = "Session ended before it was ready (evicted, revoked or expired); initialize again"
+SESSION_GONE = "Session ended before it was ready (evicted, revoked or expired); initialize again"
+"""A new session's answer when it ended while its creating request ran (``initialize``)."""
+_IMPLICIT_SESSION_GONE = "Session ended before it was ready (evicted, revoked or expired); retry"
 
 
 class _Refusal(Exception):
@@ -218,7 +220,7 @@ class MCPSessionMiddleware:
         self.state_file = Path(state_file) if state_file is not None else None
         self.started_at = time.time()
         self._stopped = False
-        self._starting = asyncio.Lock()
+        self._starting: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
     # -- ASGI entry point -----------------------------------------------------------------------
 
@@ -246,25 +248,47 @@ class MCPSessionMiddleware:
     async def startup(self) -> None:
         """Restore saved sessions, start the cleanup loop and services (lifespan, or lazily).
 
-        One start at a time: the first requests of a host without lifespan events each start
-        the middleware, and none may be served before the saved sessions are back. The state
-        file is read (and deleted) at every start: one written by an earlier stop of this
+        One start or stop at a time: the first requests of a host without lifespan events each
+        start the middleware, and none may be served before the saved sessions are back. The
+        state file is read (and deleted) at every start: one written by an earlier stop of this
         process restores nothing new, and left in place it could bring back, after a crash,
         sessions deleted since."""
-        async with self._starting:
-            if self.state_file is not None:
-                restored = await load_state_file(self.registry, self.state_file)
-                if restored:
-                    logger.info("Sessions restored from state file", count=restored)
-            self._stopped = False
-            self.registry.accepting = True
-            await self.background.start()
+        async with self._start_lock():
+            await self._start()
+
+    async def _start_for_request(self) -> bool:
+        """Start for a request of a host without lifespan events (unless another request just
+        did); False if the middleware was stopped meanwhile."""
+        async with self._start_lock():
+            if self.background.ready:
+                return True
+            if self._stopped:
+                return False
+            await self._start()
+            return True
+
+    async def _start(self) -> None:
+        self._stopped = False
+        self.registry.accepting = True  # (before the restore: its sessions are registered)
+        if self.state_file is not None:
+            restored = await load_state_file(self.registry, self.state_file)
+            if restored:
+                logger.info("Sessions restored from state file", count=restored)
+        await self.background.start()
+
+    def _start_lock(self) -> asyncio.Lock:
+        """The lock of starts and stops, one per event loop (a lock belongs to its loop)."""
+        loop = asyncio.get_running_loop()
+        if self._starting is None or self._starting[0] is not loop:
+            self._starting = (loop, asyncio.Lock())
+        return self._starting[1]
 
     async def shutdown(self) -> None:
         """Stop taking new sessions, let in-flight requests finish (bounded), then stop."""
         registry = self.registry
-        registry.accepting = False
-        self._stopped = True
+        async with self._start_lock():  # after a start under way; a start queued finds it stopped
+            registry.accepting = False
+            self._stopped = True
         end_streams = getattr(self.mcp_app, "end_streams", None)
         if callable(end_streams):  # open GET streams would hold the drain for its whole grace
             end_streams()
@@ -294,12 +318,17 @@ class MCPSessionMiddleware:
                     send, 503, INTERNAL_ERROR, "Server is shutting down; retry on another instance"
                 )
                 return
-            try:
-                await self.startup()  # servers without lifespan events (httpx.ASGITransport...)
+            try:  # servers without lifespan events (httpx.ASGITransport...)
+                started = await self._start_for_request()
             except Exception:
                 logger.exception("Middleware startup failed")
                 await send_jsonrpc_error(
                     send, 503, INTERNAL_ERROR, "Server is not ready; retry shortly"
+                )
+                return
+            if not started:  # stopped while this request waited for the start
+                await send_jsonrpc_error(
+                    send, 503, INTERNAL_ERROR, "Server is shutting down; retry on another instance"
                 )
                 return
         call = _Call(scope, receive, send)
@@ -361,7 +390,7 @@ class MCPSessionMiddleware:
             raise _creation_refusal(exc) from None
         # Still uncommitted (the request that created it runs yet): this one may commit it too,
         # and, refused, may be the last one out that removes it.
-        created = created or state.reserved
+        created = created or self.registry.awaiting_commit(state)
         scope = call.scope
         if had_id:  # the spec says to ignore it in this era
             scope = dict(scope)
@@ -543,7 +572,8 @@ class MCPSessionMiddleware:
                     "New session ended before its creation completed",
                     session_id=short_id(state.session_id),
                 )
-                await refuse("session_gone", _SESSION_GONE, b"1")
+                gone = SESSION_GONE if created is _Creation.HANDSHAKE else _IMPLICIT_SESSION_GONE
+                await refuse("session_gone", gone, b"1")
                 return False
             except StoreUnavailable:
                 logger.warning("Session store unavailable while committing a new session")

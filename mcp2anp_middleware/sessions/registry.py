@@ -22,6 +22,7 @@ import hashlib
 import math
 import sys
 import time
+import weakref
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
@@ -182,6 +183,8 @@ class SessionRegistry:
         # of the earlier one is still running.
         self._busy: dict[int, SessionState] = {}
         self._idle_waiters: list[asyncio.Future[None]] = []
+        self._uncommitted: weakref.WeakSet[SessionState] = weakref.WeakSet()
+        """Implicit sessions created and not committed yet (see :meth:`awaiting_commit`)."""
         self._compensations: set[asyncio.Task[None]] = set()
         self._writes: dict[int, asyncio.Future[None]] = {}
 
@@ -191,6 +194,14 @@ class SessionRegistry:
         """When the session expires if nothing uses it again: the one expiry rule."""
         last = state.last_accessed if isinstance(state, SessionState) else state.last_used
         deadline = last + self.session_timeout
+        if self.max_session_age is not None:
+            deadline = min(deadline, state.created_at + self.max_session_age)
+        return deadline
+
+    def _written_deadline(self, state: SessionState) -> float:
+        """The earliest the store may drop ``state``'s record, by what was last written of it
+        (a use begun since is not written yet; a lease written may keep it longer)."""
+        deadline = state.synced_at + self.session_timeout
         if self.max_session_age is not None:
             deadline = min(deadline, state.created_at + self.max_session_age)
         return deadline
@@ -297,7 +308,8 @@ class SessionRegistry:
         """
         if not self.accepting:
             raise ShuttingDown("server is shutting down; no new sessions")
-        state.reserved = True  # until created: a failed creation is discarded
+        if pending:
+            self._uncommitted.add(state)
         now = self.clock()
         record, ttl = self._record(state, now)
         if reservation is not None:
@@ -311,7 +323,7 @@ class SessionRegistry:
                 # expired under it: first renewed, as the sweep renews it (past its maximum age
                 # it goes when its last request ends).
                 for busy in list(self._busy.values()):
-                    if self.deadline(busy) + self.touch_interval <= now:
+                    if self._written_deadline(busy) + self.touch_interval <= now:
                         await self._sync(busy, force=True, renew=True)
                 if not await self._expire_store(now):
                     raise
@@ -320,16 +332,16 @@ class SessionRegistry:
             await self.discard(state)  # the store may still carry the creation out later
             raise
         if not outcome.created:
-            state.reserved = False  # nothing of it was made: nothing to discard
+            self._uncommitted.discard(state)  # nothing of it was made: nothing to discard
             raise KeyError("session id already exists")
         state.synced_at = state.last_accessed
-        state.reserved = reservation is not None or pending
+        state.reserved = reservation is not None
+        self._cache(state)  # before anything awaits: a concurrent lookup finds this object
         for victim in outcome.evicted:
             self.stats.removed["evicted"] += 1
             logger.info("Session removed", session_id=short_id(victim.session_id), reason="evicted")
             self._ended(victim.session_id, SessionEventKind.EVICTED, victim)
             await self._announce(victim.session_id, SessionEventKind.EVICTED)
-        self._cache(state)
 
     async def commit(self, state: SessionState) -> None:
         """The session's creating request succeeded: it now counts, and its id may be shown.
@@ -345,7 +357,8 @@ class SessionRegistry:
         An implicit session may have several requests that could commit it (they began before
         it was committed): the first to be served does; for the others this does nothing.
         """
-        if not state.reserved:
+        pending = state in self._uncommitted
+        if not state.reserved and not pending:
             if state.implicit:
                 return  # committed already, by another of its requests
         elif self._sole_user():
@@ -357,15 +370,26 @@ class SessionRegistry:
             # record was never synced since).
             if not self.store.mark_used(state.session_id, state.created_at):  # type: ignore[attr-defined]
                 raise SessionGone("session gone before its commit (evicted, revoked, expired)")
-            state.reserved = False
-            state.synced_at = NEVER
+            self._uncommitted.discard(state)
+            if state.reserved:
+                state.reserved = False
+                state.synced_at = NEVER
         else:
             now = self.clock()
             record, ttl = self._record(state, now)
             notices = self._notices
-            if not await self.store.write(record, ttl=ttl, now=now):
-                raise SessionGone("session gone before its commit (reservation lapsed, removed)")
+            # Committed now, not after the write: a second commit meanwhile returns.
+            reserved = state.reserved
             state.reserved = False
+            self._uncommitted.discard(state)
+            try:
+                if not await self.store.write(record, ttl=ttl, now=now):
+                    raise SessionGone("session gone before its commit (lapsed, removed)")
+            except BaseException:
+                state.reserved = reserved
+                if pending:
+                    self._uncommitted.add(state)
+                raise
             state.synced_at = state.last_accessed
             state.leased = self._leased(state, renew=False)
             self._confirm(state, notices, now)  # the store's word, as a read's
@@ -377,6 +401,11 @@ class SessionRegistry:
             implicit=state.implicit,
         )
         self._emit(SessionEventKind.CREATED, state.session_id, state.principal, state)
+
+    def awaiting_commit(self, state: SessionState) -> bool:
+        """An implicit session created by a request that has not been served yet: any of its
+        requests may still commit it, or, refused and last to end, discard it."""
+        return state in self._uncommitted
 
     def abandon(self, state: SessionState) -> None:
         """A creating request failed: forget it here; :meth:`discard` removes it from the store.
@@ -393,7 +422,7 @@ class SessionRegistry:
         background until it lands: a stalled store may still carry out the creation after the
         client had its answer, and that record must not outlive the stall.
         """
-        if state.in_flight or (state.implicit and not state.reserved):
+        if state.in_flight or (state.implicit and state not in self._uncommitted):
             return  # an implicit session another request still uses, or one committed since
         self.abandon(state)
         try:
@@ -444,7 +473,7 @@ class SessionRegistry:
 
         A created session is the caller's to :meth:`commit` (its request was served) or
         :meth:`discard` (its request was refused), and so is one found still uncommitted
-        (``state.reserved``: a request that created it is still running).
+        (:meth:`awaiting_commit`: a request that created it is still running).
         """
         session_id = implicit_session_id(config.principal)
         state = await self.get(session_id, config, implicit=True)
