@@ -299,6 +299,20 @@ async def test_a_request_waiting_for_a_start_is_refused_once_stopped(tmp_path: P
     assert state_file.exists() and not middleware.background.ready  # nothing started again
 
 
+async def test_a_middleware_stopped_without_a_start_leaves_the_state_file(tmp_path: Path) -> None:
+    """Never started (no lifespan events, no request), it never read the file: stopping it
+    must not replace the file's sessions with none."""
+    state_file = tmp_path / "state.json"
+    first = MCPSessionMiddleware(HostApp(), mcp_app=RecordingMCPApp(), state_file=state_file)
+    async with client_for(first) as client:
+        await client.post("/mcp", json=BARE_INITIALIZE)
+    await first.shutdown()
+    saved = state_file.read_text()
+    idle = MCPSessionMiddleware(HostApp(), mcp_app=RecordingMCPApp(), state_file=state_file)
+    await idle.shutdown()
+    assert state_file.read_text() == saved
+
+
 def test_one_middleware_starts_lazily_on_one_event_loop_after_another() -> None:
     middleware = MCPSessionMiddleware(HostApp(), mcp_app=RecordingMCPApp())
 

@@ -444,6 +444,7 @@ class SuspendingWrites(InMemorySessionStore):
     def __init__(self) -> None:
         super().__init__()
         self.holding = False
+        self.fails = False
         self.let_through = asyncio.Event()
         self.began = asyncio.Event()
 
@@ -451,20 +452,30 @@ class SuspendingWrites(InMemorySessionStore):
         if self.holding:
             self.began.set()
             await self.let_through.wait()
+            if self.fails:  # the session was removed meanwhile (by another worker)
+                await self.remove(record.session_id)
         return self.write_now(record)
 
 
-async def test_an_implicit_session_served_twice_at_once_is_created_once() -> None:
+@pytest.mark.parametrize("commit_fails", [False, True])
+async def test_an_implicit_session_served_twice_at_once_is_created_once(
+    commit_fails: bool,
+) -> None:
+    """Both requests are served while the first commit's write is under way: the second shares
+    its outcome, whether the session is created (once) or gone (both are refused)."""
     inner = HeldAnswers()
     store = SuspendingWrites()
+    store.fails = commit_fails
     middleware = middleware_with(inner, store=store)
     registry = middleware.registry
     kinds: list[SessionEventKind] = []
     registry.subscribe(lambda event: kinds.append(event.kind))
     tasks = []
+    exchanges = []
     for request_id in (1, 2):
-        task, _ = start_session_less(middleware, request_id, 200)
+        task, ex = start_session_less(middleware, request_id, 200)
         tasks.append(task)
+        exchanges.append(ex)
         await asyncio.wait_for(inner.entry(request_id).wait(), WAIT)
     store.holding = True
     inner.gate(1).set()
@@ -474,7 +485,14 @@ async def test_an_implicit_session_served_twice_at_once_is_created_once() -> Non
         await asyncio.sleep(0)
     store.let_through.set()
     await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
-    assert registry.stats.created == 1 and kinds.count(SessionEventKind.CREATED) == 1
+    if commit_fails:
+        assert [ex.status for ex in exchanges] == [503, 503]
+        assert registry.stats.created == 0 and SessionEventKind.CREATED not in kinds
+        assert len(store) == 0
+    else:
+        assert [ex.status for ex in exchanges] == [200, 200]
+        assert registry.stats.created == 1 and kinds.count(SessionEventKind.CREATED) == 1
+    assert registry.in_flight == 0
     await middleware.shutdown()
 
 

@@ -878,3 +878,22 @@ async def test_a_cap_met_renews_a_busy_session_by_what_was_last_written_of_it() 
     assert not busy.closed
     await sessions.release(busy)
     assert await sessions.get(busy.session_id, ALICE) is busy
+
+
+async def test_an_implicit_session_committed_after_a_long_first_request_is_written_alive() -> None:
+    """Committed by a write (a store another registry uses too) once its first request has run
+    past the idle timeout: written with the request's lease, not with a deadline already past
+    that the other registry's sweep would act on."""
+    clock = ManualClock()
+    store = InMemorySessionStore()
+    sessions = registry(store, clock)
+    other = registry(store, clock)  # (another worker: every commit is a write)
+    state, created_now = await sessions.implicit_session(ALICE)
+    assert created_now
+    await sessions.acquire(state)
+    clock.advance(3 * TIMEOUT)
+    assert await sessions.sweep() == 0  # renewed while its request runs
+    await sessions.commit(state)
+    assert await other.sweep() == 0
+    await sessions.release(state)
+    assert await sessions.get(state.session_id, ALICE, implicit=True) is state

@@ -299,6 +299,8 @@ class MCPEndpoint:
         if state.closed:  # ended since the middleware found it (DELETE, eviction, another worker)
             request_id = message.id if isinstance(message, CheckedRequest) else None
             if state.reserved:  # its creating request (an initialize): the client has no id yet
+                if self.registry is not None:
+                    self.registry.stats.rejected["session_gone"] += 1
                 await send_jsonrpc_error(
                     send,
                     503,

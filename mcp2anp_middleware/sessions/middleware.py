@@ -220,6 +220,7 @@ class MCPSessionMiddleware:
         self.state_file = Path(state_file) if state_file is not None else None
         self.started_at = time.time()
         self._stopped = False
+        self._started = False
         self._starting: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
     # -- ASGI entry point -----------------------------------------------------------------------
@@ -268,6 +269,7 @@ class MCPSessionMiddleware:
             return True
 
     async def _start(self) -> None:
+        self._started = True
         self._stopped = False
         self.registry.accepting = True  # (before the restore: its sessions are registered)
         if self.state_file is not None:
@@ -285,10 +287,13 @@ class MCPSessionMiddleware:
 
     async def shutdown(self) -> None:
         """Stop taking new sessions, let in-flight requests finish (bounded), then stop."""
+        async with self._start_lock():  # after a start under way; one queued finds it stopped
+            await self._stop()
+
+    async def _stop(self) -> None:
         registry = self.registry
-        async with self._start_lock():  # after a start under way; a start queued finds it stopped
-            registry.accepting = False
-            self._stopped = True
+        registry.accepting = False
+        self._stopped = True
         end_streams = getattr(self.mcp_app, "end_streams", None)
         if callable(end_streams):  # open GET streams would hold the drain for its whole grace
             end_streams()
@@ -297,7 +302,7 @@ class MCPSessionMiddleware:
         await self.background.stop()
         if not await registry.settle(self.shutdown_grace):
             logger.warning("Shutting down before refused sessions could be removed from the store")
-        if self.state_file is not None:
+        if self.state_file is not None and self._started:  # (else the file was never read)
             saved = await save_state_file(registry, self.state_file)
             logger.info("Sessions saved to state file", count=saved)
         await registry.close_local()
@@ -636,7 +641,8 @@ class MCPSessionMiddleware:
             await self.mcp_app(scope, call.receive, send_with_session)
         finally:
             SERVING.reset(serving_token)
-            if committed:
+            # Kept: committed by this request, or (an implicit session) by another of its own.
+            if committed or (state.implicit and not registry.awaiting_commit(state)):
                 try:
                     await registry.release(state)  # shielded from cancellation where it writes
                 except StoreUnavailable:

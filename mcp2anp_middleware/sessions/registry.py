@@ -184,6 +184,8 @@ class SessionRegistry:
         self._busy: dict[int, SessionState] = {}
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._uncommitted: weakref.WeakSet[SessionState] = weakref.WeakSet()
+        self._commits: dict[int, asyncio.Future[None]] = {}
+        """Commits whose store write is under way, by session object (one at a time)."""
         """Implicit sessions created and not committed yet (see :meth:`awaiting_commit`)."""
         self._compensations: set[asyncio.Task[None]] = set()
         self._writes: dict[int, asyncio.Future[None]] = {}
@@ -357,6 +359,10 @@ class SessionRegistry:
         An implicit session may have several requests that could commit it (they began before
         it was committed): the first to be served does; for the others this does nothing.
         """
+        under_way = self._commits.get(id(state))
+        if under_way is not None:  # another of its requests is committing it: the same outcome
+            await asyncio.shield(under_way)
+            return
         pending = state in self._uncommitted
         if not state.reserved and not pending:
             if state.implicit:
@@ -375,23 +381,28 @@ class SessionRegistry:
                 state.reserved = False
                 state.synced_at = NEVER
         else:
+            # Written as the committing request holds it: with a lease (a request that ran
+            # longer than the idle timeout must not have its session written already expired).
             now = self.clock()
-            record, ttl = self._record(state, now)
+            record, ttl = self._record(state, now, renew=True)
             notices = self._notices
-            # Committed now, not after the write: a second commit meanwhile returns.
-            reserved = state.reserved
-            state.reserved = False
-            self._uncommitted.discard(state)
+            under_way = self._commits[id(state)] = asyncio.get_running_loop().create_future()
             try:
                 if not await self.store.write(record, ttl=ttl, now=now):
                     raise SessionGone("session gone before its commit (lapsed, removed)")
-            except BaseException:
-                state.reserved = reserved
-                if pending:
-                    self._uncommitted.add(state)
+            except BaseException as exc:
+                failed = exc if isinstance(exc, Exception) else StoreUnavailable("commit cut short")
+                under_way.set_exception(failed)
+                under_way.exception()  # (retrieved: nobody may be waiting for it)
                 raise
+            else:
+                under_way.set_result(None)
+            finally:
+                del self._commits[id(state)]
+            self._uncommitted.discard(state)
+            state.reserved = False
             state.synced_at = state.last_accessed
-            state.leased = self._leased(state, renew=False)
+            state.leased = self._leased(state, renew=True)
             self._confirm(state, notices, now)  # the store's word, as a read's
         self.stats.created += 1
         logger.info(
