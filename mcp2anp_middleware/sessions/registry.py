@@ -363,7 +363,7 @@ class SessionRegistry:
         if under_way is not None:  # another of its requests is committing it: the same outcome
             await asyncio.shield(under_way)
             return
-        pending = state in self._uncommitted
+        pending = state.implicit and state in self._uncommitted  # (only implicit ones are)
         if not state.reserved and not pending:
             if state.implicit:
                 return  # committed already, by another of its requests
