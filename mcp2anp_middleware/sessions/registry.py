@@ -184,16 +184,17 @@ class SessionRegistry:
         self._busy: dict[int, SessionState] = {}
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._uncommitted: weakref.WeakSet[SessionState] = weakref.WeakSet()
+        """Implicit sessions created and not committed yet (see :meth:`awaiting_commit`)."""
         self._commits: dict[int, asyncio.Future[None]] = {}
         """Commits whose store write is under way, by session object (one at a time)."""
-        """Implicit sessions created and not committed yet (see :meth:`awaiting_commit`)."""
         self._compensations: set[asyncio.Task[None]] = set()
         self._writes: dict[int, asyncio.Future[None]] = {}
 
     # -- the expiry rule ------------------------------------------------------------------------
 
     def deadline(self, state: SessionState | SessionRecord) -> float:
-        """When the session expires if nothing uses it again: the one expiry rule."""
+        """When the session expires if nothing uses it again: the one expiry rule (inline in
+        :meth:`_written_deadline` too: this one runs twice per request)."""
         last = state.last_accessed if isinstance(state, SessionState) else state.last_used
         deadline = last + self.session_timeout
         if self.max_session_age is not None:
@@ -202,7 +203,8 @@ class SessionRegistry:
 
     def _written_deadline(self, state: SessionState) -> float:
         """The earliest the store may drop ``state``'s record, by what was last written of it
-        (a use begun since is not written yet; a lease written may keep it longer)."""
+        (a use begun since is not written yet; a lease written may keep it longer): the rule of
+        :meth:`deadline` from the last write."""
         deadline = state.synced_at + self.session_timeout
         if self.max_session_age is not None:
             deadline = min(deadline, state.created_at + self.max_session_age)
