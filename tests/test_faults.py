@@ -382,6 +382,13 @@ class HeldAnswers:
         await send({"type": "http.response.body", "body": body})
 
 
+def event_kinds(registry: SessionRegistry) -> list[SessionEventKind]:
+    """The kinds of the registry's session events from now on, as they come."""
+    kinds: list[SessionEventKind] = []
+    registry.subscribe(lambda event: kinds.append(event.kind))
+    return kinds
+
+
 def start_session_less(
     app: Any, request_id: int, status: int
 ) -> tuple[asyncio.Task[None], Exchange]:
@@ -401,8 +408,7 @@ async def test_a_principals_implicit_session_is_kept_only_if_one_of_its_requests
     inner = HeldAnswers()
     middleware = middleware_with(inner)
     registry = middleware.registry
-    kinds: list[SessionEventKind] = []
-    registry.subscribe(lambda event: kinds.append(event.kind))
+    kinds = event_kinds(registry)
     first, first_ex = start_session_less(middleware, 1, 400)
     await asyncio.wait_for(inner.entry(1).wait(), WAIT)
     second, second_ex = start_session_less(middleware, 2, second_status)
@@ -468,8 +474,7 @@ async def test_an_implicit_session_served_twice_at_once_is_created_once(
     store.fails = commit_fails
     middleware = middleware_with(inner, store=store)
     registry = middleware.registry
-    kinds: list[SessionEventKind] = []
-    registry.subscribe(lambda event: kinds.append(event.kind))
+    kinds = event_kinds(registry)
     tasks = []
     exchanges = []
     for request_id in (1, 2):
@@ -500,8 +505,7 @@ async def test_an_implicit_session_revoked_while_its_first_request_runs_is_not_c
     inner = HeldAnswers()
     middleware = middleware_with(inner)
     registry = middleware.registry
-    kinds: list[SessionEventKind] = []
-    registry.subscribe(lambda event: kinds.append(event.kind))
+    kinds = event_kinds(registry)
     task, ex = start_session_less(middleware, 1, 200)
     await asyncio.wait_for(inner.entry(1).wait(), WAIT)
     assert await registry.revoke_principal("alice") == 1
