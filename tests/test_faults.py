@@ -327,22 +327,23 @@ async def test_cancelled_or_abandoned_handshakes_leave_no_session() -> None:
 async def test_a_handshake_whose_session_ends_before_its_answer_is_told_to_start_again(
     store_shared: bool,
 ) -> None:
-    """Evicted while its ``initialize`` runs (the principal's cap, a second handshake): the
-    answer is a 503 that says so, not an outage's, and no id goes out. With a memory store of
-    this registry alone the commit writes nothing and checks the record; with one another
-    registry shares, the commit's write finds the record gone."""
+    """Revoked while its ``initialize`` runs: the answer is a 503 that says so, not an outage's,
+    and no id goes out. With a memory store of this registry alone the commit writes nothing and
+    checks the record; with one another registry shares, the commit's write finds it gone."""
     inner = GatedApp()
     store = InMemorySessionStore()
     if store_shared:
         SessionRegistry(store=store)  # (another app of this process over the same store)
-    policy = SessionPolicy(timeout=TIMEOUT, per_principal_cap=1, cap_policy="evict_oldest")
+    policy = SessionPolicy(timeout=TIMEOUT)
     middleware = MCPSessionMiddleware(
         HostApp(), mcp_app=inner, authenticator=by_key, store=store, policy=policy
     )
     registry = middleware.registry
     task, ex = start(middleware, {**INIT, "id": 7, "params": {"block": True}})
     await until_entered(inner, 7, task, ex)
-    other = await open_session(middleware)  # at the cap: evicts the one still in its handshake
+    (handshaking,) = registry.live_sessions()
+    other = await open_session(middleware)
+    await registry.revoke(handshaking.session_id)
     inner.gate(7).set()
     await asyncio.wait_for(task, WAIT)
     assert ex.status == 503, ex.response
@@ -353,6 +354,35 @@ async def test_a_handshake_whose_session_ends_before_its_answer_is_told_to_start
     assert registry.stats.rejected["session_gone"] == 1 and registry.stats.created == 1
     assert [record.session_id for record in store.records()] == [other]
     assert registry.in_flight == 0
+    await middleware.shutdown()
+
+
+@pytest.mark.parametrize("store_shared", [False, True])
+async def test_a_handshake_under_way_is_not_evicted_and_its_answer_evicts(
+    store_shared: bool,
+) -> None:
+    """With ``evict_oldest`` at a cap of one, a second handshake served while the first still
+    runs takes nothing from it; the first, served last, then evicts the second (its principal's
+    least recently used), and only then."""
+    inner = GatedApp()
+    store = InMemorySessionStore()
+    if store_shared:
+        SessionRegistry(store=store)
+    policy = SessionPolicy(timeout=TIMEOUT, per_principal_cap=1, cap_policy="evict_oldest")
+    middleware = MCPSessionMiddleware(
+        HostApp(), mcp_app=inner, authenticator=by_key, store=store, policy=policy
+    )
+    registry = middleware.registry
+    task, ex = start(middleware, {**INIT, "id": 7, "params": {"block": True}})
+    await until_entered(inner, 7, task, ex)
+    other = await open_session(middleware)
+    assert registry.stats.removed["evicted"] == 0
+    inner.gate(7).set()
+    await asyncio.wait_for(task, WAIT)
+    assert ex.status == 200, ex.response
+    first = ex.response_headers["mcp-session-id"]
+    assert [record.session_id for record in store.records()] == [first]
+    assert registry.stats.removed["evicted"] == 1 and other not in registry
     await middleware.shutdown()
 
 
@@ -606,9 +636,15 @@ class RedisThatDies(RedisSessionStore):
         return found
 
     async def create(
-        self, record: SessionRecord, *, ttl: float, now: float, caps: Caps
+        self,
+        record: SessionRecord,
+        *,
+        ttl: float,
+        now: float,
+        caps: Caps,
+        pending: bool = False,
     ) -> CreateOutcome:
-        outcome = await super().create(record, ttl=ttl, now=now, caps=caps)
+        outcome = await super().create(record, ttl=ttl, now=now, caps=caps, pending=pending)
         self._maybe_die("create")
         return outcome
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import uuid
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -39,6 +40,7 @@ from mcp2anp_middleware.mcp_hosting.backplane import (
 )
 from mcp2anp_middleware.mcp_hosting.live_session import STANDALONE, LiveSession
 from mcp2anp_middleware.mcp_hosting.redis_backplane import RedisBackplane, RedisRelay
+from mcp2anp_middleware.sessions.policy import SessionPolicy
 from mcp2anp_middleware.sessions.registry import SessionRegistry
 from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
 
@@ -60,14 +62,20 @@ class Worker:
 
 @asynccontextmanager
 async def workers(
-    tmp_path: Path, count: int, redis: RedisServer | None, gate: Gate | None = None
+    tmp_path: Path,
+    count: int,
+    redis: RedisServer | None,
+    gate: Gate | None = None,
+    *,
+    prefix: str = "fidelity:",
+    **session_options: Any,
 ) -> AsyncIterator[list[Worker]]:
     async with AsyncExitStack() as stack:
         found = []
         for index in range(count):
-            options: dict[str, Any] = {}
+            options: dict[str, Any] = dict(session_options)
             if redis is not None:
-                options["store"] = RedisSessionStore.from_url(redis.url, prefix="fidelity:")
+                options["store"] = RedisSessionStore.from_url(redis.url, prefix=prefix)
             server = fidelity_server(gate)
             data_dir = tmp_path / f"w{index}"
             app = ANPMiddleware(Starlette(), server=server, data_dir=data_dir, **options)
@@ -169,6 +177,47 @@ async def test_every_worker_serves_the_session_with_its_handshake(
         assert set(b.app.endpoint.live) == {client.session_id}
         assert b.app.endpoint.release_idle(math.inf) == 1 and a.app.endpoint.release_idle(math.inf)
         assert not a.app.endpoint.live and not b.app.endpoint.live
+
+
+@pytest.mark.parametrize("shared", [False, True])
+async def test_a_refused_initialize_evicts_none_of_its_principals_sessions(
+    tmp_path: Path, redis_server: RedisServer, shared: bool
+) -> None:
+    """With ``evict_oldest``, the principal's oldest session makes room for a new one only when
+    the new one's ``initialize`` is served: one the SDK refuses (here, without a protocol
+    version) costs nothing. Two workers on Redis, or one with the memory store."""
+    redis = redis_server if shared else None
+    policy = SessionPolicy(per_principal_cap=1, cap_policy="evict_oldest")
+    prefix = f"evict-{uuid.uuid4().hex[:8]}:"
+    async with (
+        workers(tmp_path, 2 if shared else 1, redis, prefix=prefix, policy=policy) as found,
+        httpx.AsyncClient() as http,
+    ):
+        first, other = found[0], found[-1]
+        kept = RawClient(http)
+        await kept.initialize(first.url)
+        refused = await http.post(
+            other.url,
+            json={"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {}},
+            headers=ACCEPT,
+        )
+        assert "mcp-session-id" not in refused.headers
+        assert refused.json()["error"]["code"] == -32602, refused.text
+        assert result_text(await kept.call(other.url, 1, "whoami"))  # still there
+        newer = RawClient(http)
+        await newer.initialize(other.url)  # served: the older session makes room
+        gone = await http.post(
+            first.url,
+            json={"jsonrpc": "2.0", "id": 2, "method": "ping"},
+            headers=kept.headers(),
+        )
+        assert gone.status_code == 404, gone.text
+        assert result_text(await newer.call(first.url, 3, "whoami"))
+        assert (
+            first.app.registry.stats.removed["evicted"]
+            + (other.app.registry.stats.removed["evicted"] if shared else 0)
+            == 1
+        )
 
 
 async def test_a_quick_answer_is_plain_json_and_costs_no_event_log_write(

@@ -591,7 +591,7 @@ async def test_a_creation_in_a_shared_memory_store_is_written_by_its_commit() ->
     await sessions.release(state)
 
 
-@pytest.mark.parametrize("gone_by", ["eviction", "revocation", "expiry"])
+@pytest.mark.parametrize("gone_by", ["revocation", "expiry"])
 async def test_a_creation_gone_from_a_store_of_this_process_alone_is_not_committed(
     gone_by: str,
 ) -> None:
@@ -604,9 +604,7 @@ async def test_a_creation_gone_from_a_store_of_this_process_alone_is_not_committ
     state = sessions.new_session(ALICE)
     await sessions.register(state, reservation=30.0)
     await sessions.acquire(state)
-    if gone_by == "eviction":
-        await sessions.register(sessions.new_session(ALICE), reservation=30.0)
-    elif gone_by == "revocation":
+    if gone_by == "revocation":
         await sessions.revoke(state.session_id)
     else:  # an initialize longer than the idle timeout: its reservation is not renewed
         clock.advance(TIMEOUT + sessions.touch_interval + 1)
@@ -615,6 +613,29 @@ async def test_a_creation_gone_from_a_store_of_this_process_alone_is_not_committ
         await sessions.commit(state)
     assert sessions.stats.created == 0
     assert SessionEventKind.CREATED not in [event.kind for event in events]
+
+
+async def test_a_creation_evicts_only_at_its_commit(new_store: StoreFactory) -> None:
+    """With ``evict_oldest``, a reservation takes no session of its principal's: refused
+    (discarded), it evicts nothing; committed, it evicts the least recently used one, ended here
+    and told to the subscribers. Beside one under way, a principal at its cap may not start
+    another: it would hold twice its cap."""
+    clock = ManualClock()
+    sessions = registry(new_store(), clock, per_principal_cap=1, evict_oldest=True)
+    events = recorder(sessions)
+    older = await created(sessions)
+    refused = sessions.new_session(ALICE)
+    await sessions.register(refused, reservation=30.0)
+    await sessions.discard(refused)
+    new = sessions.new_session(ALICE)
+    await sessions.register(new, reservation=30.0)
+    assert older.session_id in sessions and not older.closed
+    with pytest.raises(CapExceeded):
+        await sessions.register(sessions.new_session(ALICE), reservation=30.0)
+    await sessions.commit(new)
+    assert older.closed and older.session_id not in sessions and not new.closed
+    assert [event.kind for event in events].count(SessionEventKind.EVICTED) == 1
+    assert sessions.stats.removed["evicted"] == 1
 
 
 async def test_a_committed_creation_is_its_principals_most_recently_used() -> None:

@@ -171,6 +171,95 @@ async def test_eviction_and_global_cap_agree(new_store: StoreFactory) -> None:
     assert await store.count(now=NOW) == 2
 
 
+async def test_a_reservation_evicts_nothing_until_its_commit(new_store: StoreFactory) -> None:
+    """A pending creation (an ``initialize`` still being served) counts against the caps but
+    evicts only once committed; refused and removed, it cost its principal nothing."""
+    store = new_store()
+    caps = Caps(per_principal=1, evict_oldest=True)
+    first = record()
+    await store.create(first, ttl=TTL, now=NOW, caps=caps)
+    refused = record(at=NOW + 1)
+    outcome = await store.create(refused, ttl=TTL, now=NOW + 1, caps=caps, pending=True)
+    assert outcome.created and outcome.evicted == ()
+    assert await store.remove(refused.session_id, created_at=refused.created_at)
+    assert await store.read(first.session_id) == first
+    served = record(at=NOW + 2)
+    outcome = await store.create(served, ttl=TTL, now=NOW + 2, caps=caps, pending=True)
+    assert outcome.evicted == () and await store.read(first.session_id) is not None
+    committed = await store.commit(used(served, NOW + 3), ttl=TTL, now=NOW + 3, caps=caps)
+    assert committed.committed and committed.evicted == (first,)
+    assert await store.read(first.session_id) is None
+    assert [r.session_id for r in await store.principal_sessions("alice", now=NOW + 3)] == [
+        served.session_id
+    ]
+
+
+async def test_reservations_are_never_evicted(new_store: StoreFactory) -> None:
+    """Nothing evicts a creation still pending: a session that counts at once beside it evicts
+    nothing (the principal holds only one that counts), and the reservation's commit then evicts
+    that one, the least recently used of those that count."""
+    store = new_store()
+    caps = Caps(per_principal=1, evict_oldest=True)
+    pending = record()
+    await store.create(pending, ttl=TTL, now=NOW, caps=caps, pending=True)
+    other = record(at=NOW + 1)
+    assert (await store.create(other, ttl=TTL, now=NOW + 1, caps=caps)).evicted == ()
+    committed = await store.commit(used(pending, NOW + 2), ttl=TTL, now=NOW + 2, caps=caps)
+    assert committed.committed and committed.evicted == (other,)
+    assert await store.read(pending.session_id) is not None
+
+
+async def test_an_evicting_principal_holds_at_most_twice_its_cap(new_store: StoreFactory) -> None:
+    """Creations under way may take an evicting principal past its cap (each evicts at its
+    commit), but not past twice the cap: beyond that it is refused as without eviction."""
+    store = new_store()
+    caps = Caps(per_principal=2, evict_oldest=True)
+    for _ in range(2):
+        await store.create(record(), ttl=TTL, now=NOW, caps=caps)
+    under_way = [record(at=NOW + 1) for _ in range(2)]
+    for new in under_way:
+        await store.create(new, ttl=TTL, now=NOW + 1, caps=caps, pending=True)
+    with pytest.raises(CapExceeded) as refused:
+        await store.create(record(at=NOW + 2), ttl=TTL, now=NOW + 2, caps=caps, pending=True)
+    assert refused.value.scope == "principal"
+    for new in under_way:
+        outcome = await store.commit(used(new, NOW + 3), ttl=TTL, now=NOW + 3, caps=caps)
+        assert outcome.committed and len(outcome.evicted) == 1
+    assert {r.session_id for r in await store.principal_sessions("alice", now=NOW + 3)} == {
+        new.session_id for new in under_way
+    }
+
+
+async def test_a_commit_of_a_record_gone_commits_nothing(new_store: StoreFactory) -> None:
+    store = new_store()
+    caps = Caps(per_principal=1, evict_oldest=True)
+    first, gone = record(), record(at=NOW + 1)
+    await store.create(first, ttl=TTL, now=NOW, caps=caps)
+    await store.create(gone, ttl=TTL, now=NOW + 1, caps=caps, pending=True)
+    await store.remove(gone.session_id)
+    outcome = await store.commit(used(gone, NOW + 2), ttl=TTL, now=NOW + 2, caps=caps)
+    assert not outcome.committed and outcome.evicted == ()
+    assert await store.read(first.session_id) is not None
+    assert await store.read(gone.session_id) is None  # (never made again)
+
+
+async def test_a_reservation_at_both_caps_takes_the_place_its_commit_frees(
+    new_store: StoreFactory,
+) -> None:
+    """At the global cap, an evicting principal at its own cap may still reserve (its commit
+    evicts one of its sessions, so the total comes back); refused, it leaves the total as it was."""
+    store = new_store()
+    caps = Caps(per_principal=1, global_limit=2, evict_oldest=True)
+    alice, bob = record("alice"), record("bob")
+    await store.create(alice, ttl=TTL, now=NOW, caps=caps)
+    await store.create(bob, ttl=TTL, now=NOW, caps=caps)
+    new = record("alice", at=NOW + 1)
+    await store.create(new, ttl=TTL, now=NOW + 1, caps=caps, pending=True)
+    outcome = await store.commit(used(new, NOW + 2), ttl=TTL, now=NOW + 2, caps=caps)
+    assert outcome.evicted == (alice,)
+    assert await store.count(now=NOW + 2) == 2
+
+
 async def test_ping_and_aclose(new_store: StoreFactory) -> None:
     store = new_store()
     assert await store.ping()

@@ -309,6 +309,9 @@ class SessionRegistry:
         Redis running the script late) lapses by itself instead of counting against the caps for
         a whole idle timeout. ``pending`` (an implicit session) keeps the whole lifetime but
         still awaits its commit. Without either (a restored session) it counts at once.
+
+        A creation awaiting its commit evicts nothing (with ``evict_oldest``): the commit does,
+        so a refused request costs its principal no session (see ``SessionStore.create``).
         """
         if not self.accepting:
             raise ShuttingDown("server is shutting down; no new sessions")
@@ -318,9 +321,13 @@ class SessionRegistry:
         record, ttl = self._record(state, now)
         if reservation is not None:
             ttl = min(ttl, reservation)
+        awaits_commit = pending or reservation is not None
+        caps = self.caps
         try:
             try:
-                outcome = await self.store.create(record, ttl=ttl, now=now, caps=self.caps)
+                outcome = await self.store.create(
+                    record, ttl=ttl, now=now, caps=caps, pending=awaits_commit
+                )
             except CapExceeded:
                 # Stores without native expiry may still count sessions past their deadline:
                 # expire those, then try again. A session a request still runs on is never
@@ -331,7 +338,9 @@ class SessionRegistry:
                         await self._sync(busy, force=True, renew=True)
                 if not await self._expire_store(now):
                     raise
-                outcome = await self.store.create(record, ttl=ttl, now=now, caps=self.caps)
+                outcome = await self.store.create(
+                    record, ttl=ttl, now=now, caps=caps, pending=awaits_commit
+                )
         except StoreUnavailable:
             await self.discard(state)  # the store may still carry the creation out later
             raise
@@ -341,11 +350,7 @@ class SessionRegistry:
         state.synced_at = state.last_accessed
         state.reserved = reservation is not None
         self._cache(state)  # before anything awaits: a concurrent lookup finds this object
-        for victim in outcome.evicted:
-            self.stats.removed["evicted"] += 1
-            logger.info("Session removed", session_id=short_id(victim.session_id), reason="evicted")
-            self._ended(victim.session_id, SessionEventKind.EVICTED, victim)
-            await self._announce(victim.session_id, SessionEventKind.EVICTED)
+        await self._evicted(outcome.evicted)
 
     async def commit(self, state: SessionState) -> None:
         """The session's creating request succeeded: it now counts, and its id may be shown.
@@ -366,6 +371,7 @@ class SessionRegistry:
             await asyncio.shield(under_way)
             return
         pending = state.implicit and state in self._uncommitted  # (only implicit ones are)
+        evicted: tuple[SessionRecord, ...] = ()
         if not state.reserved and not pending:
             if state.implicit:
                 return  # committed already, by another of its requests
@@ -376,7 +382,9 @@ class SessionRegistry:
             # used, as a write would. What changed since the creation (the handshake) goes with
             # the write that ends this request, made regardless of the touch interval (the
             # record was never synced since).
-            if not self.store.mark_used(state.session_id, state.created_at):  # type: ignore[attr-defined]
+            store: Any = self.store
+            evicted = store.commit_now(state.session_id, state.created_at, self.caps)
+            if evicted is None:
                 raise SessionGone("session gone before its commit (evicted, revoked, expired)")
             self._uncommitted.discard(state)
             if state.reserved:
@@ -390,7 +398,8 @@ class SessionRegistry:
             notices = self._notices
             under_way = self._commits[id(state)] = asyncio.get_running_loop().create_future()
             try:
-                if not await self.store.write(record, ttl=ttl, now=now):
+                outcome = await self.store.commit(record, ttl=ttl, now=now, caps=self.caps)
+                if not outcome.committed:
                     raise SessionGone("session gone before its commit (lapsed, removed)")
             except BaseException as exc:
                 failed = exc if isinstance(exc, Exception) else StoreUnavailable("commit cut short")
@@ -401,6 +410,7 @@ class SessionRegistry:
                 under_way.set_result(None)
             finally:
                 del self._commits[id(state)]
+            evicted = outcome.evicted
             self._uncommitted.discard(state)
             state.reserved = False
             state.synced_at = state.last_accessed
@@ -414,6 +424,21 @@ class SessionRegistry:
             implicit=state.implicit,
         )
         self._emit(SessionEventKind.CREATED, state.session_id, state.principal, state)
+        if evicted:
+            # The store holds the commit: telling the other processes is not to be cut short
+            # (the request may be cancelled now), or they would serve the victims up to a
+            # ``recheck`` longer.
+            with anyio.CancelScope(shield=True):
+                await self._evicted(evicted)
+
+    async def _evicted(self, victims: tuple[SessionRecord, ...]) -> None:
+        """Sessions the store removed to make room: end them here and tell the other processes."""
+        for victim in victims:
+            self.stats.removed["evicted"] += 1
+            logger.info("Session removed", session_id=short_id(victim.session_id), reason="evicted")
+            self._ended(victim.session_id, SessionEventKind.EVICTED, victim)
+        for victim in victims:
+            await self._announce(victim.session_id, SessionEventKind.EVICTED)
 
     def awaiting_commit(self, state: SessionState) -> bool:
         """An implicit session created by a request that has not been served yet: any of its

@@ -3,6 +3,7 @@
 from mcp2anp_middleware.sessions.stores.base import (
     CapExceeded,
     Caps,
+    CommitOutcome,
     CreateOutcome,
     SessionGone,
     SessionRecord,
@@ -14,6 +15,7 @@ from mcp2anp_middleware.sessions.stores.memory import InMemorySessionStore
 __all__ = [
     "CapExceeded",
     "Caps",
+    "CommitOutcome",
     "CreateOutcome",
     "InMemorySessionStore",
     "SessionGone",

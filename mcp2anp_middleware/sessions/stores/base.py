@@ -61,7 +61,16 @@ class CreateOutcome:
     created: bool
     """False when the id already existed (create-if-absent lost the race)."""
     evicted: tuple[SessionRecord, ...] = ()
-    """Sessions removed to make room (per-principal cap with eviction)."""
+    """Sessions removed to make room (per-principal cap with eviction; only for a record that
+    counts at once, never for a reservation: see :meth:`SessionStore.commit`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CommitOutcome:
+    committed: bool
+    """False when the record was gone (lapsed, evicted, revoked, expired) or of another creation."""
+    evicted: tuple[SessionRecord, ...] = ()
+    """Sessions removed to make room for this one (per-principal cap with eviction)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +86,32 @@ class SessionStore(Protocol):
     at most this often per session, so a record's ``last_used`` may lag by as much."""
 
     async def create(
-        self, record: SessionRecord, *, ttl: float, now: float, caps: Caps
+        self,
+        record: SessionRecord,
+        *,
+        ttl: float,
+        now: float,
+        caps: Caps,
+        pending: bool = False,
     ) -> CreateOutcome:
         """Store ``record`` unless its id exists, applying ``caps`` atomically; ``ttl`` seconds
-        from ``now`` (the registry's clock) it expires by itself."""
+        from ``now`` (the registry's clock) it expires by itself.
+
+        ``pending``: a reservation for a creating request that may still be refused. It counts
+        against the caps at once (concurrent creations cannot pass them), but with
+        ``caps.evict_oldest`` it evicts nothing, and nothing evicts it, until :meth:`commit`: a
+        refused ``initialize`` must not cost its principal a session. So that evicting
+        principal may hold up to twice its cap while creations are under way, never more.
+        Without ``pending`` the record counts at once and evicts as a commit does."""
+        ...
+
+    async def commit(
+        self, record: SessionRecord, *, ttl: float, now: float, caps: Caps
+    ) -> CommitOutcome:
+        """The reservation ``record`` (same id and ``created_at``) became a session: write it as
+        :meth:`write` does, and with ``caps.evict_oldest`` remove the principal's least recently
+        used sessions that are not pending, while more of those than the cap remain (never this
+        one). Not committed if the record is gone."""
         ...
 
     async def read(self, session_id: str) -> SessionRecord | None: ...

@@ -10,7 +10,8 @@ entry was pushed, not with the live ones. While deadlines only move later (the u
 heap holds one entry per session; a deadline moved earlier, or an id made again, leaves a spare
 entry that is pushed back with its record until the heap is rebuilt (when it holds more than
 twice as many entries as records). A per-principal dict in order of use serves caps, eviction of
-the least recently used, and listing.
+the least recently used, and listing; a per-principal set holds the reservations not yet
+committed, which eviction passes over.
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ import heapq
 from dataclasses import replace
 
 from mcp2anp_middleware.sessions.loop_slice import LoopSlice
-from mcp2anp_middleware.sessions.stores.base import CapExceeded, Caps, CreateOutcome, SessionRecord
+from mcp2anp_middleware.sessions.stores.base import (
+    CapExceeded,
+    Caps,
+    CommitOutcome,
+    CreateOutcome,
+    SessionRecord,
+)
 
 
 class InMemorySessionStore:
@@ -38,6 +45,7 @@ class InMemorySessionStore:
             kind.write is InMemorySessionStore.write
             and kind.write_now is InMemorySessionStore.write_now
             and kind.mark_used is InMemorySessionStore.mark_used
+            and kind.commit_now is InMemorySessionStore.commit_now
         )
 
     def __init__(self, *, batch: int = 1000) -> None:
@@ -46,6 +54,8 @@ class InMemorySessionStore:
         self._records: dict[str, SessionRecord] = {}
         self._deadlines: list[tuple[float, str]] = []
         self._by_principal: dict[str, dict[str, None]] = {}
+        self._pending: dict[str, set[str]] = {}
+        """Per principal, its reservations not yet committed (``create(pending=True)``)."""
 
     def __len__(self) -> int:
         return len(self._records)
@@ -67,27 +77,34 @@ class InMemorySessionStore:
         return [replace(record) for record in self._records.values()]
 
     async def create(
-        self, record: SessionRecord, *, ttl: float, now: float, caps: Caps
+        self,
+        record: SessionRecord,
+        *,
+        ttl: float,
+        now: float,
+        caps: Caps,
+        pending: bool = False,
     ) -> CreateOutcome:
-        session_id = record.session_id
+        session_id, principal = record.session_id, record.principal
         if session_id in self._records:
             return CreateOutcome(created=False)
-        owned = self._by_principal.get(record.principal)
-        at_cap = caps.per_principal is not None and owned and len(owned) >= caps.per_principal
-        if at_cap and not caps.evict_oldest:
-            raise CapExceeded("principal", caps.per_principal or 0)
-        # An eviction frees a place, so count it before refusing at the global cap (and never
-        # evict for a request that is refused anyway).
+        owned = self._by_principal.get(principal)
+        held = len(owned) if owned else 0
+        cap = caps.per_principal
+        at_cap = cap is not None and held >= cap
+        # Evicting: over the cap only by creations under way (see SessionStore.create).
+        if at_cap and (not caps.evict_oldest or held >= 2 * (cap or 0)):
+            raise CapExceeded("principal", cap or 0)
+        # An eviction frees a place (now, or at the commit), so count it before refusing at the
+        # global cap (and never evict for a request that is refused anyway).
         total_after = len(self._records) - (1 if at_cap else 0)
         if caps.global_limit is not None and total_after >= caps.global_limit:
             raise CapExceeded("global", caps.global_limit)
-        evicted: tuple[SessionRecord, ...] = ()
-        if at_cap and owned:
-            victim = self._records[next(iter(owned))]  # least recently used
-            self._forget(victim.session_id)
-            evicted = (victim,)
         self._store(record)
-        return CreateOutcome(created=True, evicted=evicted)
+        if pending:
+            self._pending.setdefault(principal, set()).add(session_id)
+            return CreateOutcome(created=True)
+        return CreateOutcome(created=True, evicted=self._trim(principal, session_id, caps))
 
     async def read(self, session_id: str) -> SessionRecord | None:
         return self._records.get(session_id)  # callers write new records, never mutate this one
@@ -116,6 +133,54 @@ class InMemorySessionStore:
         del owned[session_id]
         owned[session_id] = None
         return True
+
+    async def commit(
+        self, record: SessionRecord, *, ttl: float, now: float, caps: Caps
+    ) -> CommitOutcome:
+        if not await self.write(record, ttl=ttl, now=now):
+            return CommitOutcome(committed=False)
+        return CommitOutcome(committed=True, evicted=self._settle(record.session_id, caps))
+
+    def commit_now(
+        self, session_id: str, created_at: float, caps: Caps
+    ) -> tuple[SessionRecord, ...] | None:
+        """:meth:`commit` without a new record (as :meth:`mark_used`, which it does too): the
+        sessions evicted for it, or None if the store does not hold it (of ``created_at``)."""
+        if not self.mark_used(session_id, created_at):
+            return None
+        return self._settle(session_id, caps)
+
+    def _settle(self, session_id: str, caps: Caps) -> tuple[SessionRecord, ...]:
+        """``session_id`` (held) is no longer pending: evict for it as its cap says."""
+        principal = self._records[session_id].principal
+        pending = self._pending.get(principal)
+        if pending is not None:
+            pending.discard(session_id)
+            if not pending:
+                del self._pending[principal]
+        return self._trim(principal, session_id, caps)
+
+    def _trim(self, principal: str, keep: str, caps: Caps) -> tuple[SessionRecord, ...]:
+        """With eviction on, remove the principal's least recently used sessions that are not
+        pending (nor ``keep``) while more of those than its cap remain."""
+        cap = caps.per_principal
+        if not caps.evict_oldest or cap is None:
+            return ()
+        owned = self._by_principal[principal]
+        pending = self._pending.get(principal, ())
+        over = len(owned) - len(pending) - cap
+        if over <= 0:
+            return ()
+        victims: list[str] = []
+        for session_id in owned:  # least recently used first
+            if session_id != keep and session_id not in pending:
+                victims.append(session_id)
+                if len(victims) == over:
+                    break
+        evicted = tuple(self._records[session_id] for session_id in victims)
+        for session_id in victims:
+            self._forget(session_id)
+        return evicted
 
     async def remove(self, session_id: str, *, created_at: float | None = None) -> bool:
         record = self._records.get(session_id)
@@ -176,7 +241,13 @@ class InMemorySessionStore:
 
     def _forget(self, session_id: str) -> None:
         record = self._records.pop(session_id)
-        owned = self._by_principal[record.principal]
+        principal = record.principal
+        owned = self._by_principal[principal]
         del owned[session_id]
         if not owned:
-            del self._by_principal[record.principal]
+            del self._by_principal[principal]
+        pending = self._pending.get(principal)
+        if pending is not None and session_id in pending:
+            pending.discard(session_id)
+            if not pending:
+                del self._pending[principal]

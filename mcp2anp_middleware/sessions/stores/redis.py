@@ -70,6 +70,7 @@ from redis.exceptions import NoScriptError, RedisError
 from mcp2anp_middleware.sessions.stores.base import (
     CapExceeded,
     Caps,
+    CommitOutcome,
     CreateOutcome,
     SessionRecord,
     StoreUnavailable,
@@ -82,28 +83,54 @@ logger = logging.getLogger("mcp2anp_middleware.sessions")
 _FIELDS = ("principal", "created_at", "last_used", "expires_at", "implicit")
 SHARDS = 16
 
-_CREATE = """
-local skey, allkey, pkey = KEYS[1], KEYS[2], KEYS[3]
+# Evicts the principal's least recently used sessions that are not pending reservations (in
+# the principal's reservation set), never ``sid``, while more of those than ``cap`` remain; adds
+# each victim's id and fields to ``result``. The caller pruned both sets of what has expired. With
+# ``session_prefix`` empty (a cluster: the records are in other slots) only the index entries go,
+# and only the ids are added.
+_TRIM = """
+local function trim(pkey, qkey, sid, cap, evict, allkey, session_prefix, fields, result)
+  if cap <= 0 or evict ~= '1' then return end
+  local reserved = redis.call('ZCARD', qkey)
+  local over = redis.call('ZCARD', pkey) - reserved - cap
+  if over <= 0 then return end
+  -- (the victims are among the first over + reserved + 1: the rest are pending, or sid)
+  for _, victim in ipairs(redis.call('ZRANGE', pkey, 0, over + reserved)) do
+    if victim ~= sid and not redis.call('ZSCORE', qkey, victim) then
+      table.insert(result, victim)
+      if session_prefix ~= '' then
+        local vkey = session_prefix .. victim
+        for _, value in ipairs(redis.call('HMGET', vkey, unpack(fields))) do
+          table.insert(result, value or '')
+        end
+        redis.call('DEL', vkey)
+        redis.call('ZREM', allkey, victim)
+      end
+      redis.call('ZREM', pkey, victim)
+      over = over - 1
+      if over <= 0 then return end
+    end
+  end
+end
+"""
+
+_CREATE = (
+    _TRIM
+    + """
+local skey, allkey, pkey, qkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local sid, now, ttl_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local global_cap, principal_cap, evict = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
-local session_prefix = ARGV[7]
+local session_prefix, pending = ARGV[7], ARGV[19]
 if redis.call('EXISTS', skey) == 1 then return {'exists'} end
 redis.call('ZREMRANGEBYSCORE', allkey, '-inf', now)
 redis.call('ZREMRANGEBYSCORE', pkey, '-inf', now)
-local at_cap = principal_cap > 0 and redis.call('ZCARD', pkey) >= principal_cap
-if at_cap and evict ~= '1' then return {'principal'} end
+redis.call('ZREMRANGEBYSCORE', qkey, '-inf', now)
+local held = redis.call('ZCARD', pkey)
+local at_cap = principal_cap > 0 and held >= principal_cap
+if at_cap and (evict ~= '1' or held >= 2 * principal_cap) then return {'principal'} end
 local total_after = redis.call('ZCARD', allkey)
 if at_cap then total_after = total_after - 1 end
 if global_cap > 0 and total_after >= global_cap then return {'global'} end
-local result = {'ok'}
-if at_cap then
-  local victim = redis.call('ZRANGE', pkey, 0, 0)[1]
-  local vkey = session_prefix .. victim
-  result = {'ok', victim, unpack(redis.call('HMGET', vkey, unpack(ARGV, 13, 17)))}
-  redis.call('DEL', vkey)
-  redis.call('ZREM', allkey, victim)
-  redis.call('ZREM', pkey, victim)
-end
 redis.call('HSET', skey, 'principal', ARGV[8], 'created_at', ARGV[9], 'last_used', ARGV[10],
            'expires_at', ARGV[11], 'implicit', ARGV[12], 'pkey', pkey)
 if ARGV[18] ~= '' then redis.call('HSET', skey, 'handshake', ARGV[18]) end
@@ -112,8 +139,17 @@ local expires = now + ttl_ms / 1000
 redis.call('ZADD', allkey, expires, sid)
 redis.call('ZADD', pkey, expires, sid)
 if redis.call('PTTL', pkey) < ttl_ms then redis.call('PEXPIRE', pkey, ttl_ms) end
+local result = {'ok'}
+if pending == '1' then
+  redis.call('ZADD', qkey, expires, sid)
+  if redis.call('PTTL', qkey) < ttl_ms then redis.call('PEXPIRE', qkey, ttl_ms) end
+else
+  local fields = {unpack(ARGV, 13, 17)}
+  trim(pkey, qkey, sid, principal_cap, evict, allkey, session_prefix, fields, result)
+end
 return result
 """
+)
 
 _WRITE = """
 local skey, allkey = KEYS[1], KEYS[2]
@@ -132,6 +168,33 @@ end
 return 1
 """
 
+# The commit of a reservation: a write (fenced by creation time), out of the principal's
+# reservations, then evictions for it.
+_COMMIT = (
+    _TRIM
+    + """
+local skey, allkey, pkey, qkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local sid, now, ttl_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+if redis.call('HGET', skey, 'created_at') ~= ARGV[4] then return {0} end
+redis.call('HSET', skey, 'last_used', ARGV[5], 'expires_at', ARGV[6])
+if ARGV[7] ~= '' then redis.call('HSET', skey, 'handshake', ARGV[7]) end
+redis.call('PEXPIRE', skey, ttl_ms)
+local expires = now + ttl_ms / 1000
+redis.call('ZADD', allkey, expires, sid)
+redis.call('ZADD', pkey, expires, sid)
+if redis.call('PTTL', pkey) < ttl_ms then redis.call('PEXPIRE', pkey, ttl_ms) end
+redis.call('ZREM', qkey, sid)
+local result = {1}
+local cap = tonumber(ARGV[8])
+if cap > 0 and ARGV[9] == '1' then
+  redis.call('ZREMRANGEBYSCORE', pkey, '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', qkey, '-inf', now)
+  trim(pkey, qkey, sid, cap, ARGV[9], allkey, ARGV[10], {unpack(ARGV, 11, 15)}, result)
+end
+return result
+"""
+)
+
 _REMOVE = """
 local skey, allkey = KEYS[1], KEYS[2]
 local sid, fence, channel, notice = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -139,7 +202,10 @@ if fence ~= '' and redis.call('HGET', skey, 'created_at') ~= fence then return 0
 local pkey = redis.call('HGET', skey, 'pkey')
 local deleted = redis.call('DEL', skey)
 redis.call('ZREM', allkey, sid)
-if pkey then redis.call('ZREM', pkey, sid) end
+if pkey then
+  redis.call('ZREM', pkey, sid)
+  redis.call('ZREM', ARGV[5] .. string.sub(pkey, #ARGV[6] + 1), sid)
+end
 if deleted == 1 then
   redis.call('DEL', KEYS[3])
   if notice ~= '' then redis.call('PUBLISH', channel, notice) end
@@ -169,22 +235,53 @@ redis.call('PEXPIRE', skey, tonumber(ARGV[1]))
 return 'ok'
 """
 
-_ADMIT = """
-local pkey = KEYS[1]
+_ADMIT = (
+    _TRIM
+    + """
+local pkey, qkey = KEYS[1], KEYS[2]
 local sid, now, ttl_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local cap, evict = tonumber(ARGV[4]), ARGV[5]
+local cap, evict, pending = tonumber(ARGV[4]), ARGV[5], ARGV[6]
 redis.call('ZREMRANGEBYSCORE', pkey, '-inf', now)
-local result = {'ok'}
-if not redis.call('ZSCORE', pkey, sid) and cap > 0 and redis.call('ZCARD', pkey) >= cap then
-  if evict ~= '1' then return {'principal'} end
-  local victim = redis.call('ZRANGE', pkey, 0, 0)[1]
-  redis.call('ZREM', pkey, victim)
-  result = {'ok', victim}
+redis.call('ZREMRANGEBYSCORE', qkey, '-inf', now)
+local held = redis.call('ZCARD', pkey)
+local at_cap = '0'
+if not redis.call('ZSCORE', pkey, sid) and cap > 0 and held >= cap then
+  if evict ~= '1' or held >= 2 * cap then return {'principal'} end
+  at_cap = '1'
 end
-redis.call('ZADD', pkey, now + ttl_ms / 1000, sid)
+local expires = now + ttl_ms / 1000
+redis.call('ZADD', pkey, expires, sid)
 if redis.call('PTTL', pkey) < ttl_ms then redis.call('PEXPIRE', pkey, ttl_ms) end
+local result = {'ok', at_cap}
+if pending == '1' then
+  redis.call('ZADD', qkey, expires, sid)
+  if redis.call('PTTL', qkey) < ttl_ms then redis.call('PEXPIRE', qkey, ttl_ms) end
+else
+  trim(pkey, qkey, sid, cap, evict, '', '', {}, result)
+end
 return result
 """
+)
+
+# A cluster commit's step in the principal's slot: indexed as a write indexes it, out of the
+# reservations, then the ids of the sessions evicted for it (their records are removed after).
+_SETTLE = (
+    _TRIM
+    + """
+local pkey, qkey = KEYS[1], KEYS[2]
+local sid, now, ttl_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZADD', pkey, now + ttl_ms / 1000, sid)
+if redis.call('PTTL', pkey) < ttl_ms then redis.call('PEXPIRE', pkey, ttl_ms) end
+redis.call('ZREM', qkey, sid)
+local result = {'ok'}
+if tonumber(ARGV[4]) > 0 and ARGV[5] == '1' then
+  redis.call('ZREMRANGEBYSCORE', pkey, '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', qkey, '-inf', now)
+  trim(pkey, qkey, sid, tonumber(ARGV[4]), ARGV[5], '', '', {}, result)
+end
+return result
+"""
+)
 
 _INDEX = """
 local pkey, ttl_ms = KEYS[1], tonumber(ARGV[3])
@@ -247,10 +344,12 @@ class RedisSessionStore:
         self.ended_channel = f"{prefix}ended"
         self._create = client.register_script(_CREATE)
         self._write = client.register_script(_WRITE)
+        self._commit = client.register_script(_COMMIT)
         self._remove = client.register_script(_REMOVE)
         self._claim = client.register_script(_CLAIM)
         self._admit = client.register_script(_ADMIT)
         self._index = client.register_script(_INDEX)
+        self._settle = client.register_script(_SETTLE)
         self._touch = client.register_script(_TOUCH)
         self._take = client.register_script(_TAKE)
 
@@ -293,6 +392,11 @@ class RedisSessionStore:
         digest = hashlib.sha256(principal.encode()).hexdigest()[:32]
         return f"{self.prefix}p:{{{digest}}}" if self.cluster else f"{self.prefix}p:{digest}"
 
+    def _reservations_key(self, principal_key: str) -> str:
+        """The principal's reservations not yet committed (a sorted set by expiry), in the slot
+        of its index: ``{prefix}q:`` beside ``{prefix}p:``."""
+        return f"{self.prefix}q:" + principal_key[len(self.prefix) + 2 :]
+
     def _shard_key(self, session_id: str) -> str:
         return self._shard(zlib.crc32(session_id.encode()) % SHARDS)
 
@@ -307,14 +411,24 @@ class RedisSessionStore:
     # -- the interface ---------------------------------------------------------------------------
 
     async def create(
-        self, record: SessionRecord, *, ttl: float, now: float, caps: Caps
+        self,
+        record: SessionRecord,
+        *,
+        ttl: float,
+        now: float,
+        caps: Caps,
+        pending: bool = False,
     ) -> CreateOutcome:
         if self.cluster:
-            return await self._create_in_cluster(record, ttl=ttl, now=now, caps=caps)
+            return await self._create_in_cluster(
+                record, ttl=ttl, now=now, caps=caps, pending=pending
+            )
+        pkey = self._principal_key(record.principal)
         keys = [
             self._session_key(record.session_id),
             self._all_key,
-            self._principal_key(record.principal),
+            pkey,
+            self._reservations_key(pkey),
         ]
         args: list[str | int] = [
             record.session_id,
@@ -327,6 +441,7 @@ class RedisSessionStore:
             *_values(record),
             *_FIELDS,
             record.handshake or "",
+            "1" if pending else "0",
         ]
         raw, acked = await _guard(lambda: self._durably(self._create, keys, args))
         reply = [_text(part) for part in raw]
@@ -338,12 +453,7 @@ class RedisSessionStore:
         if status == "global":
             raise CapExceeded("global", caps.global_limit or 0)
         self._confirmed(acked)
-        evicted = (
-            _record(reply[1], dict(zip(_FIELDS, reply[2:], strict=False)))
-            if len(reply) > 1
-            else None
-        )
-        return CreateOutcome(created=True, evicted=(evicted,) if evicted else ())
+        return CreateOutcome(created=True, evicted=_victims(reply[1:]))
 
     async def read(self, session_id: str) -> SessionRecord | None:
         raw = await _guard(lambda: self.client.hgetall(self._session_key(session_id)))
@@ -367,6 +477,38 @@ class RedisSessionStore:
             self._confirmed(acked)
         return bool(written)
 
+    async def commit(
+        self, record: SessionRecord, *, ttl: float, now: float, caps: Caps
+    ) -> CommitOutcome:
+        if self.cluster:
+            return await self._commit_in_cluster(record, ttl=ttl, now=now, caps=caps)
+        pkey = self._principal_key(record.principal)
+        keys = [
+            self._session_key(record.session_id),
+            self._all_key,
+            pkey,
+            self._reservations_key(pkey),
+        ]
+        args: list[str | int] = [
+            record.session_id,
+            repr(now),
+            _milliseconds(ttl),
+            repr(float(record.created_at)),
+            repr(record.last_used),
+            repr(record.expires_at),
+            record.handshake or "",
+            caps.per_principal or 0,
+            "1" if caps.evict_oldest else "0",
+            self._session_prefix,
+            *_FIELDS,
+        ]
+        raw, acked = await _guard(lambda: self._durably(self._commit, keys, args))
+        reply = [_text(part) for part in raw]
+        if reply[0] != "1":
+            return CommitOutcome(committed=False)
+        self._confirmed(acked)
+        return CommitOutcome(committed=True, evicted=_victims(reply[1:]))
+
     async def remove(self, session_id: str, *, created_at: float | None = None) -> bool:
         return await self._remove_announcing(session_id, created_at, "")
 
@@ -388,7 +530,14 @@ class RedisSessionStore:
         # The session's MCP event log goes with it (whoever removes it: a worker, an admin
         # script); on a cluster its owner drops it, as it is in another script's slot.
         keys = [self._session_key(session_id), self._all_key, self.event_log_key(session_id)]
-        args: list[str | int] = [session_id, fence, self.ended_channel, notice]
+        args: list[str | int] = [
+            session_id,
+            fence,
+            self.ended_channel,
+            notice,
+            f"{self.prefix}q:",
+            f"{self.prefix}p:",
+        ]
         deleted, _ = await _guard(lambda: self._durably(self._remove, keys, args))
         return bool(deleted)  # an unconfirmed deletion is still a deletion: not refused
 
@@ -534,7 +683,7 @@ class RedisSessionStore:
     # -- Redis Cluster: single-slot steps ---------------------------------------------------------
 
     async def _create_in_cluster(
-        self, record: SessionRecord, *, ttl: float, now: float, caps: Caps
+        self, record: SessionRecord, *, ttl: float, now: float, caps: Caps, pending: bool
     ) -> CreateOutcome:
         sid = record.session_id
         ttl_ms = _milliseconds(ttl)
@@ -553,22 +702,58 @@ class RedisSessionStore:
             ttl_ms,
             caps.per_principal or 0,
             "1" if caps.evict_oldest else "0",
+            "1" if pending else "0",
         ]
-        reply = [_text(part) for part in await _guard(lambda: self._admit(keys=[pkey], args=admit))]
+        keys = [pkey, self._reservations_key(pkey)]
+        reply = [_text(part) for part in await _guard(lambda: self._admit(keys=keys, args=admit))]
         if reply[0] == "principal":
             await _guard(lambda: self._take(keys=[skey], args=[fence]))
             raise CapExceeded("principal", caps.per_principal or 0)
-        victim = reply[1] if len(reply) > 1 else None
         expires = now + ttl_ms / 1000
         await _guard(lambda: self.client.zadd(shard, {sid: expires}))
-        over = victim is None and bool(caps.global_limit)
+        # At the cap (evicting), the creation frees a place, now or at its commit.
+        over = reply[1] != "1" and bool(caps.global_limit)
         if over and await _guard(lambda: self._cluster_count(now)) > (caps.global_limit or 0):
             await self._unindex(sid, pkey)
             await _guard(lambda: self._take(keys=[skey], args=[fence]))
             raise CapExceeded("global", caps.global_limit or 0)
-        evicted = await self._take_in_cluster(victim, "") if victim is not None else None
+        evicted = await self._take_all_in_cluster(reply[2:])
         self._confirmed(await _guard(lambda: self._cluster_wait(sid)))
-        return CreateOutcome(created=True, evicted=(evicted,) if evicted else ())
+        return CreateOutcome(created=True, evicted=evicted)
+
+    async def _commit_in_cluster(
+        self, record: SessionRecord, *, ttl: float, now: float, caps: Caps
+    ) -> CommitOutcome:
+        sid = record.session_id
+        ttl_ms = _milliseconds(ttl)
+        args: list[str | int] = [
+            ttl_ms,
+            repr(float(record.created_at)),
+            repr(record.last_used),
+            repr(record.expires_at),
+            record.handshake or "",
+        ]
+        if await _guard(lambda: self._touch(keys=[self._session_key(sid)], args=args)) is None:
+            return CommitOutcome(committed=False)
+        await _guard(lambda: self.client.zadd(self._shard_key(sid), {sid: now + ttl_ms / 1000}))
+        pkey = self._principal_key(record.principal)
+        settle: list[str | int] = [
+            sid,
+            repr(now),
+            ttl_ms,
+            caps.per_principal or 0,
+            "1" if caps.evict_oldest else "0",
+        ]
+        keys = [pkey, self._reservations_key(pkey)]
+        reply = [_text(part) for part in await _guard(lambda: self._settle(keys=keys, args=settle))]
+        evicted = await self._take_all_in_cluster(reply[1:])
+        self._confirmed(await _guard(lambda: self._cluster_wait(sid)))
+        return CommitOutcome(committed=True, evicted=evicted)
+
+    async def _take_all_in_cluster(self, victims: list[str]) -> tuple[SessionRecord, ...]:
+        """Remove the records of sessions already out of their principal's index (evicted)."""
+        taken = [await self._take_in_cluster(victim, "") for victim in victims]
+        return tuple(record for record in taken if record is not None)
 
     async def _write_in_cluster(self, record: SessionRecord, *, ttl: float, now: float) -> bool:
         sid = record.session_id
@@ -614,6 +799,7 @@ class RedisSessionStore:
                 pipe.zrem(self._shard_key(session_id), session_id)
                 if pkey:
                     pipe.zrem(pkey, session_id)
+                    pipe.zrem(self._reservations_key(pkey), session_id)
                 await pipe.execute()
 
         await _guard(unindex)
@@ -663,6 +849,19 @@ def _record(session_id: str, fields: dict[str, str]) -> SessionRecord | None:
         )
     except (KeyError, ValueError, TypeError):
         return None  # a foreign or damaged entry is treated as unknown
+
+
+def _victims(reply: list[str]) -> tuple[SessionRecord, ...]:
+    """The evicted sessions a script returned: each an id followed by its :data:`_FIELDS` (one
+    whose record had expired already is left out: it ended by itself)."""
+    width = 1 + len(_FIELDS)
+    found = []
+    for start in range(0, len(reply) - width + 1, width):
+        values = reply[start + 1 : start + width]
+        record = _record(reply[start], dict(zip(_FIELDS, values, strict=True)))
+        if record is not None:
+            found.append(record)
+    return tuple(found)
 
 
 def _milliseconds(ttl: float) -> int:
