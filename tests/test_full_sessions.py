@@ -68,6 +68,7 @@ async def workers(
     gate: Gate | None = None,
     *,
     prefix: str = "fidelity:",
+    recheck: float = 1.0,
     **session_options: Any,
 ) -> AsyncIterator[list[Worker]]:
     async with AsyncExitStack() as stack:
@@ -75,7 +76,8 @@ async def workers(
         for index in range(count):
             options: dict[str, Any] = dict(session_options)
             if redis is not None:
-                options["store"] = RedisSessionStore.from_url(redis.url, prefix=prefix)
+                store = RedisSessionStore.from_url(redis.url, prefix=prefix, recheck=recheck)
+                options["store"] = store
             server = fidelity_server(gate)
             data_dir = tmp_path / f"w{index}"
             app = ANPMiddleware(Starlette(), server=server, data_dir=data_dir, **options)
@@ -190,7 +192,10 @@ async def test_a_refused_initialize_evicts_none_of_its_principals_sessions(
     policy = SessionPolicy(per_principal_cap=1, cap_policy="evict_oldest")
     prefix = f"evict-{uuid.uuid4().hex[:8]}:"
     async with (
-        workers(tmp_path, 2 if shared else 1, redis, prefix=prefix, policy=policy) as found,
+        # (recheck=0: a worker reads the store at every lookup, not waiting for the notice)
+        workers(
+            tmp_path, 2 if shared else 1, redis, prefix=prefix, recheck=0, policy=policy
+        ) as found,
         httpx.AsyncClient() as http,
     ):
         first, other = found[0], found[-1]

@@ -25,6 +25,7 @@ from mcp2anp_middleware.sessions.stores import (
     InMemorySessionStore,
     SessionGone,
     SessionStore,
+    StoreUnavailable,
 )
 from mcp2anp_middleware.sessions.stores.base import CapExceeded, Caps, SessionRecord
 from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
@@ -636,6 +637,70 @@ async def test_a_creation_evicts_only_at_its_commit(new_store: StoreFactory) -> 
     assert older.closed and older.session_id not in sessions and not new.closed
     assert [event.kind for event in events].count(SessionEventKind.EVICTED) == 1
     assert sessions.stats.removed["evicted"] == 1
+
+
+async def test_a_commit_cancelled_while_its_write_runs_still_ends_what_it_evicted() -> None:
+    """Cut short by its request's scope (a host's timeout, a client gone) while the store runs
+    it, the commit still completes: the store may carry it out anyway, and a session it evicted
+    must not stay served here unannounced."""
+    clock = ManualClock()
+    store = GatedStore()
+    sessions = registry(store, clock, per_principal_cap=1, evict_oldest=True)
+    older = await created(sessions)
+    new = sessions.new_session(ALICE)
+    await sessions.register(new, reservation=30.0)
+    store.gated = True
+    scopes: list[anyio.CancelScope] = []
+
+    async def commit() -> None:
+        with anyio.CancelScope() as scope:
+            scopes.append(scope)
+            await sessions.commit(new)
+
+    task = asyncio.ensure_future(commit())
+    await asyncio.wait_for(store.writing.wait(), 5)
+    scopes[0].cancel()
+    store.proceed.set()
+    await asyncio.wait_for(task, 5)
+    assert older.closed and older.session_id not in sessions
+    assert sessions.stats.removed["evicted"] == 1 and sessions.stats.created == 2
+    assert [r.session_id for r in store.records()] == [new.session_id]
+
+
+async def test_a_commit_its_replicas_did_not_confirm_still_ends_what_it_evicted(
+    redis_server: RedisServer,
+) -> None:
+    """Refused as an outage (no replica confirmed it), the commit ran all the same: the
+    sessions it evicted are gone, so they are ended here and counted."""
+    store = RedisSessionStore.from_url(
+        redis_server.url, prefix=f"unconfirmed-{time.time_ns()}:", wait_timeout=0.001
+    )
+    sessions = registry(store, ManualClock(), per_principal_cap=1, evict_oldest=True)
+    events = recorder(sessions)
+    older = await created(sessions)
+    new = sessions.new_session(ALICE)
+    await sessions.register(new, reservation=30.0)
+    store.wait_replicas = 1  # a replica that never answers (there is none)
+    with pytest.raises(StoreUnavailable):
+        await sessions.commit(new)
+    assert older.closed and older.session_id not in sessions
+    assert sessions.stats.removed["evicted"] == 1 and sessions.stats.created == 1  # (older)
+    assert SessionEventKind.EVICTED in [event.kind for event in events]
+    await store.aclose()
+
+
+def test_a_store_without_reservations_is_refused_when_the_registry_is_made() -> None:
+    """A store written against the interface before reservations would fail every creation;
+    it is refused at once, with what it lacks."""
+
+    class Before(InMemorySessionStore):
+        async def create(  # type: ignore[override]
+            self, record: SessionRecord, *, ttl: float, now: float, caps: Caps
+        ) -> Any:
+            return await super().create(record, ttl=ttl, now=now, caps=caps)
+
+    with pytest.raises(TypeError, match="pending"):
+        SessionRegistry(store=Before())  # type: ignore[arg-type]
 
 
 async def test_a_committed_creation_is_its_principals_most_recently_used() -> None:

@@ -247,7 +247,8 @@ async def test_a_reservation_at_both_caps_takes_the_place_its_commit_frees(
     new_store: StoreFactory,
 ) -> None:
     """At the global cap, an evicting principal at its own cap may still reserve (its commit
-    evicts one of its sessions, so the total comes back); refused, it leaves the total as it was."""
+    evicts one of its sessions, so the total comes back): one over the global cap at most while
+    it is under way, so another principal, at its cap or not, is refused meanwhile."""
     store = new_store()
     caps = Caps(per_principal=1, global_limit=2, evict_oldest=True)
     alice, bob = record("alice"), record("bob")
@@ -255,9 +256,30 @@ async def test_a_reservation_at_both_caps_takes_the_place_its_commit_frees(
     await store.create(bob, ttl=TTL, now=NOW, caps=caps)
     new = record("alice", at=NOW + 1)
     await store.create(new, ttl=TTL, now=NOW + 1, caps=caps, pending=True)
+    for principal in ("bob", "carol"):
+        with pytest.raises(CapExceeded) as refused:
+            await store.create(record(principal), ttl=TTL, now=NOW + 1, caps=caps, pending=True)
+        assert refused.value.scope == "global"
     outcome = await store.commit(used(new, NOW + 2), ttl=TTL, now=NOW + 2, caps=caps)
     assert outcome.evicted == (alice,)
     assert await store.count(now=NOW + 2) == 2
+
+
+async def test_a_reservation_renewed_before_its_commit_stays_one(new_store: StoreFactory) -> None:
+    """A creation whose request outlives its first reservation has its record written again
+    (a lease renewed by the sweep): it stays a reservation, which nothing evicts and which does
+    not count, for as long as that write keeps it."""
+    store = new_store()
+    caps = Caps(per_principal=2, evict_oldest=True)
+    older = record(ttl=5000)
+    await store.create(older, ttl=5000, now=NOW, caps=caps)
+    pending = record(at=NOW + 1, ttl=30)
+    await store.create(pending, ttl=30, now=NOW + 1, caps=caps, pending=True)
+    await store.write(used(pending, NOW + 2, ttl=1000), ttl=1000, now=NOW + 2)
+    later = record(at=NOW + 40, ttl=1000)  # the first reservation would have lapsed by now
+    outcome = await store.create(later, ttl=1000, now=NOW + 40, caps=caps)
+    assert outcome.evicted == ()  # two count: older and later
+    assert await store.read(pending.session_id) is not None
 
 
 async def test_ping_and_aclose(new_store: StoreFactory) -> None:

@@ -77,9 +77,9 @@ HANDSHAKE_RESERVATION = 30.0
 """Seconds a new session's store record lives before its ``initialize`` answer commits it."""
 _NO_HEADERS = RequestHeaders(())
 _MAX_HELD_INITIALIZE = 1024 * 1024
-SESSION_GONE = "Session ended before it was ready (evicted, revoked or expired); initialize again"
+SESSION_GONE = "Session ended before it was ready (revoked or expired); initialize again"
 """A new session's answer when it ended while its creating request ran (``initialize``)."""
-_IMPLICIT_SESSION_GONE = "Session ended before it was ready (evicted, revoked or expired); retry"
+_IMPLICIT_SESSION_GONE = "Session ended before it was ready (revoked or expired); retry"
 
 
 class _Refusal(Exception):

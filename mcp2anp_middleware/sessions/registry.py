@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import math
 import sys
 import time
@@ -50,6 +51,7 @@ from mcp2anp_middleware.sessions.stores.base import (
     SessionRecord,
     SessionStore,
     StoreUnavailable,
+    UnconfirmedCommit,
 )
 from mcp2anp_middleware.sessions.stores.memory import InMemorySessionStore
 
@@ -158,6 +160,7 @@ class SessionRegistry:
         self.lease = lease
         """Least a busy session's store record is kept for (the sweep renews it): the middleware
         sets twice the cleanup interval, so a lease never lapses between two sweeps."""
+        _check_store(self.store)
         self._in_place: bool = getattr(self.store, "writes_in_place", False)
         """The store's writes complete without suspending (the memory store): no ordering."""
         if self._in_place:
@@ -350,18 +353,23 @@ class SessionRegistry:
         state.synced_at = state.last_accessed
         state.reserved = reservation is not None
         self._cache(state)  # before anything awaits: a concurrent lookup finds this object
-        await self._evicted(outcome.evicted)
+        if outcome.evicted:  # (only a creation that counts at once evicts: a restored one)
+            self._end_evicted(outcome.evicted)
+            await self._announce_evicted(outcome.evicted)
 
     async def commit(self, state: SessionState) -> None:
         """The session's creating request succeeded: it now counts, and its id may be shown.
 
         A reservation is first extended to the full lifetime; if the store cannot confirm that
         this raises (:class:`StoreUnavailable` when unreachable; :class:`SessionGone` when the
-        record is gone: the reservation lapsed, or the session was evicted, revoked or expired
-        meanwhile) and the caller refuses the request instead of handing out an id the store may
-        not keep. A memory store only this registry uses keeps no reservation: there the record
-        is only checked (still there, not evicted, revoked or expired meanwhile), and the write
-        that ends the creating request carries what changed since the creation (the handshake).
+        record is gone: the reservation lapsed, or the session was revoked or expired meanwhile)
+        and the caller refuses the request instead of handing out an id the store may not keep.
+        With ``evict_oldest`` the commit evicts for the session (never earlier: a refused
+        request costs its principal nothing); the store write is not cut short once sent, so
+        what it evicted is always ended and announced. A memory store only this registry uses
+        keeps no reservation: there the record is only checked (still there, not revoked or
+        expired meanwhile), and the write that ends the creating request carries what changed
+        since the creation (the handshake).
 
         An implicit session may have several requests that could commit it (they began before
         it was committed): the first to be served does; for the others this does nothing.
@@ -385,7 +393,7 @@ class SessionRegistry:
             store: Any = self.store
             evicted = store.commit_now(state.session_id, state.created_at, self.caps)
             if evicted is None:
-                raise SessionGone("session gone before its commit (evicted, revoked, expired)")
+                raise SessionGone("session gone before its commit (revoked, expired)")
             self._uncommitted.discard(state)
             if state.reserved:
                 state.reserved = False
@@ -398,13 +406,19 @@ class SessionRegistry:
             notices = self._notices
             under_way = self._commits[id(state)] = asyncio.get_running_loop().create_future()
             try:
-                outcome = await self.store.commit(record, ttl=ttl, now=now, caps=self.caps)
+                # Not cut short once sent: the store may carry it out (and evict) all the same.
+                with cancel_scope(shield=True):
+                    outcome = await self.store.commit(record, ttl=ttl, now=now, caps=self.caps)
                 if not outcome.committed:
                     raise SessionGone("session gone before its commit (lapsed, removed)")
             except BaseException as exc:
                 failed = exc if isinstance(exc, Exception) else StoreUnavailable("commit cut short")
                 under_way.set_exception(failed)
                 under_way.exception()  # (retrieved: nobody may be waiting for it)
+                if isinstance(exc, UnconfirmedCommit) and exc.evicted:
+                    self._end_evicted(exc.evicted)  # gone all the same
+                    with cancel_scope(shield=True):
+                        await self._announce_evicted(exc.evicted)
                 raise
             else:
                 under_way.set_result(None)
@@ -425,18 +439,22 @@ class SessionRegistry:
         )
         self._emit(SessionEventKind.CREATED, state.session_id, state.principal, state)
         if evicted:
+            self._end_evicted(evicted)
             # The store holds the commit: telling the other processes is not to be cut short
             # (the request may be cancelled now), or they would serve the victims up to a
             # ``recheck`` longer.
-            with anyio.CancelScope(shield=True):
-                await self._evicted(evicted)
+            with cancel_scope(shield=True):
+                await self._announce_evicted(evicted)
 
-    async def _evicted(self, victims: tuple[SessionRecord, ...]) -> None:
-        """Sessions the store removed to make room: end them here and tell the other processes."""
+    def _end_evicted(self, victims: tuple[SessionRecord, ...]) -> None:
+        """Sessions the store removed to make room: ended here (see :meth:`_announce_evicted`)."""
         for victim in victims:
             self.stats.removed["evicted"] += 1
             logger.info("Session removed", session_id=short_id(victim.session_id), reason="evicted")
             self._ended(victim.session_id, SessionEventKind.EVICTED, victim)
+
+    async def _announce_evicted(self, victims: tuple[SessionRecord, ...]) -> None:
+        """Tell the other processes of sessions evicted here."""
         for victim in victims:
             await self._announce(victim.session_id, SessionEventKind.EVICTED)
 
@@ -1010,6 +1028,24 @@ class SessionRegistry:
         if announce is not None:
             with suppress(StoreUnavailable):
                 await announce(notice)
+
+
+def _check_store(store: SessionStore) -> None:
+    """Refuse, when the registry is made, a store written against the interface before
+    reservations (no ``commit``, no ``pending``): it would fail every new session."""
+    create = getattr(store, "create", None)
+    try:
+        parameters = inspect.signature(create).parameters if create is not None else {}
+    except (TypeError, ValueError):  # not introspectable: trust it
+        return
+    takes_pending = "pending" in parameters or any(
+        parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()
+    )
+    if not callable(getattr(store, "commit", None)) or not takes_pending:
+        raise TypeError(
+            f"{type(store).__name__} lacks SessionStore.commit() or create(..., pending=): "
+            "stores must implement both (see docs/api.md, Stores)"
+        )
 
 
 SUBSCRIBED = "subscribed"

@@ -22,9 +22,18 @@ class StoreUnavailable(Exception):
 
 
 class SessionGone(StoreUnavailable):
-    """A new session's record was gone when its creating request came to commit it (evicted,
-    revoked or expired meanwhile, or its reservation lapsed): not an outage, the client starts
-    again. A :class:`StoreUnavailable`, so code that treats any failed commit alike still does."""
+    """A new session's record was gone when its creating request came to commit it (revoked or
+    expired meanwhile, or its reservation lapsed): not an outage, the client starts again. A
+    :class:`StoreUnavailable`, so code that treats any failed commit alike still does."""
+
+
+class UnconfirmedCommit(StoreUnavailable):
+    """A commit the store carried out but could not confirm on enough replicas: refused as an
+    outage, though the sessions it evicted (``evicted``) are gone all the same."""
+
+    def __init__(self, message: str, evicted: tuple[SessionRecord, ...]) -> None:
+        super().__init__(message)
+        self.evicted = evicted
 
 
 class CapExceeded(Exception):

@@ -38,14 +38,15 @@ class InMemorySessionStore:
     @property
     def writes_in_place(self) -> bool:
         """:meth:`write` never suspends, so a registry need not order writes to one session,
-        and may call :meth:`write_now` and :meth:`mark_used` instead (unless a subclass wrote
-        its own writes, or its own :meth:`mark_used`)."""
+        and may call :meth:`write_now`, :meth:`mark_used` and :meth:`commit_now` instead (unless
+        a subclass wrote its own writes, commits or :meth:`mark_used`)."""
         kind = type(self)
         return (
             kind.write is InMemorySessionStore.write
             and kind.write_now is InMemorySessionStore.write_now
             and kind.mark_used is InMemorySessionStore.mark_used
             and kind.commit_now is InMemorySessionStore.commit_now
+            and kind.commit is InMemorySessionStore.commit
         )
 
     def __init__(self, *, batch: int = 1000) -> None:
@@ -55,7 +56,8 @@ class InMemorySessionStore:
         self._deadlines: list[tuple[float, str]] = []
         self._by_principal: dict[str, dict[str, None]] = {}
         self._pending: dict[str, set[str]] = {}
-        """Per principal, its reservations not yet committed (``create(pending=True)``)."""
+        """Per principal, its reservations not yet committed (``create(pending=True)``), kept
+        when eviction is on (the only rule that treats them differently)."""
 
     def __len__(self) -> int:
         return len(self._records)
@@ -102,7 +104,8 @@ class InMemorySessionStore:
             raise CapExceeded("global", caps.global_limit)
         self._store(record)
         if pending:
-            self._pending.setdefault(principal, set()).add(session_id)
+            if caps.evict_oldest and cap is not None:  # (only eviction tells them apart)
+                self._pending.setdefault(principal, set()).add(session_id)
             return CreateOutcome(created=True)
         return CreateOutcome(created=True, evicted=self._trim(principal, session_id, caps))
 

@@ -14,6 +14,9 @@ Layout on one Redis or behind Sentinel (``prefix`` defaults to ``mcp2anp:``):
   without ``KEYS``.
 - ``{prefix}p:{sha256(principal)}``: the same per principal, for the per-principal cap and listing;
   its lowest score is the least recently used session, the one evicted when eviction is configured.
+- ``{prefix}q:{sha256(principal)}``: with eviction configured, the principal's sessions still
+  being created (reservations, scored as in its index), which eviction passes over: a new session
+  evicts only when its commit takes it out of here.
 - ``{prefix}ended``: a pub/sub channel on which a process announces a session it removed
   (DELETE, revocation, eviction), so every other process drops its live objects at once.
 
@@ -27,7 +30,8 @@ out by hash tag (the part in braces picks the slot):
 - ``{prefix}s:{<id>}``: the session hash, in the session's own slot (the MCP event log
   ``{prefix}log:{<id>}`` of :mod:`~mcp2anp_middleware.mcp_hosting.redis_backplane` shares it);
 - ``{prefix}p:{<sha256(principal)>}``: the principal's index, in the principal's slot, so the
-  per-principal cap (and eviction) stays one atomic script;
+  per-principal cap (and eviction) stays one atomic script; its reservations
+  ``{prefix}q:{<sha256(principal)>}`` share that slot;
 - ``{prefix}all:{<n>}`` for n in 0..15: the global index as sharded sorted sets; a session is in
   shard ``crc32(id) % 16``. The count is the sum of the shards; the global cap is enforced by
   adding first and counting after (rolled back when over), so racing creators can be refused
@@ -74,6 +78,7 @@ from mcp2anp_middleware.sessions.stores.base import (
     CreateOutcome,
     SessionRecord,
     StoreUnavailable,
+    UnconfirmedCommit,
 )
 from mcp2anp_middleware.sessions.stores.redis_connect import AnyRedis, connect
 
@@ -141,9 +146,12 @@ redis.call('ZADD', pkey, expires, sid)
 if redis.call('PTTL', pkey) < ttl_ms then redis.call('PEXPIRE', pkey, ttl_ms) end
 local result = {'ok'}
 if pending == '1' then
-  redis.call('ZADD', qkey, expires, sid)
-  if redis.call('PTTL', qkey) < ttl_ms then redis.call('PEXPIRE', qkey, ttl_ms) end
+  if evict == '1' and principal_cap > 0 then
+    redis.call('ZADD', qkey, expires, sid)
+    if redis.call('PTTL', qkey) < ttl_ms then redis.call('PEXPIRE', qkey, ttl_ms) end
+  end
 else
+  redis.call('ZREM', qkey, sid)
   local fields = {unpack(ARGV, 13, 17)}
   trim(pkey, qkey, sid, principal_cap, evict, allkey, session_prefix, fields, result)
 end
@@ -164,6 +172,11 @@ redis.call('ZADD', allkey, expires, sid)
 if pkey then
   redis.call('ZADD', pkey, expires, sid)
   if redis.call('PTTL', pkey) < ttl_ms then redis.call('PEXPIRE', pkey, ttl_ms) end
+  -- a session still being created stays one (its reservation lapses with its index entry)
+  local qkey = ARGV[8] .. string.sub(pkey, #ARGV[9] + 1)
+  if redis.call('ZADD', qkey, 'XX', 'CH', expires, sid) == 1 then
+    if redis.call('PTTL', qkey) < ttl_ms then redis.call('PEXPIRE', qkey, ttl_ms) end
+  end
 end
 return 1
 """
@@ -254,9 +267,12 @@ redis.call('ZADD', pkey, expires, sid)
 if redis.call('PTTL', pkey) < ttl_ms then redis.call('PEXPIRE', pkey, ttl_ms) end
 local result = {'ok', at_cap}
 if pending == '1' then
-  redis.call('ZADD', qkey, expires, sid)
-  if redis.call('PTTL', qkey) < ttl_ms then redis.call('PEXPIRE', qkey, ttl_ms) end
+  if evict == '1' and cap > 0 then
+    redis.call('ZADD', qkey, expires, sid)
+    if redis.call('PTTL', qkey) < ttl_ms then redis.call('PEXPIRE', qkey, ttl_ms) end
+  end
 else
+  redis.call('ZREM', qkey, sid)
   trim(pkey, qkey, sid, cap, evict, '', '', {}, result)
 end
 return result
@@ -284,9 +300,12 @@ return result
 )
 
 _INDEX = """
-local pkey, ttl_ms = KEYS[1], tonumber(ARGV[3])
+local pkey, qkey, ttl_ms = KEYS[1], KEYS[2], tonumber(ARGV[3])
 redis.call('ZADD', pkey, tonumber(ARGV[2]), ARGV[1])
 if redis.call('PTTL', pkey) < ttl_ms then redis.call('PEXPIRE', pkey, ttl_ms) end
+if redis.call('ZADD', qkey, 'XX', 'CH', tonumber(ARGV[2]), ARGV[1]) == 1 then
+  if redis.call('PTTL', qkey) < ttl_ms then redis.call('PEXPIRE', qkey, ttl_ms) end
+end
 return 1
 """
 
@@ -471,6 +490,8 @@ class RedisSessionStore:
             repr(record.last_used),
             repr(record.expires_at),
             record.handshake or "",
+            f"{self.prefix}q:",
+            f"{self.prefix}p:",
         ]
         written, acked = await _guard(lambda: self._durably(self._write, keys, args))
         if written:
@@ -506,8 +527,12 @@ class RedisSessionStore:
         reply = [_text(part) for part in raw]
         if reply[0] != "1":
             return CommitOutcome(committed=False)
-        self._confirmed(acked)
-        return CommitOutcome(committed=True, evicted=_victims(reply[1:]))
+        evicted = _victims(reply[1:])
+        try:
+            self._confirmed(acked)
+        except StoreUnavailable as exc:
+            raise UnconfirmedCommit(str(exc), evicted) from None
+        return CommitOutcome(committed=True, evicted=evicted)
 
     async def remove(self, session_id: str, *, created_at: float | None = None) -> bool:
         return await self._remove_announcing(session_id, created_at, "")
@@ -711,9 +736,10 @@ class RedisSessionStore:
             raise CapExceeded("principal", caps.per_principal or 0)
         expires = now + ttl_ms / 1000
         await _guard(lambda: self.client.zadd(shard, {sid: expires}))
-        # At the cap (evicting), the creation frees a place, now or at its commit.
-        over = reply[1] != "1" and bool(caps.global_limit)
-        if over and await _guard(lambda: self._cluster_count(now)) > (caps.global_limit or 0):
+        # At its cap (evicting), the creation frees a place, now or at its commit: counted as
+        # the other stores count it (one over the cap at most while it is under way).
+        limit = (caps.global_limit or 0) + (1 if reply[1] == "1" else 0)
+        if caps.global_limit and await _guard(lambda: self._cluster_count(now)) > limit:
             await self._unindex(sid, pkey)
             await _guard(lambda: self._take(keys=[skey], args=[fence]))
             raise CapExceeded("global", caps.global_limit or 0)
@@ -747,7 +773,10 @@ class RedisSessionStore:
         keys = [pkey, self._reservations_key(pkey)]
         reply = [_text(part) for part in await _guard(lambda: self._settle(keys=keys, args=settle))]
         evicted = await self._take_all_in_cluster(reply[1:])
-        self._confirmed(await _guard(lambda: self._cluster_wait(sid)))
+        try:
+            self._confirmed(await _guard(lambda: self._cluster_wait(sid)))
+        except StoreUnavailable as exc:
+            raise UnconfirmedCommit(str(exc), evicted) from None
         return CommitOutcome(committed=True, evicted=evicted)
 
     async def _take_all_in_cluster(self, victims: list[str]) -> tuple[SessionRecord, ...]:
@@ -771,7 +800,8 @@ class RedisSessionStore:
         expires = repr(now + ttl_ms / 1000)
         await _guard(lambda: self.client.zadd(self._shard_key(sid), {sid: float(expires)}))
         if _text(pkey):
-            await _guard(lambda: self._index(keys=[_text(pkey)], args=[sid, expires, ttl_ms]))
+            index = [_text(pkey), self._reservations_key(_text(pkey))]
+            await _guard(lambda: self._index(keys=index, args=[sid, expires, ttl_ms]))
         self._confirmed(await _guard(lambda: self._cluster_wait(sid)))
         return True
 
