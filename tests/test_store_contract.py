@@ -265,6 +265,35 @@ async def test_a_reservation_at_both_caps_takes_the_place_its_commit_frees(
     assert await store.count(now=NOW + 2) == 2
 
 
+async def test_a_creation_refused_at_the_global_cap_evicts_nothing(new_store: StoreFactory) -> None:
+    """A creation that counts at once (a restored session) and is refused at the global cap
+    leaves its principal's sessions as they were: indexed, listed, counted."""
+    store = new_store()
+    caps = Caps(per_principal=1, global_limit=2, evict_oldest=True)
+    alice, bob = record("alice"), record("bob")
+    await store.create(alice, ttl=TTL, now=NOW, caps=caps)
+    await store.create(bob, ttl=TTL, now=NOW, caps=caps)
+    await store.create(record("alice"), ttl=TTL, now=NOW, caps=caps, pending=True)
+    with pytest.raises(CapExceeded):
+        await store.create(record("bob"), ttl=TTL, now=NOW, caps=caps)
+    assert await store.principal_sessions("bob", now=NOW) == [bob]
+    with pytest.raises(CapExceeded) as refused:  # bob is still at his cap of one
+        await store.create(record("bob"), ttl=TTL, now=NOW, caps=Caps(per_principal=1))
+    assert refused.value.scope == "principal"
+
+
+async def test_a_reservation_made_without_eviction_is_not_evicted(new_store: StoreFactory) -> None:
+    """Reservations are kept whatever the caps of the process that made them: one with eviction
+    on (another worker, another configuration) passes over them as over its own."""
+    store = new_store()
+    pending = record()
+    await store.create(pending, ttl=TTL, now=NOW, caps=NO_CAPS, pending=True)
+    caps = Caps(per_principal=1, evict_oldest=True)
+    outcome = await store.create(record(at=NOW + 1), ttl=TTL, now=NOW + 1, caps=caps)
+    assert outcome.evicted == ()
+    assert await store.read(pending.session_id) is not None
+
+
 async def test_a_reservation_renewed_before_its_commit_stays_one(new_store: StoreFactory) -> None:
     """A creation whose request outlives its first reservation has its record written again
     (a lease renewed by the sweep): it stays a reservation, which nothing evicts and which does

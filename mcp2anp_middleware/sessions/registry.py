@@ -344,8 +344,11 @@ class SessionRegistry:
                 outcome = await self.store.create(
                     record, ttl=ttl, now=now, caps=caps, pending=awaits_commit
                 )
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             await self.discard(state)  # the store may still carry the creation out later
+            if isinstance(exc, UnconfirmedCommit) and exc.evicted:
+                self._end_evicted(exc.evicted)  # gone all the same
+                await self._announce_evicted(exc.evicted)
             raise
         if not outcome.created:
             self._uncommitted.discard(state)  # nothing of it was made: nothing to discard
@@ -365,11 +368,12 @@ class SessionRegistry:
         record is gone: the reservation lapsed, or the session was revoked or expired meanwhile)
         and the caller refuses the request instead of handing out an id the store may not keep.
         With ``evict_oldest`` the commit evicts for the session (never earlier: a refused
-        request costs its principal nothing); the store write is not cut short once sent, so
-        what it evicted is always ended and announced. A memory store only this registry uses
-        keeps no reservation: there the record is only checked (still there, not revoked or
-        expired meanwhile), and the write that ends the creating request carries what changed
-        since the creation (the handshake).
+        request costs its principal nothing); an anyio cancellation of the request (a host's
+        timeout, a client gone) does not cut the store write short once sent, so what it evicted
+        is ended and announced (a native ``task.cancel()`` still can: a server's forced stop).
+        A memory store only this registry uses keeps no reservation: there the record is only
+        checked (still there, not revoked or expired meanwhile), and the write that ends the
+        creating request carries what changed since the creation (the handshake).
 
         An implicit session may have several requests that could commit it (they began before
         it was committed): the first to be served does; for the others this does nothing.

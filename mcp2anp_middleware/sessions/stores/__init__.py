@@ -9,6 +9,7 @@ from mcp2anp_middleware.sessions.stores.base import (
     SessionRecord,
     SessionStore,
     StoreUnavailable,
+    UnconfirmedCommit,
 )
 from mcp2anp_middleware.sessions.stores.memory import InMemorySessionStore
 
@@ -22,4 +23,5 @@ __all__ = [
     "SessionRecord",
     "SessionStore",
     "StoreUnavailable",
+    "UnconfirmedCommit",
 ]

@@ -77,7 +77,7 @@ class CreateOutcome:
 @dataclass(frozen=True, slots=True)
 class CommitOutcome:
     committed: bool
-    """False when the record was gone (lapsed, evicted, revoked, expired) or of another creation."""
+    """False when the record was gone (lapsed, revoked, expired) or of another creation."""
     evicted: tuple[SessionRecord, ...] = ()
     """Sessions removed to make room for this one (per-principal cap with eviction)."""
 
@@ -120,7 +120,8 @@ class SessionStore(Protocol):
         """The reservation ``record`` (same id and ``created_at``) became a session: write it as
         :meth:`write` does, and with ``caps.evict_oldest`` remove the principal's least recently
         used sessions that are not pending, while more of those than the cap remain (never this
-        one). Not committed if the record is gone."""
+        one). Not committed if the record is gone. A store that made the change but cannot
+        confirm it (replicas) raises :class:`UnconfirmedCommit` with what it evicted."""
         ...
 
     async def read(self, session_id: str) -> SessionRecord | None: ...

@@ -56,8 +56,7 @@ class InMemorySessionStore:
         self._deadlines: list[tuple[float, str]] = []
         self._by_principal: dict[str, dict[str, None]] = {}
         self._pending: dict[str, set[str]] = {}
-        """Per principal, its reservations not yet committed (``create(pending=True)``), kept
-        when eviction is on (the only rule that treats them differently)."""
+        """Per principal, its reservations not yet committed (``create(pending=True)``)."""
 
     def __len__(self) -> int:
         return len(self._records)
@@ -104,8 +103,8 @@ class InMemorySessionStore:
             raise CapExceeded("global", caps.global_limit)
         self._store(record)
         if pending:
-            if caps.evict_oldest and cap is not None:  # (only eviction tells them apart)
-                self._pending.setdefault(principal, set()).add(session_id)
+            # (kept whatever this caller's caps: another registry's may evict)
+            self._pending.setdefault(principal, set()).add(session_id)
             return CreateOutcome(created=True)
         return CreateOutcome(created=True, evicted=self._trim(principal, session_id, caps))
 

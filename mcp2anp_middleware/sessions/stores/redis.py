@@ -146,10 +146,8 @@ redis.call('ZADD', pkey, expires, sid)
 if redis.call('PTTL', pkey) < ttl_ms then redis.call('PEXPIRE', pkey, ttl_ms) end
 local result = {'ok'}
 if pending == '1' then
-  if evict == '1' and principal_cap > 0 then
-    redis.call('ZADD', qkey, expires, sid)
-    if redis.call('PTTL', qkey) < ttl_ms then redis.call('PEXPIRE', qkey, ttl_ms) end
-  end
+  redis.call('ZADD', qkey, expires, sid)
+  if redis.call('PTTL', qkey) < ttl_ms then redis.call('PEXPIRE', qkey, ttl_ms) end
 else
   redis.call('ZREM', qkey, sid)
   local fields = {unpack(ARGV, 13, 17)}
@@ -248,9 +246,7 @@ redis.call('PEXPIRE', skey, tonumber(ARGV[1]))
 return 'ok'
 """
 
-_ADMIT = (
-    _TRIM
-    + """
+_ADMIT = """
 local pkey, qkey = KEYS[1], KEYS[2]
 local sid, now, ttl_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local cap, evict, pending = tonumber(ARGV[4]), ARGV[5], ARGV[6]
@@ -265,22 +261,16 @@ end
 local expires = now + ttl_ms / 1000
 redis.call('ZADD', pkey, expires, sid)
 if redis.call('PTTL', pkey) < ttl_ms then redis.call('PEXPIRE', pkey, ttl_ms) end
-local result = {'ok', at_cap}
 if pending == '1' then
-  if evict == '1' and cap > 0 then
-    redis.call('ZADD', qkey, expires, sid)
-    if redis.call('PTTL', qkey) < ttl_ms then redis.call('PEXPIRE', qkey, ttl_ms) end
-  end
-else
-  redis.call('ZREM', qkey, sid)
-  trim(pkey, qkey, sid, cap, evict, '', '', {}, result)
+  redis.call('ZADD', qkey, expires, sid)
+  if redis.call('PTTL', qkey) < ttl_ms then redis.call('PEXPIRE', qkey, ttl_ms) end
 end
-return result
+return {'ok', at_cap}
 """
-)
 
-# A cluster commit's step in the principal's slot: indexed as a write indexes it, out of the
-# reservations, then the ids of the sessions evicted for it (their records are removed after).
+# A cluster commit's step in the principal's slot (also a creation's that counts at once, once
+# past the global cap): indexed as a write indexes it, out of the reservations, then the ids of
+# the sessions evicted for it (their records are removed after).
 _SETTLE = (
     _TRIM
     + """
@@ -387,6 +377,13 @@ class RedisSessionStore:
         """A store for ``redis://``, ``redis+sentinel://`` or ``redis+cluster://`` URLs (see
         :mod:`.redis_connect`); ``wait_replicas``/``wait_timeout`` override the URL's."""
         target = connect(url, timeout=timeout)
+        waits = target.wait_timeout_ms / 1000 if wait_timeout is None else wait_timeout
+        if (target.wait_replicas if wait_replicas is None else wait_replicas) and waits >= timeout:
+            # The client would give up on WAIT's reply first, and a change Redis made (an
+            # eviction) would look like one it never made.
+            raise ValueError(
+                f"wait_timeout ({waits} s) must be shorter than the client timeout ({timeout} s)"
+            )
         return cls(
             target.client,
             prefix=prefix,
@@ -471,8 +468,12 @@ class RedisSessionStore:
             raise CapExceeded("principal", caps.per_principal or 0)
         if status == "global":
             raise CapExceeded("global", caps.global_limit or 0)
-        self._confirmed(acked)
-        return CreateOutcome(created=True, evicted=_victims(reply[1:]))
+        evicted = _victims(reply[1:])
+        try:
+            self._confirmed(acked)
+        except StoreUnavailable as exc:
+            raise UnconfirmedCommit(str(exc), evicted) from None
+        return CreateOutcome(created=True, evicted=evicted)
 
     async def read(self, session_id: str) -> SessionRecord | None:
         raw = await _guard(lambda: self.client.hgetall(self._session_key(session_id)))
@@ -743,8 +744,10 @@ class RedisSessionStore:
             await self._unindex(sid, pkey)
             await _guard(lambda: self._take(keys=[skey], args=[fence]))
             raise CapExceeded("global", caps.global_limit or 0)
-        evicted = await self._take_all_in_cluster(reply[2:])
-        self._confirmed(await _guard(lambda: self._cluster_wait(sid)))
+        evicted: tuple[SessionRecord, ...] = ()
+        if not pending:  # counts at once: evicts now, past the global cap's check
+            evicted = await self._settle_in_cluster(sid, pkey, now, ttl_ms, caps)
+        await self._confirm_evicting(sid, evicted)
         return CreateOutcome(created=True, evicted=evicted)
 
     async def _commit_in_cluster(
@@ -763,6 +766,16 @@ class RedisSessionStore:
             return CommitOutcome(committed=False)
         await _guard(lambda: self.client.zadd(self._shard_key(sid), {sid: now + ttl_ms / 1000}))
         pkey = self._principal_key(record.principal)
+        evicted = await self._settle_in_cluster(sid, pkey, now, ttl_ms, caps)
+        await self._confirm_evicting(sid, evicted)
+        return CommitOutcome(committed=True, evicted=evicted)
+
+    async def _settle_in_cluster(
+        self, sid: str, pkey: str, now: float, ttl_ms: int, caps: Caps
+    ) -> tuple[SessionRecord, ...]:
+        """The session counts (out of its principal's reservations): evict for it. The victims
+        leave the principal's index in one script, then their records go one by one; if the
+        store fails midway, :class:`UnconfirmedCommit` carries those already taken."""
         settle: list[str | int] = [
             sid,
             repr(now),
@@ -772,17 +785,22 @@ class RedisSessionStore:
         ]
         keys = [pkey, self._reservations_key(pkey)]
         reply = [_text(part) for part in await _guard(lambda: self._settle(keys=keys, args=settle))]
-        evicted = await self._take_all_in_cluster(reply[1:])
+        taken: list[SessionRecord] = []
+        for victim in reply[1:]:
+            try:
+                record = await self._take_in_cluster(victim, "")
+            except StoreUnavailable as exc:
+                raise UnconfirmedCommit(str(exc), tuple(taken)) from None
+            if record is not None:
+                taken.append(record)
+        return tuple(taken)
+
+    async def _confirm_evicting(self, sid: str, evicted: tuple[SessionRecord, ...]) -> None:
+        """The replicas' word on a change that evicted ``evicted`` (gone whatever they say)."""
         try:
             self._confirmed(await _guard(lambda: self._cluster_wait(sid)))
         except StoreUnavailable as exc:
             raise UnconfirmedCommit(str(exc), evicted) from None
-        return CommitOutcome(committed=True, evicted=evicted)
-
-    async def _take_all_in_cluster(self, victims: list[str]) -> tuple[SessionRecord, ...]:
-        """Remove the records of sessions already out of their principal's index (evicted)."""
-        taken = [await self._take_in_cluster(victim, "") for victim in victims]
-        return tuple(record for record in taken if record is not None)
 
     async def _write_in_cluster(self, record: SessionRecord, *, ttl: float, now: float) -> bool:
         sid = record.session_id
