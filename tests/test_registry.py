@@ -705,6 +705,30 @@ def test_a_store_without_reservations_is_refused_when_the_registry_is_made() -> 
         SessionRegistry(store=Before())  # type: ignore[arg-type]
 
 
+async def test_a_sweep_ends_live_sessions_past_their_age_though_used_lately(
+    new_store: StoreFactory,
+) -> None:
+    """A session past its maximum age that was used more recently than one that is not over
+    stands behind it in the order of use; the sweep still ends it here (Redis expires the
+    record by itself and reports nothing)."""
+    clock = ManualClock()
+    sessions = registry(new_store(), clock, max_session_age=TIMEOUT + 10)
+    events = recorder(sessions)
+    aged = await created(sessions)
+    clock.advance(TIMEOUT)
+    fresh = await created(sessions)
+    clock.advance(5)
+    await sessions.acquire(aged)  # used last: behind the fresh one in the order of use
+    await sessions.release(aged)
+    clock.advance(6)  # aged is past its maximum age; neither is idle for long
+    await sessions.sweep()
+    assert aged.closed and aged.session_id not in sessions
+    assert not fresh.closed and fresh.session_id in sessions
+    assert [event.kind for event in events].count(SessionEventKind.EXPIRED) == 1
+    # (a memory store's own expiry finds it first, and cannot tell why its deadline came)
+    assert sessions.stats.removed["max_age"] + sessions.stats.removed["expired"] == 1
+
+
 async def test_a_committed_creation_is_its_principals_most_recently_used() -> None:
     """As when the commit wrote it: the session handed out just now is not the next one a cap
     evicts, though another of the principal's was used while it was being created."""

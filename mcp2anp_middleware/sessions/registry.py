@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
 import inspect
 import math
 import sys
@@ -182,6 +183,10 @@ class SessionRegistry:
         # the oldest) walked further, up to milliseconds, until the dict happened to be resized.
         # About 50 bytes more per live object.
         self._live: OrderedDict[str, SessionState] = OrderedDict()
+        self._by_age: list[tuple[float, str]] = []
+        """With a maximum age: a heap of (when each live object's session reaches it, its id),
+        since the order of use does not find a busy session past its age (see
+        :meth:`_sweep_live`). Entries of objects dropped since are skipped when they come due."""
         # Keyed by the object, not the id: an implicit id can name a new session while a request
         # of the earlier one is still running.
         self._busy: dict[int, SessionState] = {}
@@ -952,7 +957,14 @@ class SessionRegistry:
         return state
 
     def _cache(self, state: SessionState) -> None:
-        self._live[state.session_id] = state
+        live = self._live
+        if self.max_session_age is not None and live.get(state.session_id) is not state:
+            aged = self._by_age
+            heapq.heappush(aged, (state.created_at + self.max_session_age, state.session_id))
+            if len(aged) > 2 * len(live) + 64:  # mostly entries of objects dropped since
+                aged[:] = [(s.created_at + self.max_session_age, i) for i, s in live.items()]
+                heapq.heapify(aged)
+        live[state.session_id] = state
         while len(self._live) > self.live_cache:
             oldest = next(iter(self._live.values()))
             if oldest.in_flight:  # cannot drop an object a request holds; try again later
@@ -967,20 +979,35 @@ class SessionRegistry:
 
         Each candidate's record decides (one read per candidate, so O(expired)): gone or past
         what the store keeps it for means expired; a record another worker keeps alive with a
-        lease only means this process's copy is no longer needed."""
-        over: list[SessionState] = []
+        lease only means this process's copy is no longer needed.
+
+        Sessions past their maximum age come from their own heap: used lately, they stand
+        behind sessions that are not over in the order of use (a store with expiry of its own,
+        Redis, reports none of them)."""
+        over: dict[int, SessionState] = {}
         for state in self._live.values():  # no copy: a sweep that finds nothing costs O(1)
             if state.last_accessed + self.session_timeout >= now and (
                 self.max_session_age is None or now <= state.created_at + self.max_session_age
             ):
                 break  # ordered by use: the rest were used more recently
             if not state.in_flight and self._expired(state, now) is not None:
-                over.append(state)
-        for state in over:
+                over[id(state)] = state
+        aged = self._by_age
+        while aged and aged[0][0] < now:
+            reached, session_id = heapq.heappop(aged)
+            aging = self._live.get(session_id)
+            if (
+                aging is not None
+                and aging.created_at + (self.max_session_age or 0.0) == reached
+                and not aging.in_flight  # (it goes when its last request ends)
+            ):
+                over[id(aging)] = aging
+        for state in over.values():
             record = await self.store.read(state.session_id)
             alive = record is not None and record.created_at == state.created_at
-            if alive and record is not None and self._expired(state, now, record.expires_at):
-                await self.remove(state.session_id, reason="expired")
+            why = self._expired(state, now, record.expires_at) if record is not None else None
+            if alive and why is not None:
+                await self.remove(state.session_id, reason=why)
             elif alive:
                 self._ended(state.session_id, SessionEventKind.CLOSED)
             else:
