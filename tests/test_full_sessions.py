@@ -32,10 +32,12 @@ from mcp2anp_middleware import ANPMiddleware, SessionConfig
 from mcp2anp_middleware.mcp_hosting import endpoint as endpoint_module
 from mcp2anp_middleware.mcp_hosting.backplane import (
     LISTENER_BUFFER,
+    OWNER_STREAM,
     Event,
     LocalBackplane,
     LocalRelay,
     MemoryEventLog,
+    Note,
     priming_id,
 )
 from mcp2anp_middleware.mcp_hosting.live_session import STANDALONE, LiveSession
@@ -520,6 +522,59 @@ async def test_a_resumed_get_stream_replaces_the_sessions_standalone_stream(
                 assert fresh.status_code == 409
 
 
+async def test_the_standalone_stream_is_one_per_session_across_workers(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """No message goes on two streams: a fresh GET on another worker than the one holding the
+    session's standalone stream is refused (409) as on the same worker; a GET resuming it with
+    ``Last-Event-ID`` on another worker takes it over, and the earlier stream ends; once the
+    holder's stream is gone, a fresh GET is served again."""
+    prefix = f"get-{uuid.uuid4().hex[:8]}:"
+    async with (
+        workers(tmp_path, 2, redis_server, prefix=prefix) as (a, b),
+        httpx.AsyncClient() as http,
+    ):
+        client = RawClient(http)
+        await client.initialize(a.url)
+        async with http.stream("GET", a.url, headers=client.headers()) as first:
+            assert first.status_code == 200
+            refused = await http.get(b.url, headers=client.headers())
+            assert refused.status_code == 409, refused.text
+            assert refused.json()["error"]["message"].startswith("Conflict")
+            assert result_text(await client.call(b.url, 1, "touch")) == "touched"
+            lines = first.aiter_lines()
+            event_id = None
+            with anyio.fail_after(10):
+                async for line in lines:
+                    if line.startswith("id:"):
+                        event_id = line[3:].strip()
+                    if line.startswith("data:") and line[5:].strip():
+                        break
+            assert event_id is not None
+            headers = client.headers(**{"Last-Event-ID": event_id})
+            async with http.stream("GET", b.url, headers=headers) as resumed:
+                assert resumed.status_code == 200
+                with anyio.fail_after(10):
+                    async for _ in lines:
+                        pass  # the earlier stream, on the other worker, ended
+                assert (await http.get(a.url, headers=client.headers())).status_code == 409
+                assert result_text(await client.call(a.url, 2, "touch")) == "touched"
+                with anyio.fail_after(10):
+                    async for line in resumed.aiter_lines():
+                        if line.startswith("data:") and line[5:].strip():
+                            note = json.loads(line[5:])
+                            assert note["method"] == "notifications/resources/updated"
+                            break
+        # the holder's stream closed: its claim goes with it (when its worker notices)
+        with anyio.fail_after(10):
+            while True:
+                async with http.stream("GET", a.url, headers=client.headers()) as again:
+                    if again.status_code == 200:
+                        break
+                    assert again.status_code == 409
+                await anyio.sleep(0.05)
+
+
 async def test_a_stream_lost_after_its_priming_event_is_resumed_on_the_other_worker(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
@@ -880,3 +935,148 @@ async def test_a_handshake_session_refuses_a_request_in_the_session_less_envelop
         assert events[-1]["data"]["error"]["code"] == -32600
         # the id is free again, and the session still serves plain requests
         assert json.loads(result_text(await client.call(worker.url, 5, "whoami")))["client"]
+
+
+async def test_a_standalone_stream_claim_is_held_by_one_get_at_a_time(
+    redis_server: RedisServer,
+) -> None:
+    """The claim behind "one standalone stream per session" on every worker: a second claim is
+    refused; only the holder renews or drops it, and a holder whose claim was lost (a Redis
+    restart) takes it again when it renews; a take-over moves it and tells the other workers'
+    listeners who holds it now."""
+    prefix = f"claim-{uuid.uuid4().hex[:8]}:"
+    client = RedisSessionStore.from_url(redis_server.url, prefix=prefix).client
+    one, other = RedisRelay(client, prefix=prefix), RedisRelay(client, prefix=prefix)
+
+    async def ignore(note: Note) -> None:
+        return None
+
+    try:
+        async with anyio.create_task_group() as tasks:
+            await one.start(ignore, tasks)
+            assert await one.claim_standalone("s1", "a.1", take_over=False)
+            assert await client.pttl(f"{prefix}get:s1") > 0
+            assert not await other.claim_standalone("s1", "b.1", take_over=False)
+            assert await other.claim_standalone("s2", "b.1", take_over=False)  # another session
+            assert not await other.keep_standalone("s1", "b.1")
+            await other.release_standalone("s1", "b.1")  # not the holder: nothing happens
+            assert await one.keep_standalone("s1", "a.1")
+            await client.delete(f"{prefix}get:s1")  # lost (a restart without persistence)
+            assert await one.keep_standalone("s1", "a.1")  # taken again: nobody else held it
+            async with one.listen("s1") as events:
+                assert await other.claim_standalone("s1", "b.2", take_over=True)
+                with anyio.fail_after(10):
+                    told = await events.receive()  # over pub/sub, from the other worker
+            assert told == Event(OWNER_STREAM, None, "b.2")
+            assert not await one.keep_standalone("s1", "a.1")
+            await other.release_standalone("s1", "b.2")
+            assert await one.claim_standalone("s1", "c.1", take_over=False)
+            await one.aclose()
+            tasks.cancel_scope.cancel()
+    finally:
+        await client.aclose()
+
+
+async def standalone_event_id(http: httpx.AsyncClient, client: RawClient, url: str) -> str:
+    """Open the session's standalone stream, have a notification sent on it, and close it: the
+    id to resume it from."""
+    async with http.stream("GET", url, headers=client.headers()) as first:
+        assert first.status_code == 200
+        assert result_text(await client.call(url, 90, "touch")) == "touched"
+        event_id = None
+        with anyio.fail_after(10):
+            async for line in first.aiter_lines():
+                if line.startswith("id:"):
+                    event_id = line[3:].strip()
+                if line.startswith("data:") and line[5:].strip():
+                    break
+    assert event_id is not None
+    return event_id
+
+
+async def test_a_get_taken_over_before_it_listened_is_refused(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A fresh GET claims the standalone stream, and a GET resuming it on another worker takes
+    it over before the first one's worker listens to the session (where the take-over notice
+    goes): the first is refused (409) once it listens, so no message goes on both."""
+    prefix = f"late-{uuid.uuid4().hex[:8]}:"
+    async with (
+        workers(tmp_path, 2, redis_server, prefix=prefix) as (a, b),
+        httpx.AsyncClient() as http,
+    ):
+        client = RawClient(http)
+        await client.initialize(a.url)
+        relay = a.app.endpoint.backplane.relay
+        listen, claim, release = relay.listen, relay.claim_standalone, relay.release_standalone
+        gate, claimed, answered, released = (anyio.Event() for _ in range(4))
+
+        async def signalled_release(session_id: str, token: str) -> None:
+            await release(session_id, token)
+            released.set()
+
+        relay.release_standalone = signalled_release  # type: ignore[method-assign]
+        event_id = await standalone_event_id(http, client, a.url)
+        with anyio.fail_after(10):
+            await released.wait()  # (that stream's end is seen on its worker)
+
+        async def signalled_claim(session_id: str, token: str, *, take_over: bool) -> bool:
+            held = await claim(session_id, token, take_over=take_over)
+            claimed.set()
+            return held
+
+        @asynccontextmanager
+        async def held_listen(session_id: str) -> AsyncIterator[Any]:
+            await gate.wait()
+            async with listen(session_id) as events:
+                yield events
+
+        relay.claim_standalone = signalled_claim  # type: ignore[method-assign]
+        relay.listen = held_listen  # type: ignore[method-assign]
+        async with anyio.create_task_group() as tasks:
+            answers: list[httpx.Response] = []
+
+            async def fresh() -> None:
+                answers.append(await http.get(a.url, headers=client.headers()))
+                answered.set()
+
+            tasks.start_soon(fresh)
+            with anyio.fail_after(10):
+                await claimed.wait()
+            headers = client.headers(**{"Last-Event-ID": event_id})
+            async with http.stream("GET", b.url, headers=headers) as resumed:
+                assert resumed.status_code == 200
+                gate.set()
+                with anyio.fail_after(10):
+                    await answered.wait()
+                assert answers[0].status_code == 409, answers[0].text
+
+
+async def test_a_get_whose_session_ends_while_it_claims_is_not_found(tmp_path: Path) -> None:
+    """The session ends (a DELETE) while a fresh GET is claiming its standalone stream: the GET
+    gets 404 and holds nothing, instead of a stream of a session gone."""
+    async with workers(tmp_path, 1, None) as (a,), httpx.AsyncClient() as http:
+        client = RawClient(http)
+        await client.initialize(a.url)
+        relay = a.app.endpoint.backplane.relay
+        claim, gate, claiming = relay.claim_standalone, anyio.Event(), anyio.Event()
+
+        async def held_claim(session_id: str, token: str, *, take_over: bool) -> bool:
+            claiming.set()
+            await gate.wait()
+            return await claim(session_id, token, take_over=take_over)
+
+        relay.claim_standalone = held_claim  # type: ignore[method-assign]
+        async with anyio.create_task_group() as tasks:
+            answers: list[httpx.Response] = []
+
+            async def fresh() -> None:
+                answers.append(await http.get(a.url, headers=client.headers()))
+
+            tasks.start_soon(fresh)
+            with anyio.fail_after(10):
+                await claiming.wait()
+            assert (await http.delete(a.url, headers=client.headers())).status_code == 204
+            gate.set()
+        assert answers[0].status_code == 404, answers[0].text
+        assert not a.app.endpoint._standalone and not a.app.endpoint._streams

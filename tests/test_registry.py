@@ -25,6 +25,7 @@ from mcp2anp_middleware.sessions.stores import (
     InMemorySessionStore,
     SessionGone,
     SessionStore,
+    StoreUnavailable,
     UnconfirmedCommit,
 )
 from mcp2anp_middleware.sessions.stores.base import CapExceeded, Caps, SessionRecord
@@ -727,6 +728,77 @@ async def test_a_sweep_ends_live_sessions_past_their_age_though_used_lately(
     assert [event.kind for event in events].count(SessionEventKind.EXPIRED) == 1
     # (a memory store's own expiry finds it first, and cannot tell why its deadline came)
     assert sessions.stats.removed["max_age"] + sessions.stats.removed["expired"] == 1
+
+
+class ReportsNoExpiry(InMemorySessionStore):
+    """A store that expires records by itself and reports none of them (as Redis), whose
+    reads can be made to fail."""
+
+    failing_reads = 0
+
+    async def expire(self, *, now: float) -> list[SessionRecord]:
+        return []
+
+    async def read(self, session_id: str) -> SessionRecord | None:
+        if self.failing_reads:
+            self.failing_reads -= 1
+            raise StoreUnavailable("down for a moment")
+        return await super().read(session_id)
+
+
+async def aged_behind_a_fresh_one(
+    sessions: SessionRegistry, clock: ManualClock
+) -> tuple[SessionState, SessionState]:
+    """A session past its maximum age but used after a fresh one (with ``TIMEOUT + 10``)."""
+    aged = await created(sessions)
+    clock.advance(TIMEOUT)
+    fresh = await created(sessions)
+    clock.advance(5)
+    await sessions.acquire(aged)
+    await sessions.release(aged)
+    clock.advance(6)
+    return aged, fresh
+
+
+async def test_sessions_made_after_many_ended_are_still_found_past_their_age() -> None:
+    """The heap by age is rebuilt once mostly made of ended sessions' entries; the session whose
+    creation set the rebuild off is in it too."""
+    clock = ManualClock()
+    sessions = registry(ReportsNoExpiry(), clock, max_session_age=TIMEOUT + 10)
+    for _ in range(64):  # the next creation (the aged one) sets the rebuild off
+        state = await created(sessions)
+        await sessions.remove(state.session_id, reason="deleted")
+    aged, fresh = await aged_behind_a_fresh_one(sessions, clock)
+    await sessions.sweep()
+    assert aged.closed and not fresh.closed
+
+
+async def test_a_sweep_cut_short_by_the_store_finds_the_aged_sessions_again() -> None:
+    clock = ManualClock()
+    store = ReportsNoExpiry()
+    sessions = registry(store, clock, max_session_age=TIMEOUT + 10)
+    aged, fresh = await aged_behind_a_fresh_one(sessions, clock)
+    store.failing_reads = 1
+    with pytest.raises(StoreUnavailable):
+        await sessions.sweep()
+    assert not aged.closed
+    await sessions.sweep()
+    assert aged.closed and not fresh.closed
+
+
+async def test_a_session_past_its_age_while_busy_is_found_once_idle() -> None:
+    """Busy when the sweep finds it past its age, it is looked at again at the next sweep."""
+    clock = ManualClock()
+    sessions = registry(ReportsNoExpiry(), clock, max_session_age=TIMEOUT + 10)
+    aged, fresh = await aged_behind_a_fresh_one(sessions, clock)
+    sessions.stats.removed.clear()
+    await sessions.acquire(aged)
+    await sessions.sweep()
+    assert not aged.closed
+    aged.in_flight -= 1  # (its request ended elsewhere in this process's view: no release here)
+    sessions._busy.pop(id(aged), None)
+    await sessions.sweep()
+    assert aged.closed and not fresh.closed
 
 
 async def test_a_committed_creation_is_its_principals_most_recently_used() -> None:

@@ -40,6 +40,15 @@ NoteHandler = Callable[[Note], Awaitable[None]]
 DEFAULT_MAX_EVENTS = 1000
 DEFAULT_RETENTION = 300.0
 LISTENER_BUFFER = 64
+KEEPALIVE_SECONDS = 15.0
+"""A comment line this often keeps idle streams alive through proxies and load balancers."""
+CLAIM_SECONDS = 3 * KEEPALIVE_SECONDS
+"""How long a claim on a session's standalone stream outlives its last renewal (its holder
+renews it every 15 to 30 s while the stream is open): a worker that died holding one blocks a
+fresh GET that long at most (a GET resuming the stream takes it over at once)."""
+OWNER_STREAM = "_GET_owner"
+"""A live event on this pseudo-stream names (payload) the GET that holds the session's
+standalone stream from now on: a standalone stream of any other token ends."""
 
 
 class Event(NamedTuple):
@@ -95,6 +104,18 @@ class Relay(Protocol):
         ...
 
     def listen(self, session_id: str) -> Listening: ...
+
+    async def claim_standalone(self, session_id: str, token: str, *, take_over: bool) -> bool:
+        """Hold the session's standalone stream for the GET ``token`` on every worker: False
+        when another GET holds it (unless ``take_over``, which tells the holder to end, with an
+        :data:`OWNER_STREAM` event). No message then goes on two streams."""
+        ...
+
+    async def keep_standalone(self, session_id: str, token: str) -> bool:
+        """Renew the claim of an open stream; False when ``token`` no longer holds it."""
+        ...
+
+    async def release_standalone(self, session_id: str, token: str) -> None: ...
 
 
 Listening = Any  # an async context manager yielding a MemoryObjectReceiveStream[Event]
@@ -249,6 +270,16 @@ class LocalRelay:
 
     async def publish(self, session_id: str, event: Event) -> None:
         deliver(self._listeners.get(session_id), event)
+
+    # One process: the endpoint's own table of open streams is every worker's.
+    async def claim_standalone(self, session_id: str, token: str, *, take_over: bool) -> bool:
+        return True
+
+    async def keep_standalone(self, session_id: str, token: str) -> bool:
+        return True
+
+    async def release_standalone(self, session_id: str, token: str) -> None:
+        return None
 
     @asynccontextmanager
     async def listen(self, session_id: str) -> AsyncIterator[MemoryObjectReceiveStream[Event]]:

@@ -52,6 +52,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message, Receive, Scope, Send
 
 from mcp2anp_middleware.mcp_hosting.backplane import (
+    KEEPALIVE_SECONDS,
+    OWNER_STREAM,
     Backplane,
     Event,
     LocalBackplane,
@@ -64,7 +66,6 @@ from mcp2anp_middleware.mcp_hosting.live_session import STANDALONE, LiveSession,
 from mcp2anp_middleware.mcp_hosting.request_state import SharedRequestState
 from mcp2anp_middleware.mcp_hosting.sse import (
     HOLD_SECONDS,
-    KEEPALIVE_SECONDS,
     HoldTimer,
     SSEWriter,
     send_json,
@@ -94,6 +95,7 @@ _RESUMABLE_VERSIONS = frozenset(
 logger = logging.getLogger("mcp2anp_middleware.mcp_hosting")
 
 SESSION_SCOPE_KEY = "mcp_session"
+CONFLICTING_STREAM = "Conflict: only one standalone stream per session"
 RESUMED_SILENCE = 300.0
 """Seconds a resumed request stream waits for an event (as long as events are kept)."""
 _WIRE_ID = re.compile(r"^([0-9a-f]{10})\.(\d{1,18})\.(-?\d{1,18})$")
@@ -155,7 +157,9 @@ class MCPEndpoint:
         self._streams: dict[str, set[anyio.CancelScope]] = {}
         """Every GET stream open here, by session: ended with the session."""
         self._standalone: dict[str, anyio.CancelScope] = {}
-        """The standalone stream open here, by session (one per session per worker)."""
+        """The standalone stream open here, by session (one per session, on every worker: each
+        is also claimed through the relay)."""
+        self._gets = 0
         self._tasks: anyio.abc.TaskGroup | None = None
         self._holds = HoldTimer(HOLD_SECONDS)
         """The requests' holds (see :class:`HoldTimer`), made anew on the loop of each start."""
@@ -444,11 +448,41 @@ class MCPEndpoint:
         if state.closed:  # ended since the middleware found it: no stream for a session gone
             await send_jsonrpc_error(send, 404, INVALID_REQUEST, "Session not found")
             return
-        if last_event_id is None and session_id in self._standalone:
-            await send_jsonrpc_error(
-                send, 409, INVALID_REQUEST, "Conflict: only one standalone stream per session"
-            )
-            return
+        relay = self.backplane.relay
+        self._gets += 1
+        token = f"{relay.worker}.{self._gets}"
+        # Whether this GET may hold the session's standalone stream on every worker: set before
+        # a claim is sent (dropping a claim not held does nothing; a claim sent and cut short
+        # must not be left to block the session's GETs until it lapses).
+        claimed = False
+        if last_event_id is None:
+            if session_id in self._standalone:
+                await send_jsonrpc_error(send, 409, INVALID_REQUEST, CONFLICTING_STREAM)
+                return
+            claimed = True
+            try:
+                held = await relay.claim_standalone(session_id, token, take_over=False)
+            except BaseException as exc:
+                await self._release_claim(session_id, token)
+                if not isinstance(exc, Exception):
+                    raise
+                logger.warning("Relay unavailable: a stream could not be opened")
+                await send_jsonrpc_error(
+                    send,
+                    503,
+                    INTERNAL_ERROR,
+                    "Streams are unavailable; retry shortly",
+                    headers=[(b"retry-after", b"2")],
+                )
+                return
+            # (meanwhile another GET may have taken it here, or the session ended)
+            if not held or session_id in self._standalone or state.closed:
+                await self._release_claim(session_id, token)
+                if state.closed:
+                    await send_jsonrpc_error(send, 404, INVALID_REQUEST, "Session not found")
+                else:
+                    await send_jsonrpc_error(send, 409, INVALID_REQUEST, CONFLICTING_STREAM)
+                return
         cancel = anyio.CancelScope()
         if last_event_id is None:
             self._standalone[session_id] = cancel
@@ -474,19 +508,28 @@ class MCPEndpoint:
                 try:
                     stream = STANDALONE
                     seen: set[str] = set()
+                    if last_event_id is None and not await self._keep_claim(session_id, token):
+                        # Taken over before this worker listened to hear of it: the
+                        # resuming GET holds the stream.
+                        await send_jsonrpc_error(send, 409, INVALID_REQUEST, CONFLICTING_STREAM)
+                        refused = True
+                        return
                     if last_event_id is not None:
                         found = await self._replay(session_id, last_event_id)
-                        await writer.start([])
-                        if found is None:
-                            return
-                        stream, replayed = found
-                        if stream == STANDALONE:  # the standalone stream, reconnected: the
-                            # session's one from now on (the earlier one's client left, or
-                            # will receive nothing more: no message goes on two streams)
+                        if found is not None and found[0] == STANDALONE:
+                            # The standalone stream, reconnected: the session's one from now
+                            # on (the earlier one's client left, or will receive nothing more:
+                            # no message goes on two streams), here and on the other workers.
                             earlier = self._standalone.get(session_id)
                             if earlier is not None:
                                 earlier.cancel()
                             self._standalone[session_id] = cancel
+                            claimed = True
+                            await self._take_over(session_id, token)
+                        await writer.start([])
+                        if found is None:
+                            return
+                        stream, replayed = found
                         for event in replayed:
                             if event.event_id is not None:
                                 seen.add(event.event_id)
@@ -496,22 +539,43 @@ class MCPEndpoint:
                                 return
                     else:
                         await writer.start([])
-                    await self._follow(request, writer, live_events, stream, seen)
+                    owner = (session_id, token) if claimed else None
+                    await self._follow(request, writer, live_events, stream, seen, owner)
                 finally:
                     with anyio.CancelScope(shield=True):
                         await listening.__aexit__(None, None, None)
         finally:
-            if not writer.started and not refused:  # the session ended before the stream began
-                with anyio.CancelScope(shield=True):
-                    await send_jsonrpc_error(send, 404, INVALID_REQUEST, "Session not found")
-            await writer.finish()
-            if self._standalone.get(session_id) is cancel:
-                del self._standalone[session_id]
-            scopes = self._streams.get(session_id)
-            if scopes is not None:
-                scopes.discard(cancel)
-                if not scopes:
-                    del self._streams[session_id]
+            try:
+                if not writer.started and not refused:  # the session ended before it began
+                    with anyio.CancelScope(shield=True):
+                        await send_jsonrpc_error(send, 404, INVALID_REQUEST, "Session not found")
+                await writer.finish()
+            finally:
+                if self._standalone.get(session_id) is cancel:
+                    del self._standalone[session_id]
+                scopes = self._streams.get(session_id)
+                if scopes is not None:
+                    scopes.discard(cancel)
+                    if not scopes:
+                        del self._streams[session_id]
+                if claimed:
+                    await self._release_claim(session_id, token)
+
+    async def _take_over(self, session_id: str, token: str) -> None:
+        """Claim the session's standalone stream for ``token`` from whichever GET holds it, on
+        any worker (it ends). Best effort: without the relay the stream is served here, and its
+        renewals claim it once the relay is back."""
+        try:
+            await self.backplane.relay.claim_standalone(session_id, token, take_over=True)
+        except Exception:
+            logger.warning("Relay unavailable: a resumed stream could not claim the session")
+
+    async def _release_claim(self, session_id: str, token: str) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.backplane.relay.release_standalone(session_id, token)
+            except Exception:  # it lapses by itself (CLAIM_SECONDS)
+                logger.debug("Relay unavailable: a standalone stream's claim was left to lapse")
 
     async def _follow(
         self,
@@ -520,7 +584,11 @@ class MCPEndpoint:
         live_events: Any,
         stream: str,
         seen: set[str],
+        owner: tuple[str, str] | None = None,
     ) -> None:
+        """Write the stream's live events until it ends. ``owner`` (session id, token): this is
+        the session's claimed standalone stream, renewed while open, and ended when another
+        GET takes it over or the claim is found lost."""
         async with anyio.create_task_group() as tasks:
 
             async def watch_disconnect() -> None:
@@ -533,7 +601,12 @@ class MCPEndpoint:
             # request ended unseen, say) ends; the client may resume again. The standalone
             # stream lasts as long as its client.
             silent_since = anyio.current_time()
+            renew_at = silent_since + KEEPALIVE_SECONDS
             while writer.open:
+                if owner is not None and anyio.current_time() >= renew_at:
+                    renew_at = anyio.current_time() + KEEPALIVE_SECONDS
+                    if not await self._keep_claim(*owner):
+                        break  # another GET holds the session's standalone stream now
                 with anyio.move_on_after(KEEPALIVE_SECONDS) as idle:
                     try:
                         event: Event = await live_events.receive()
@@ -551,11 +624,27 @@ class MCPEndpoint:
                 if event.stream != stream or (
                     event.event_id is not None and event.event_id in seen
                 ):
+                    if (
+                        owner is not None
+                        and event.stream == OWNER_STREAM
+                        and event.payload != owner[1]
+                        and not await self._keep_claim(*owner)  # (a late notice: still held?)
+                    ):
+                        break  # taken over by a GET that resumed it (here or elsewhere)
                     continue
                 await writer.event(event)
                 if event.final:
                     break
             tasks.cancel_scope.cancel()
+
+    async def _keep_claim(self, session_id: str, token: str) -> bool:
+        """Renew this GET's claim on the session's standalone stream (taken again if it lapsed);
+        False only when another GET holds it."""
+        try:
+            return await self.backplane.relay.keep_standalone(session_id, token)
+        except Exception:  # the relay is away: keep serving (the claim may lapse meanwhile)
+            logger.debug("Relay unavailable: a standalone stream's claim was not renewed")
+            return True
 
     async def _replay(self, session_id: str, last_event_id: str) -> tuple[str, list[Event]] | None:
         try:

@@ -8,6 +8,9 @@ Redis.
 - Live events go over pub/sub on ``{prefix}ev:{session id}``, subscribed by a worker only while
   it holds a GET stream of that session; notes go to ``{prefix}w:{worker}`` (one worker) or
   ``{prefix}workers`` (all of them). One pub/sub connection per worker carries them all.
+- Which GET holds a session's standalone stream is ``{prefix}get:{session id}`` (a token,
+  renewed by its holder, lapsing ``CLAIM_SECONDS`` after its last renewal); a take-over sets it
+  and publishes the new holder on the session's channel in one script.
 - The request-state key ring is one value, ``{prefix}request-state-keys``, changed by one script
   run on Redis's clock: the first key is made when first asked for; a new one is staged
   ``stage`` seconds ahead of use once the newest is ``rotate`` seconds old; three are kept.
@@ -39,9 +42,11 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from redis.asyncio.cluster import RedisCluster
 
 from mcp2anp_middleware.mcp_hosting.backplane import (
+    CLAIM_SECONDS,
     DEFAULT_MAX_EVENTS,
     DEFAULT_RETENTION,
     LISTENER_BUFFER,
+    OWNER_STREAM,
     Event,
     Note,
     NoteHandler,
@@ -70,6 +75,26 @@ if ARGV[3] ~= '' then
   redis.call('PUBLISH', ARGV[6], cjson.encode(note))
 end
 return id
+"""
+
+# Renew a standalone stream's claim while this GET holds it, or take it again if nobody does
+# (lost with a Redis restart, or lapsed while Redis was away); 0 only if another GET holds it.
+_KEEP_CLAIM = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+# Take the claim over and tell the holder, on any worker, in one step (a failure leaves both
+# undone, or both done).
+_TAKE_CLAIM = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('PUBLISH', ARGV[3], cjson.encode({o = ARGV[4], s = ARGV[5], m = ARGV[1]}))
+return 1
+"""
+_DROP_CLAIM = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 _KEY_RING = """
@@ -170,9 +195,35 @@ class RedisRelay:
         self._listeners: dict[str, set[MemoryObjectSendStream[Event]]] = {}
         self._confirmed: dict[str, anyio.Event] = {}
         self._on_note: NoteHandler | None = None
+        self._keep_claim = client.register_script(_KEEP_CLAIM)
+        self._drop_claim = client.register_script(_DROP_CLAIM)
+        self._take_claim = client.register_script(_TAKE_CLAIM)
 
     def channel(self, session_id: str) -> str:
         return f"{self.prefix}ev:{session_id}"
+
+    def _claim_key(self, session_id: str) -> str:
+        """Who holds the session's standalone stream (on a cluster, in the session's slot)."""
+        if self.cluster:
+            return f"{self.prefix}get:{{{session_id}}}"
+        return f"{self.prefix}get:{session_id}"
+
+    async def claim_standalone(self, session_id: str, token: str, *, take_over: bool) -> bool:
+        key, ttl_ms = self._claim_key(session_id), int(CLAIM_SECONDS * 1000)
+        if not take_over:
+            return bool(await self.client.set(key, token, px=ttl_ms, nx=True))
+        deliver(self._listeners.get(session_id), Event(OWNER_STREAM, None, token))  # (here)
+        args: list[str | int] = [token, ttl_ms, self.channel(session_id), self.worker, OWNER_STREAM]
+        await self._take_claim(keys=[key], args=args)
+        return True
+
+    async def keep_standalone(self, session_id: str, token: str) -> bool:
+        ttl_ms = int(CLAIM_SECONDS * 1000)
+        kept = await self._keep_claim(keys=[self._claim_key(session_id)], args=[token, ttl_ms])
+        return bool(kept)
+
+    async def release_standalone(self, session_id: str, token: str) -> None:
+        await self._drop_claim(keys=[self._claim_key(session_id)], args=[token])
 
     async def start(self, on_note: NoteHandler, tasks: TaskGroup) -> None:
         self._on_note = on_note

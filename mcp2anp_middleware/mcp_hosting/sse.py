@@ -20,8 +20,6 @@ HOLD_SECONDS = 0.1
 """How long a request's response headers and priming event wait for its first event, to go out
 in one write with it (see :meth:`SSEWriter.begin_held`)."""
 
-KEEPALIVE_SECONDS = 15.0
-"""A comment line this often keeps idle streams alive through proxies and load balancers."""
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream"),

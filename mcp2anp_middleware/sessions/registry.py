@@ -958,13 +958,16 @@ class SessionRegistry:
 
     def _cache(self, state: SessionState) -> None:
         live = self._live
-        if self.max_session_age is not None and live.get(state.session_id) is not state:
-            aged = self._by_age
-            heapq.heappush(aged, (state.created_at + self.max_session_age, state.session_id))
-            if len(aged) > 2 * len(live) + 64:  # mostly entries of objects dropped since
-                aged[:] = [(s.created_at + self.max_session_age, i) for i, s in live.items()]
-                heapq.heapify(aged)
+        max_age = self.max_session_age
+        new = max_age is not None and live.get(state.session_id) is not state
         live[state.session_id] = state
+        if new and max_age is not None:
+            aged = self._by_age
+            if len(aged) >= 2 * len(live) + 64:  # mostly entries of objects dropped since
+                aged[:] = [(s.created_at + max_age, i) for i, s in live.items()]
+                heapq.heapify(aged)
+            else:
+                heapq.heappush(aged, (state.created_at + max_age, state.session_id))
         while len(self._live) > self.live_cache:
             oldest = next(iter(self._live.values()))
             if oldest.in_flight:  # cannot drop an object a request holds; try again later
@@ -993,25 +996,36 @@ class SessionRegistry:
             if not state.in_flight and self._expired(state, now) is not None:
                 over[id(state)] = state
         aged = self._by_age
+        due: list[tuple[float, str]] = []
         while aged and aged[0][0] < now:
-            reached, session_id = heapq.heappop(aged)
-            aging = self._live.get(session_id)
-            if (
-                aging is not None
-                and aging.created_at + (self.max_session_age or 0.0) == reached
-                and not aging.in_flight  # (it goes when its last request ends)
-            ):
+            entry = heapq.heappop(aged)
+            aging = self._live.get(entry[1])
+            if aging is None or aging.created_at + (self.max_session_age or 0.0) != entry[0]:
+                continue  # an object dropped since
+            due.append(entry)  # (back in the heap unless ended below: busy, or a store failure)
+            if not aging.in_flight:
                 over[id(aging)] = aging
-        for state in over.values():
-            record = await self.store.read(state.session_id)
-            alive = record is not None and record.created_at == state.created_at
-            why = self._expired(state, now, record.expires_at) if record is not None else None
-            if alive and why is not None:
-                await self.remove(state.session_id, reason=why)
-            elif alive:
-                self._ended(state.session_id, SessionEventKind.CLOSED)
-            else:
-                self._ended(state.session_id, SessionEventKind.EXPIRED)
+        try:
+            for state in over.values():
+                if self._live.get(state.session_id) is not state:
+                    continue  # ended since (this loop awaits), or another session's id now
+                record = await self.store.read(state.session_id)
+                alive = record is not None and record.created_at == state.created_at
+                why = self._expired(state, now, record.expires_at) if record else None
+                if self._live.get(state.session_id) is not state:
+                    continue
+                if alive and why is not None:
+                    await self.remove(state.session_id, reason=why)
+                elif alive:
+                    self._ended(state.session_id, SessionEventKind.CLOSED)
+                else:
+                    self._ended(state.session_id, SessionEventKind.EXPIRED)
+        finally:
+            max_age = self.max_session_age or 0.0
+            for entry in due:  # those still live: busy ones, or a sweep cut short
+                aging = self._live.get(entry[1])
+                if aging is not None and aging.created_at + max_age == entry[0]:
+                    heapq.heappush(aged, entry)
 
     def _ended(
         self,
