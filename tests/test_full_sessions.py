@@ -410,7 +410,7 @@ async def test_the_get_stream_carries_notifications_sent_by_another_worker(
             assert standalone.status_code == 200
             assert result_text(await client.call(a.url, 1, "touch")) == "touched"
             async for line in standalone.aiter_lines():
-                if line.startswith("data:"):
+                if line.startswith("data:") and line[5:].strip():  # (not the priming event)
                     note = json.loads(line[5:])
                     assert note["method"] == "notifications/resources/updated"
                     assert note["params"] == {"uri": "test://thing"}
@@ -433,7 +433,7 @@ async def test_a_request_id_spelled_like_the_get_streams_name_is_just_a_request(
             assert all(event["data"].get("id") == STANDALONE for event in answer if event["data"])
             with anyio.fail_after(10):
                 async for line in standalone.aiter_lines():
-                    if line.startswith("data:"):
+                    if line.startswith("data:") and line[5:].strip():  # (not the priming event)
                         note = json.loads(line[5:])
                         assert note["method"] == "notifications/resources/updated"
                         break
@@ -970,6 +970,8 @@ async def test_a_standalone_stream_claim_is_held_by_one_get_at_a_time(
             assert told == Event(OWNER_STREAM, None, "b.2")
             assert not await one.keep_standalone("s1", "a.1")
             await other.release_standalone("s1", "b.2")
+            # told it was taken over, and the GET that did has ended: not taken again
+            assert not await one.keep_standalone("s1", "a.1", again=False)
             assert await one.claim_standalone("s1", "c.1", take_over=False)
             await one.aclose()
             tasks.cancel_scope.cancel()
@@ -1052,10 +1054,56 @@ async def test_a_get_taken_over_before_it_listened_is_refused(
                 assert answers[0].status_code == 409, answers[0].text
 
 
-async def test_a_get_whose_session_ends_while_it_claims_is_not_found(tmp_path: Path) -> None:
+async def test_a_standalone_stream_resumes_from_its_first_event_on_any_worker(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """The standalone stream opens with a priming event: a client whose stream died before
+    anything was sent on it still has an id to resume it from, on any worker (which takes the
+    stream over), instead of a fresh GET refused while the dead one holds the stream."""
+    prefix = f"prime-{uuid.uuid4().hex[:8]}:"
+    async with (
+        workers(tmp_path, 2, redis_server, prefix=prefix) as (a, b),
+        httpx.AsyncClient() as http,
+    ):
+        client = RawClient(http)
+        await client.initialize(a.url)
+        async with http.stream("GET", a.url, headers=client.headers()) as first:
+            assert first.status_code == 200
+            lines = first.aiter_lines()
+            with anyio.fail_after(10):
+                async for line in lines:
+                    if line.startswith("id:"):
+                        primed = line[3:].strip()
+                        break
+            assert primed.endswith("~" + STANDALONE)
+            headers = client.headers(**{"Last-Event-ID": primed})
+            async with http.stream("GET", b.url, headers=headers) as resumed:
+                assert resumed.status_code == 200
+                with anyio.fail_after(10):
+                    async for _ in lines:
+                        pass  # the earlier stream ended
+                assert result_text(await client.call(a.url, 1, "touch")) == "touched"
+                with anyio.fail_after(10):
+                    async for line in resumed.aiter_lines():
+                        if line.startswith("data:") and line[5:].strip():
+                            note = json.loads(line[5:])
+                            assert note["method"] == "notifications/resources/updated"
+                            break
+
+
+@pytest.mark.parametrize("shared", [False, True])
+async def test_a_get_whose_session_ends_while_it_claims_is_not_found(
+    tmp_path: Path, redis_server: RedisServer, shared: bool
+) -> None:
     """The session ends (a DELETE) while a fresh GET is claiming its standalone stream: the GET
-    gets 404 and holds nothing, instead of a stream of a session gone."""
-    async with workers(tmp_path, 1, None) as (a,), httpx.AsyncClient() as http:
+    gets 404 and holds nothing (nor, with Redis, the claim), instead of a stream of a session
+    gone."""
+    prefix = f"ends-{uuid.uuid4().hex[:8]}:"
+    redis = redis_server if shared else None
+    async with (
+        workers(tmp_path, 1, redis, prefix=prefix) as (a,),
+        httpx.AsyncClient() as http,
+    ):
         client = RawClient(http)
         await client.initialize(a.url)
         relay = a.app.endpoint.backplane.relay
@@ -1080,3 +1128,5 @@ async def test_a_get_whose_session_ends_while_it_claims_is_not_found(tmp_path: P
             gate.set()
         assert answers[0].status_code == 404, answers[0].text
         assert not a.app.endpoint._standalone and not a.app.endpoint._streams
+    if shared:
+        assert await redis_server_keys(redis_server, f"{prefix}get:{client.session_id}") == 0

@@ -46,6 +46,8 @@ CLAIM_SECONDS = 3 * KEEPALIVE_SECONDS
 """How long a claim on a session's standalone stream outlives its last renewal (its holder
 renews it every 15 to 30 s while the stream is open): a worker that died holding one blocks a
 fresh GET that long at most (a GET resuming the stream takes it over at once)."""
+STANDALONE = "_GET_stream"
+"""The stream of messages tied to no request: the session's GET stream."""
 OWNER_STREAM = "_GET_owner"
 """A live event on this pseudo-stream names (payload) the GET that holds the session's
 standalone stream from now on: a standalone stream of any other token ends."""
@@ -111,8 +113,10 @@ class Relay(Protocol):
         :data:`OWNER_STREAM` event). No message then goes on two streams."""
         ...
 
-    async def keep_standalone(self, session_id: str, token: str) -> bool:
-        """Renew the claim of an open stream; False when ``token`` no longer holds it."""
+    async def keep_standalone(self, session_id: str, token: str, *, again: bool = True) -> bool:
+        """Renew the claim of an open stream; False when another GET holds it. A claim lost
+        (lapsed, or gone with a Redis restart) is taken again, unless ``again`` is off: then
+        False too (this GET was taken over, and the GET that did has ended since)."""
         ...
 
     async def release_standalone(self, session_id: str, token: str) -> None: ...
@@ -160,8 +164,10 @@ def _number(text: str) -> bool:
 
 
 def parse_priming_id(event_id: str) -> tuple[str, str] | None:
+    """The cursor and stream a priming id names: a request stream's log name, or the session's
+    standalone stream (:data:`STANDALONE`, whose priming id resumes, and takes over, the GET)."""
     anchor, sep, stream = event_id.partition("~")
-    if not sep or not _LOG_STREAM.fullmatch(stream):
+    if not sep or not (stream == STANDALONE or _LOG_STREAM.fullmatch(stream)):
         return None
     return anchor, stream
 
@@ -275,7 +281,7 @@ class LocalRelay:
     async def claim_standalone(self, session_id: str, token: str, *, take_over: bool) -> bool:
         return True
 
-    async def keep_standalone(self, session_id: str, token: str) -> bool:
+    async def keep_standalone(self, session_id: str, token: str, *, again: bool = True) -> bool:
         return True
 
     async def release_standalone(self, session_id: str, token: str) -> None:

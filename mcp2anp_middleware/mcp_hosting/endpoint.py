@@ -455,6 +455,7 @@ class MCPEndpoint:
         # a claim is sent (dropping a claim not held does nothing; a claim sent and cut short
         # must not be left to block the session's GETs until it lapses).
         claimed = False
+        taken = True  # (False: a take-over the relay could not carry out, tried again later)
         if last_event_id is None:
             if session_id in self._standalone:
                 await send_jsonrpc_error(send, 409, INVALID_REQUEST, CONFLICTING_STREAM)
@@ -496,6 +497,7 @@ class MCPEndpoint:
                     live_events = await listening.__aenter__()
                 except Exception:
                     logger.warning("Relay unavailable: a stream could not be opened")
+                    refused = True  # (before it is sent: a second response must not follow)
                     await send_jsonrpc_error(
                         send,
                         503,
@@ -503,7 +505,6 @@ class MCPEndpoint:
                         "Streams are unavailable; retry shortly",
                         headers=[(b"retry-after", b"2")],
                     )
-                    refused = True
                     return
                 try:
                     stream = STANDALONE
@@ -511,8 +512,8 @@ class MCPEndpoint:
                     if last_event_id is None and not await self._keep_claim(session_id, token):
                         # Taken over before this worker listened to hear of it: the
                         # resuming GET holds the stream.
-                        await send_jsonrpc_error(send, 409, INVALID_REQUEST, CONFLICTING_STREAM)
                         refused = True
+                        await send_jsonrpc_error(send, 409, INVALID_REQUEST, CONFLICTING_STREAM)
                         return
                     if last_event_id is not None:
                         found = await self._replay(session_id, last_event_id)
@@ -525,7 +526,7 @@ class MCPEndpoint:
                                 earlier.cancel()
                             self._standalone[session_id] = cancel
                             claimed = True
-                            await self._take_over(session_id, token)
+                            taken = await self._take_over(session_id, token)
                         await writer.start([])
                         if found is None:
                             return
@@ -539,36 +540,42 @@ class MCPEndpoint:
                                 return
                     else:
                         await writer.start([])
+                        if self.resumable:  # an id the client can resume (take over) from
+                            cursor = self.backplane.events.anchor(session_id)
+                            primed = Event(STANDALONE, priming_id(cursor, STANDALONE), None)
+                            await writer.event(primed)
                     owner = (session_id, token) if claimed else None
-                    await self._follow(request, writer, live_events, stream, seen, owner)
+                    await self._follow(
+                        request, writer, live_events, stream, seen, owner, take_over=not taken
+                    )
                 finally:
                     with anyio.CancelScope(shield=True):
                         await listening.__aexit__(None, None, None)
         finally:
-            try:
-                if not writer.started and not refused:  # the session ended before it began
-                    with anyio.CancelScope(shield=True):
-                        await send_jsonrpc_error(send, 404, INVALID_REQUEST, "Session not found")
-                await writer.finish()
-            finally:
-                if self._standalone.get(session_id) is cancel:
-                    del self._standalone[session_id]
-                scopes = self._streams.get(session_id)
-                if scopes is not None:
-                    scopes.discard(cancel)
-                    if not scopes:
-                        del self._streams[session_id]
-                if claimed:
-                    await self._release_claim(session_id, token)
+            if self._standalone.get(session_id) is cancel:
+                del self._standalone[session_id]
+            scopes = self._streams.get(session_id)
+            if scopes is not None:
+                scopes.discard(cancel)
+                if not scopes:
+                    del self._streams[session_id]
+            if claimed:  # before the client sees the end: it may reconnect at once, anywhere
+                await self._release_claim(session_id, token)
+            if not writer.started and not refused:  # the session ended before the stream began
+                with anyio.CancelScope(shield=True):
+                    await send_jsonrpc_error(send, 404, INVALID_REQUEST, "Session not found")
+            await writer.finish()
 
-    async def _take_over(self, session_id: str, token: str) -> None:
+    async def _take_over(self, session_id: str, token: str) -> bool:
         """Claim the session's standalone stream for ``token`` from whichever GET holds it, on
-        any worker (it ends). Best effort: without the relay the stream is served here, and its
-        renewals claim it once the relay is back."""
+        any worker (it ends). Without the relay, False: the stream is served here, and tries
+        again at each renewal until the relay is back."""
         try:
             await self.backplane.relay.claim_standalone(session_id, token, take_over=True)
         except Exception:
             logger.warning("Relay unavailable: a resumed stream could not claim the session")
+            return False
+        return True
 
     async def _release_claim(self, session_id: str, token: str) -> None:
         with anyio.CancelScope(shield=True):
@@ -585,10 +592,13 @@ class MCPEndpoint:
         stream: str,
         seen: set[str],
         owner: tuple[str, str] | None = None,
+        *,
+        take_over: bool = False,
     ) -> None:
         """Write the stream's live events until it ends. ``owner`` (session id, token): this is
         the session's claimed standalone stream, renewed while open, and ended when another
-        GET takes it over or the claim is found lost."""
+        GET takes it over; with ``take_over`` its own take-over failed (the relay was away),
+        and is tried again instead of each renewal until it succeeds."""
         async with anyio.create_task_group() as tasks:
 
             async def watch_disconnect() -> None:
@@ -605,7 +615,9 @@ class MCPEndpoint:
             while writer.open:
                 if owner is not None and anyio.current_time() >= renew_at:
                     renew_at = anyio.current_time() + KEEPALIVE_SECONDS
-                    if not await self._keep_claim(*owner):
+                    if take_over:
+                        take_over = not await self._take_over(*owner)
+                    elif not await self._keep_claim(*owner):
                         break  # another GET holds the session's standalone stream now
                 with anyio.move_on_after(KEEPALIVE_SECONDS) as idle:
                     try:
@@ -628,7 +640,7 @@ class MCPEndpoint:
                         owner is not None
                         and event.stream == OWNER_STREAM
                         and event.payload != owner[1]
-                        and not await self._keep_claim(*owner)  # (a late notice: still held?)
+                        and not await self._keep_claim(*owner, again=False)  # (a late notice?)
                     ):
                         break  # taken over by a GET that resumed it (here or elsewhere)
                     continue
@@ -637,11 +649,11 @@ class MCPEndpoint:
                     break
             tasks.cancel_scope.cancel()
 
-    async def _keep_claim(self, session_id: str, token: str) -> bool:
-        """Renew this GET's claim on the session's standalone stream (taken again if it lapsed);
-        False only when another GET holds it."""
+    async def _keep_claim(self, session_id: str, token: str, *, again: bool = True) -> bool:
+        """Renew this GET's claim on the session's standalone stream (taken again if it lapsed,
+        with ``again``); False when another GET holds it (or, without ``again``, none does)."""
         try:
-            return await self.backplane.relay.keep_standalone(session_id, token)
+            return await self.backplane.relay.keep_standalone(session_id, token, again=again)
         except Exception:  # the relay is away: keep serving (the claim may lapse meanwhile)
             logger.debug("Relay unavailable: a standalone stream's claim was not renewed")
             return True

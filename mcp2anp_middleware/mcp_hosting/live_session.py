@@ -52,6 +52,7 @@ from mcp_types import (
 from pydantic import TypeAdapter
 
 from mcp2anp_middleware.cancel_scope import cancel_scope
+from mcp2anp_middleware.mcp_hosting.backplane import STANDALONE as STANDALONE
 from mcp2anp_middleware.mcp_hosting.backplane import Event
 from mcp2anp_middleware.mcp_hosting.handshake import Handshake, below_level, decoded
 from mcp2anp_middleware.sessions.state import SessionState
@@ -60,9 +61,6 @@ if TYPE_CHECKING:
     from mcp2anp_middleware.mcp_hosting.endpoint import MCPEndpoint
 
 logger = logging.getLogger("mcp2anp_middleware.mcp_hosting")
-
-STANDALONE = "_GET_stream"
-"""The stream of messages tied to no request: the session's GET stream."""
 
 
 def request_stream(request_id: RequestId) -> str:

@@ -81,7 +81,7 @@ return id
 # (lost with a Redis restart, or lapsed while Redis was away); 0 only if another GET holds it.
 _KEEP_CLAIM = """
 local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[1] then return 0 end
+if holder ~= ARGV[1] and (holder or ARGV[3] ~= '1') then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
@@ -217,10 +217,10 @@ class RedisRelay:
         await self._take_claim(keys=[key], args=args)
         return True
 
-    async def keep_standalone(self, session_id: str, token: str) -> bool:
+    async def keep_standalone(self, session_id: str, token: str, *, again: bool = True) -> bool:
         ttl_ms = int(CLAIM_SECONDS * 1000)
-        kept = await self._keep_claim(keys=[self._claim_key(session_id)], args=[token, ttl_ms])
-        return bool(kept)
+        args: list[str | int] = [token, ttl_ms, "1" if again else "0"]
+        return bool(await self._keep_claim(keys=[self._claim_key(session_id)], args=args))
 
     async def release_standalone(self, session_id: str, token: str) -> None:
         await self._drop_claim(keys=[self._claim_key(session_id)], args=[token])
