@@ -158,6 +158,19 @@ class RawClient:
         return answer_events(answer)
 
 
+async def id_of_first_message(lines: AsyncIterator[str]) -> str:
+    """Read an SSE stream's lines up to its first message (not a priming event): its id."""
+    event_id = None
+    with anyio.fail_after(10):
+        async for line in lines:
+            if line.startswith("id:"):
+                event_id = line[3:].strip()
+            if line.startswith("data:") and line[5:].strip():
+                break
+    assert event_id is not None
+    return event_id
+
+
 def result_text(events: list[dict[str, Any]]) -> str:
     final = events[-1]["data"]
     text: str = final["result"]["content"][0]["text"]
@@ -505,13 +518,7 @@ async def test_a_resumed_get_stream_replaces_the_sessions_standalone_stream(
             assert first.status_code == 200
             assert result_text(await client.call(a.url, 1, "touch")) == "touched"
             lines = first.aiter_lines()
-            event_id = None
-            async for line in lines:
-                if line.startswith("id:"):
-                    event_id = line[3:].strip()
-                if line.startswith("data:") and line[5:].strip():
-                    break
-            assert event_id is not None
+            event_id = await id_of_first_message(lines)
             headers = client.headers(**{"Last-Event-ID": event_id})
             async with http.stream("GET", a.url, headers=headers) as resumed:
                 assert resumed.status_code == 200
@@ -543,14 +550,7 @@ async def test_the_standalone_stream_is_one_per_session_across_workers(
             assert refused.json()["error"]["message"].startswith("Conflict")
             assert result_text(await client.call(b.url, 1, "touch")) == "touched"
             lines = first.aiter_lines()
-            event_id = None
-            with anyio.fail_after(10):
-                async for line in lines:
-                    if line.startswith("id:"):
-                        event_id = line[3:].strip()
-                    if line.startswith("data:") and line[5:].strip():
-                        break
-            assert event_id is not None
+            event_id = await id_of_first_message(lines)
             headers = client.headers(**{"Last-Event-ID": event_id})
             async with http.stream("GET", b.url, headers=headers) as resumed:
                 assert resumed.status_code == 200
@@ -985,15 +985,7 @@ async def standalone_event_id(http: httpx.AsyncClient, client: RawClient, url: s
     async with http.stream("GET", url, headers=client.headers()) as first:
         assert first.status_code == 200
         assert result_text(await client.call(url, 90, "touch")) == "touched"
-        event_id = None
-        with anyio.fail_after(10):
-            async for line in first.aiter_lines():
-                if line.startswith("id:"):
-                    event_id = line[3:].strip()
-                if line.startswith("data:") and line[5:].strip():
-                    break
-    assert event_id is not None
-    return event_id
+        return await id_of_first_message(first.aiter_lines())
 
 
 async def test_a_get_taken_over_before_it_listened_is_refused(

@@ -468,13 +468,7 @@ class MCPEndpoint:
                 if not isinstance(exc, Exception):
                     raise
                 logger.warning("Relay unavailable: a stream could not be opened")
-                await send_jsonrpc_error(
-                    send,
-                    503,
-                    INTERNAL_ERROR,
-                    "Streams are unavailable; retry shortly",
-                    headers=[(b"retry-after", b"2")],
-                )
+                await _streams_unavailable(send)
                 return
             # (meanwhile another GET may have taken it here, or the session ended)
             if not held or session_id in self._standalone or state.closed:
@@ -498,13 +492,7 @@ class MCPEndpoint:
                 except Exception:
                     logger.warning("Relay unavailable: a stream could not be opened")
                     refused = True  # (before it is sent: a second response must not follow)
-                    await send_jsonrpc_error(
-                        send,
-                        503,
-                        INTERNAL_ERROR,
-                        "Streams are unavailable; retry shortly",
-                        headers=[(b"retry-after", b"2")],
-                    )
+                    await _streams_unavailable(send)
                     return
                 try:
                     stream = STANDALONE
@@ -903,6 +891,17 @@ class _AnswerKeeper:
     async def write(self, event: Event) -> None:
         if event.final and event.payload is not None:
             self.answer = event.payload
+
+
+async def _streams_unavailable(send: Send) -> None:
+    """A GET stream could not be opened: the relay (Redis) is away."""
+    await send_jsonrpc_error(
+        send,
+        503,
+        INTERNAL_ERROR,
+        "Streams are unavailable; retry shortly",
+        headers=[(b"retry-after", b"2")],
+    )
 
 
 async def _in_flight_already(send: Send, message: CheckedRequest) -> None:

@@ -408,6 +408,16 @@ class RedisSessionStore:
         digest = hashlib.sha256(principal.encode()).hexdigest()[:32]
         return f"{self.prefix}p:{{{digest}}}" if self.cluster else f"{self.prefix}p:{digest}"
 
+    def _principal_keys(self, record: SessionRecord) -> list[str]:
+        """A script's keys for a change to ``record`` and its principal's index (one Redis)."""
+        pkey = self._principal_key(record.principal)
+        return [
+            self._session_key(record.session_id),
+            self._all_key,
+            pkey,
+            self._reservations_key(pkey),
+        ]
+
     def _reservations_key(self, principal_key: str) -> str:
         """The principal's reservations not yet committed (a sorted set by expiry), in the slot
         of its index: ``{prefix}q:`` beside ``{prefix}p:``."""
@@ -439,13 +449,7 @@ class RedisSessionStore:
             return await self._create_in_cluster(
                 record, ttl=ttl, now=now, caps=caps, pending=pending
             )
-        pkey = self._principal_key(record.principal)
-        keys = [
-            self._session_key(record.session_id),
-            self._all_key,
-            pkey,
-            self._reservations_key(pkey),
-        ]
+        keys = self._principal_keys(record)
         args: list[str | int] = [
             record.session_id,
             repr(now),
@@ -483,17 +487,7 @@ class RedisSessionStore:
         if self.cluster:
             return await self._write_in_cluster(record, ttl=ttl, now=now)
         keys = [self._session_key(record.session_id), self._all_key]
-        args: list[str | int] = [
-            record.session_id,
-            repr(now),
-            _milliseconds(ttl),
-            repr(float(record.created_at)),
-            repr(record.last_used),
-            repr(record.expires_at),
-            record.handshake or "",
-            f"{self.prefix}q:",
-            f"{self.prefix}p:",
-        ]
+        args = [*_written(record, now, ttl), f"{self.prefix}q:", f"{self.prefix}p:"]
         written, acked = await _guard(lambda: self._durably(self._write, keys, args))
         if written:
             self._confirmed(acked)
@@ -504,21 +498,9 @@ class RedisSessionStore:
     ) -> CommitOutcome:
         if self.cluster:
             return await self._commit_in_cluster(record, ttl=ttl, now=now, caps=caps)
-        pkey = self._principal_key(record.principal)
-        keys = [
-            self._session_key(record.session_id),
-            self._all_key,
-            pkey,
-            self._reservations_key(pkey),
-        ]
-        args: list[str | int] = [
-            record.session_id,
-            repr(now),
-            _milliseconds(ttl),
-            repr(float(record.created_at)),
-            repr(record.last_used),
-            repr(record.expires_at),
-            record.handshake or "",
+        keys = self._principal_keys(record)
+        args = [
+            *_written(record, now, ttl),
             caps.per_principal or 0,
             "1" if caps.evict_oldest else "0",
             self._session_prefix,
@@ -897,6 +879,20 @@ def _record(session_id: str, fields: dict[str, str]) -> SessionRecord | None:
         )
     except (KeyError, ValueError, TypeError):
         return None  # a foreign or damaged entry is treated as unknown
+
+
+def _written(record: SessionRecord, now: float, ttl: float) -> list[str | int]:
+    """The first arguments of the write and commit scripts: the record's id, the clock, the
+    TTL, the creation it is fenced to and the fields a write changes."""
+    return [
+        record.session_id,
+        repr(now),
+        _milliseconds(ttl),
+        repr(float(record.created_at)),
+        repr(record.last_used),
+        repr(record.expires_at),
+        record.handshake or "",
+    ]
 
 
 def _victims(reply: list[str]) -> tuple[SessionRecord, ...]:
