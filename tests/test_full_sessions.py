@@ -42,6 +42,7 @@ from mcp2anp_middleware.mcp_hosting.backplane import (
 )
 from mcp2anp_middleware.mcp_hosting.live_session import STANDALONE, LiveSession
 from mcp2anp_middleware.mcp_hosting.redis_backplane import RedisBackplane, RedisRelay
+from mcp2anp_middleware.sessions.clock import ManualClock
 from mcp2anp_middleware.sessions.policy import SessionPolicy
 from mcp2anp_middleware.sessions.registry import SessionRegistry
 from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
@@ -1122,3 +1123,86 @@ async def test_a_get_whose_session_ends_while_it_claims_is_not_found(
         assert not a.app.endpoint._standalone and not a.app.endpoint._streams
     if shared:
         assert await redis_server_keys(redis_server, f"{prefix}get:{client.session_id}") == 0
+
+
+async def test_an_open_stream_does_not_keep_its_session_past_its_maximum_age(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An open GET stream holds its session as a running request does; past the session's
+    maximum age the stream ends (at its next keepalive), and the session with it, instead of
+    the stream keeping it for good."""
+    monkeypatch.setattr(endpoint_module, "KEEPALIVE_SECONDS", 0.02)
+    clock = ManualClock()
+    policy = SessionPolicy(max_age=100.0)
+    async with (
+        workers(tmp_path, 1, None, clock=clock, policy=policy) as (a,),
+        httpx.AsyncClient() as http,
+    ):
+        client = RawClient(http)
+        await client.initialize(a.url)
+        async with http.stream("GET", a.url, headers=client.headers()) as standalone:
+            assert standalone.status_code == 200
+            lines = standalone.aiter_lines()
+            keepalives = 0
+            with anyio.fail_after(10):
+                async for line in lines:  # not yet past its age: the stream goes on
+                    keepalives += line.startswith(":")
+                    if keepalives == 3:
+                        break
+            clock.advance(101)
+            with anyio.fail_after(10):
+                async for _ in lines:
+                    pass  # the stream ends
+        ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+        gone = await http.post(a.url, json=ping, headers=client.headers())
+        assert gone.status_code == 404, gone.text
+        with anyio.fail_after(10):  # (the stream's request ends a moment after its last byte)
+            while not a.app.registry.stats.removed["max_age"]:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+
+
+async def test_a_resumed_request_stream_still_gets_its_answer_past_the_maximum_age(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A running request is never cut off by its session's maximum age, nor is the stream
+    that resumed it: the answer arrives on it."""
+    monkeypatch.setattr(endpoint_module, "KEEPALIVE_SECONDS", 0.02)
+    clock, gate = ManualClock(), Gate()
+    policy = SessionPolicy(max_age=100.0)
+    async with (
+        workers(tmp_path, 1, None, gate, clock=clock, policy=policy) as (a,),
+        httpx.AsyncClient() as http,
+    ):
+        client = RawClient(http)
+        await client.initialize(a.url)
+        message = {
+            "jsonrpc": "2.0",
+            "id": 3,
+            "method": "tools/call",
+            "params": {"name": "slow", "arguments": {}, "_meta": {"progressToken": "p"}},
+        }
+        async with http.stream("POST", a.url, json=message, headers=client.headers()) as stream:
+            async for line in stream.aiter_lines():
+                if line.startswith("id:"):
+                    priming = line[3:].strip()
+                    break
+        await gate.started.wait()
+        headers = client.headers(**{"Last-Event-ID": priming})
+        async with http.stream("GET", a.url, headers=headers) as resumed:
+            assert resumed.status_code == 200
+            lines = resumed.aiter_lines()
+            keepalives = 0
+            with anyio.fail_after(10):
+                async for line in lines:
+                    keepalives += line.startswith(":")
+                    if keepalives == 1:
+                        break
+            clock.advance(101)
+            with anyio.fail_after(10):
+                async for line in lines:
+                    keepalives += line.startswith(":")
+                    if keepalives == 4:  # several checkpoints past the age: still open
+                        break
+            gate.released.set()
+            body = "\n".join([line async for line in lines])
+        assert result_text(sse_events(body)) == "slow done"

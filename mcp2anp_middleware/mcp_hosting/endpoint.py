@@ -534,7 +534,15 @@ class MCPEndpoint:
                             await writer.event(primed)
                     owner = (session_id, token) if claimed else None
                     await self._follow(
-                        request, writer, live_events, stream, seen, owner, take_over=not taken
+                        request,
+                        writer,
+                        live_events,
+                        stream,
+                        seen,
+                        owner,
+                        take_over=not taken,
+                        # (a request's stream ends with its answer: never cut off)
+                        aged=self._aged_check(state) if stream == STANDALONE else None,
                     )
                 finally:
                     with anyio.CancelScope(shield=True):
@@ -553,6 +561,15 @@ class MCPEndpoint:
                 with anyio.CancelScope(shield=True):
                     await send_jsonrpc_error(send, 404, INVALID_REQUEST, "Session not found")
             await writer.finish()
+
+    def _aged_check(self, state: SessionState) -> Callable[[], bool] | None:
+        """Whether ``state`` is past its maximum age now (None: sessions have none)."""
+        registry = self.registry
+        if registry is None or registry.max_session_age is None:
+            return None
+        ends_at = state.created_at + registry.max_session_age
+        clock = registry.clock
+        return lambda: clock() > ends_at
 
     async def _take_over(self, session_id: str, token: str) -> bool:
         """Claim the session's standalone stream for ``token`` from whichever GET holds it, on
@@ -582,11 +599,15 @@ class MCPEndpoint:
         owner: tuple[str, str] | None = None,
         *,
         take_over: bool = False,
+        aged: Callable[[], bool] | None = None,
     ) -> None:
         """Write the stream's live events until it ends. ``owner`` (session id, token): this is
         the session's claimed standalone stream, renewed while open, and ended when another
         GET takes it over; with ``take_over`` its own take-over failed (the relay was away),
-        and is tried again instead of each renewal until it succeeds."""
+        and is tried again instead of each renewal until it succeeds. ``aged`` says when the
+        session is past its maximum age: the stream then ends (an open stream holds its session
+        as a running request does, and would otherwise outlive that limit for good), and its
+        session with it."""
         async with anyio.create_task_group() as tasks:
 
             async def watch_disconnect() -> None:
@@ -597,13 +618,17 @@ class MCPEndpoint:
             tasks.start_soon(watch_disconnect)
             # A resumed request stream that stays silent longer than its events are kept (its
             # request ended unseen, say) ends; the client may resume again. The standalone
-            # stream lasts as long as its client.
+            # stream lasts as long as its client, its claim, and its session's maximum age.
             silent_since = anyio.current_time()
             renew_at = silent_since + KEEPALIVE_SECONDS
             while writer.open:
-                if owner is not None and anyio.current_time() >= renew_at:
+                if anyio.current_time() >= renew_at:  # every 15 to 30 s
                     renew_at = anyio.current_time() + KEEPALIVE_SECONDS
-                    if take_over:
+                    if aged is not None and aged():
+                        break  # past its maximum age: the session goes with its last stream
+                    if owner is None:
+                        pass
+                    elif take_over:
                         take_over = not await self._take_over(*owner)
                     elif not await self._keep_claim(*owner):
                         break  # another GET holds the session's standalone stream now
