@@ -172,6 +172,21 @@ async def id_of_first_message(lines: AsyncIterator[str]) -> str:
     return event_id
 
 
+async def dropped_slow_call(http: httpx.AsyncClient, client: RawClient, url: str) -> str:
+    """Call the gated ``slow`` tool and drop its stream after the priming event: its id."""
+    message = {
+        "jsonrpc": "2.0",
+        "id": 3,
+        "method": "tools/call",
+        "params": {"name": "slow", "arguments": {}, "_meta": {"progressToken": "p"}},
+    }
+    async with http.stream("POST", url, json=message, headers=client.headers()) as stream:
+        async for line in stream.aiter_lines():
+            if line.startswith("id:"):
+                return line[3:].strip()
+    raise AssertionError("no priming event")
+
+
 def result_text(events: list[dict[str, Any]]) -> str:
     final = events[-1]["data"]
     text: str = final["result"]["content"][0]["text"]
@@ -583,17 +598,7 @@ async def test_a_stream_lost_after_its_priming_event_is_resumed_on_the_other_wor
     async with workers(tmp_path, 2, redis_server, gate) as (a, b), httpx.AsyncClient() as http:
         client = RawClient(http)
         await client.initialize(a.url)
-        message = {
-            "jsonrpc": "2.0",
-            "id": 3,
-            "method": "tools/call",
-            "params": {"name": "slow", "arguments": {}, "_meta": {"progressToken": "p"}},
-        }
-        async with http.stream("POST", a.url, json=message, headers=client.headers()) as stream:
-            async for line in stream.aiter_lines():
-                if line.startswith("id:"):
-                    priming = line[3:].strip()
-                    break
+        priming = await dropped_slow_call(http, client, a.url)
         # the client is gone; the call goes on (and keeps the session in flight)
         await gate.started.wait()
         assert a.app.registry.in_flight == 1
@@ -1175,17 +1180,7 @@ async def test_a_resumed_request_stream_still_gets_its_answer_past_the_maximum_a
     ):
         client = RawClient(http)
         await client.initialize(a.url)
-        message = {
-            "jsonrpc": "2.0",
-            "id": 3,
-            "method": "tools/call",
-            "params": {"name": "slow", "arguments": {}, "_meta": {"progressToken": "p"}},
-        }
-        async with http.stream("POST", a.url, json=message, headers=client.headers()) as stream:
-            async for line in stream.aiter_lines():
-                if line.startswith("id:"):
-                    priming = line[3:].strip()
-                    break
+        priming = await dropped_slow_call(http, client, a.url)
         await gate.started.wait()
         headers = client.headers(**{"Last-Event-ID": priming})
         async with http.stream("GET", a.url, headers=headers) as resumed:
