@@ -944,7 +944,8 @@ async def test_a_killed_worker_loses_no_session(tmp_path: Path) -> None:
             launcher(tmp_path, *flags, name="b", data_dir=data_dir) as b,
         ):
             urls = {"a": f"{a.base_url}/mcp", "b": f"{b.base_url}/mcp"}
-            limits = httpx.Limits(max_connections=16)
+            # (idle connections let go before the server closes them: see test_load)
+            limits = httpx.Limits(max_connections=16, keepalive_expiry=2.0)
             async with httpx.AsyncClient(timeout=WAIT, limits=limits) as http:
                 traffic = Traffic(http)
                 sessions = [

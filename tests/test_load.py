@@ -215,8 +215,12 @@ async def test_hundreds_of_concurrent_sessions_then_everything_expires(tmp_path:
         store = registry.store
         assert isinstance(store, InMemorySessionStore)
         keys = list(stack.dids)
+        # The client lets an idle connection go well before uvicorn closes it (5 s): reused at
+        # the moment the server closes it, a request fails on the wire (a client-side race).
         limits = httpx.Limits(
-            max_connections=CLIENT_CONCURRENCY, max_keepalive_connections=CLIENT_CONCURRENCY
+            max_connections=CLIENT_CONCURRENCY,
+            max_keepalive_connections=CLIENT_CONCURRENCY,
+            keepalive_expiry=2.0,
         )
         async with httpx.AsyncClient(limits=limits, timeout=REQUEST_TIMEOUT) as http:
             client = RawClient(stack, http, CLIENT_CONCURRENCY)
