@@ -329,6 +329,17 @@ async def test_unreachable_redis_raises_store_unavailable() -> None:
     await store.aclose()
 
 
+async def test_a_replica_wait_longer_than_the_client_waits_is_refused() -> None:
+    """The client would give up on WAIT's answer first: a change Redis made (an eviction)
+    would look like one it never made. Refused when the store is made, before connecting."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    with pytest.raises(ValueError, match="wait_timeout"):
+        RedisSessionStore.from_url(url, timeout=2.0, wait_replicas=1, wait_timeout=2.0)
+    store = RedisSessionStore.from_url(url, timeout=2.0, wait_replicas=1, wait_timeout=0.5)
+    await store.aclose()
+    RedisSessionStore.from_url(url, timeout=2.0, wait_replicas=0, wait_timeout=9.0)  # no WAIT
+
+
 async def test_redis_store_works_with_a_client_that_returns_bytes(
     redis_server: RedisServer,
 ) -> None:
