@@ -187,6 +187,21 @@ async def dropped_slow_call(http: httpx.AsyncClient, client: RawClient, url: str
     raise AssertionError("no priming event")
 
 
+@asynccontextmanager
+async def session_on_two_workers(
+    tmp_path: Path, redis_server: RedisServer
+) -> AsyncIterator[tuple[Worker, Worker, httpx.AsyncClient, RawClient]]:
+    """Two workers on Redis (keys of their own), and a session initialized on the first."""
+    prefix = f"two-{uuid.uuid4().hex[:8]}:"
+    async with (
+        workers(tmp_path, 2, redis_server, prefix=prefix) as (a, b),
+        httpx.AsyncClient() as http,
+    ):
+        client = RawClient(http)
+        await client.initialize(a.url)
+        yield a, b, http, client
+
+
 def result_text(events: list[dict[str, Any]]) -> str:
     final = events[-1]["data"]
     text: str = final["result"]["content"][0]["text"]
@@ -552,13 +567,7 @@ async def test_the_standalone_stream_is_one_per_session_across_workers(
     session's standalone stream is refused (409) as on the same worker; a GET resuming it with
     ``Last-Event-ID`` on another worker takes it over, and the earlier stream ends; once the
     holder's stream is gone, a fresh GET is served again."""
-    prefix = f"get-{uuid.uuid4().hex[:8]}:"
-    async with (
-        workers(tmp_path, 2, redis_server, prefix=prefix) as (a, b),
-        httpx.AsyncClient() as http,
-    ):
-        client = RawClient(http)
-        await client.initialize(a.url)
+    async with session_on_two_workers(tmp_path, redis_server) as (a, b, http, client):
         async with http.stream("GET", a.url, headers=client.headers()) as first:
             assert first.status_code == 200
             refused = await http.get(b.url, headers=client.headers())
@@ -1000,13 +1009,7 @@ async def test_a_get_taken_over_before_it_listened_is_refused(
     """A fresh GET claims the standalone stream, and a GET resuming it on another worker takes
     it over before the first one's worker listens to the session (where the take-over notice
     goes): the first is refused (409) once it listens, so no message goes on both."""
-    prefix = f"late-{uuid.uuid4().hex[:8]}:"
-    async with (
-        workers(tmp_path, 2, redis_server, prefix=prefix) as (a, b),
-        httpx.AsyncClient() as http,
-    ):
-        client = RawClient(http)
-        await client.initialize(a.url)
+    async with session_on_two_workers(tmp_path, redis_server) as (a, b, http, client):
         relay = a.app.endpoint.backplane.relay
         listen, claim, release = relay.listen, relay.claim_standalone, relay.release_standalone
         gate, claimed, answered, released = (anyio.Event() for _ in range(4))
@@ -1058,35 +1061,31 @@ async def test_a_standalone_stream_resumes_from_its_first_event_on_any_worker(
     """The standalone stream opens with a priming event: a client whose stream died before
     anything was sent on it still has an id to resume it from, on any worker (which takes the
     stream over), instead of a fresh GET refused while the dead one holds the stream."""
-    prefix = f"prime-{uuid.uuid4().hex[:8]}:"
     async with (
-        workers(tmp_path, 2, redis_server, prefix=prefix) as (a, b),
-        httpx.AsyncClient() as http,
+        session_on_two_workers(tmp_path, redis_server) as (a, b, http, client),
+        http.stream("GET", a.url, headers=client.headers()) as first,
     ):
-        client = RawClient(http)
-        await client.initialize(a.url)
-        async with http.stream("GET", a.url, headers=client.headers()) as first:
-            assert first.status_code == 200
-            lines = first.aiter_lines()
+        assert first.status_code == 200
+        lines = first.aiter_lines()
+        with anyio.fail_after(10):
+            async for line in lines:
+                if line.startswith("id:"):
+                    primed = line[3:].strip()
+                    break
+        assert primed.endswith("~" + STANDALONE)
+        headers = client.headers(**{"Last-Event-ID": primed})
+        async with http.stream("GET", b.url, headers=headers) as resumed:
+            assert resumed.status_code == 200
             with anyio.fail_after(10):
-                async for line in lines:
-                    if line.startswith("id:"):
-                        primed = line[3:].strip()
+                async for _ in lines:
+                    pass  # the earlier stream ended
+            assert result_text(await client.call(a.url, 1, "touch")) == "touched"
+            with anyio.fail_after(10):
+                async for line in resumed.aiter_lines():
+                    if line.startswith("data:") and line[5:].strip():
+                        note = json.loads(line[5:])
+                        assert note["method"] == "notifications/resources/updated"
                         break
-            assert primed.endswith("~" + STANDALONE)
-            headers = client.headers(**{"Last-Event-ID": primed})
-            async with http.stream("GET", b.url, headers=headers) as resumed:
-                assert resumed.status_code == 200
-                with anyio.fail_after(10):
-                    async for _ in lines:
-                        pass  # the earlier stream ended
-                assert result_text(await client.call(a.url, 1, "touch")) == "touched"
-                with anyio.fail_after(10):
-                    async for line in resumed.aiter_lines():
-                        if line.startswith("data:") and line[5:].strip():
-                            note = json.loads(line[5:])
-                            assert note["method"] == "notifications/resources/updated"
-                            break
 
 
 @pytest.mark.parametrize("shared", [False, True])

@@ -737,16 +737,8 @@ class RedisSessionStore:
     ) -> CommitOutcome:
         sid = record.session_id
         ttl_ms = _milliseconds(ttl)
-        args: list[str | int] = [
-            ttl_ms,
-            repr(float(record.created_at)),
-            repr(record.last_used),
-            repr(record.expires_at),
-            record.handshake or "",
-        ]
-        if await _guard(lambda: self._touch(keys=[self._session_key(sid)], args=args)) is None:
+        if await self._touch_in_cluster(record, now, ttl_ms) is None:
             return CommitOutcome(committed=False)
-        await _guard(lambda: self.client.zadd(self._shard_key(sid), {sid: now + ttl_ms / 1000}))
         pkey = self._principal_key(record.principal)
         evicted = await self._settle_in_cluster(sid, pkey, now, ttl_ms, caps)
         await self._confirm_evicting(sid, evicted)
@@ -787,6 +779,21 @@ class RedisSessionStore:
     async def _write_in_cluster(self, record: SessionRecord, *, ttl: float, now: float) -> bool:
         sid = record.session_id
         ttl_ms = _milliseconds(ttl)
+        pkey = await self._touch_in_cluster(record, now, ttl_ms)
+        if pkey is None:
+            return False
+        if pkey:
+            index = [pkey, self._reservations_key(pkey)]
+            expires = repr(now + ttl_ms / 1000)
+            await _guard(lambda: self._index(keys=index, args=[sid, expires, ttl_ms]))
+        self._confirmed(await _guard(lambda: self._cluster_wait(sid)))
+        return True
+
+    async def _touch_in_cluster(self, record: SessionRecord, now: float, ttl_ms: int) -> str | None:
+        """A write's steps in the session's slot and its shard: the record (fenced by creation
+        time) and its global index entry. The principal's index key, or None when the record is
+        gone (not written)."""
+        sid = record.session_id
         args: list[str | int] = [
             ttl_ms,
             repr(float(record.created_at)),
@@ -796,14 +803,9 @@ class RedisSessionStore:
         ]
         pkey = await _guard(lambda: self._touch(keys=[self._session_key(sid)], args=args))
         if pkey is None:
-            return False
-        expires = repr(now + ttl_ms / 1000)
-        await _guard(lambda: self.client.zadd(self._shard_key(sid), {sid: float(expires)}))
-        if _text(pkey):
-            index = [_text(pkey), self._reservations_key(_text(pkey))]
-            await _guard(lambda: self._index(keys=index, args=[sid, expires, ttl_ms]))
-        self._confirmed(await _guard(lambda: self._cluster_wait(sid)))
-        return True
+            return None
+        await _guard(lambda: self.client.zadd(self._shard_key(sid), {sid: now + ttl_ms / 1000}))
+        return _text(pkey)
 
     async def _take_in_cluster(self, session_id: str, fence: str) -> SessionRecord | None:
         """Delete the session (fenced by creation time when ``fence``), then its index entries;
