@@ -323,6 +323,58 @@ async def test_cancelled_or_abandoned_handshakes_leave_no_session() -> None:
     await middleware.shutdown()
 
 
+class StallsOnce(InMemorySessionStore):
+    """A memory store whose next creation or write (``stall``) waits until the test cancels
+    it, as a shared store's round trip does; the creation is made before the wait, as Redis may
+    carry out a command whose caller went away."""
+
+    def __init__(self, stall: str) -> None:
+        super().__init__()
+        self.stall = stall
+        self.stalled = asyncio.Event()
+
+    async def _wait(self, step: str) -> None:
+        if self.stall == step:
+            self.stall = ""
+            self.stalled.set()
+            await asyncio.Event().wait()  # until cancelled
+
+    async def create(self, record: SessionRecord, **options: Any) -> CreateOutcome:
+        outcome = await super().create(record, **options)
+        await self._wait("create")
+        return outcome
+
+    async def write(self, record: SessionRecord, *, ttl: float, now: float) -> bool:
+        await self._wait("write")
+        return await super().write(record, ttl=ttl, now=now)
+
+
+@pytest.mark.parametrize("stall", ["create", "write"])
+@pytest.mark.parametrize("era", ["handshake", "implicit"])
+async def test_a_creating_request_cancelled_inside_a_store_call_leaves_no_session(
+    stall: str, era: str
+) -> None:
+    """Cancelled while the store creates the session (``create``) or writes it (``write``: the
+    request's use of an implicit session, the commit of a handshake's): answered 503, and the
+    store's record is removed."""
+    store = StallsOnce(stall)
+    middleware = middleware_with(GatedApp(), store=store)
+    registry = middleware.registry
+    if era == "handshake":
+        task, ex = start(middleware, INIT)
+    else:
+        task, ex = start_session_less(middleware, 1, 200)
+    await asyncio.wait_for(store.stalled.wait(), WAIT)
+    assert len(store) == 1  # made, or being made
+    task.cancel()
+    await asyncio.wait_for(task, WAIT)
+    assert ex.status == 503
+    assert await registry.settle(WAIT)
+    assert len(store) == 0 and len(registry) == 0
+    assert registry.in_flight == 0 and registry.stats.created == 0
+    await middleware.shutdown()
+
+
 @pytest.mark.parametrize("store_shared", [False, True])
 async def test_a_handshake_whose_session_ends_before_its_answer_is_told_to_start_again(
     store_shared: bool,

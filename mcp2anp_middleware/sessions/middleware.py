@@ -636,6 +636,9 @@ class MCPSessionMiddleware:
         except StoreUnavailable:
             await registry.discard(state)
             raise _unavailable() from None
+        except BaseException:  # cancelled inside the store's write: refused all the same
+            registry.discard_later(state)
+            raise
         serving_token = SERVING.set(weakref.ref(state))  # the app's code finds its session
         try:
             await self.mcp_app(scope, call.receive, send_with_session)

@@ -355,6 +355,11 @@ class SessionRegistry:
                 self._end_evicted(exc.evicted)  # gone all the same
                 await self._announce_evicted(exc.evicted)
             raise
+        except CapExceeded:
+            raise  # nothing was made
+        except BaseException:  # cancelled (a host's timeout, a server's forced stop) mid-write
+            self.discard_later(state)  # the store may have made it, or may make it yet
+            raise
         if not outcome.created:
             self._uncommitted.discard(state)  # nothing of it was made: nothing to discard
             raise KeyError("session id already exists")
@@ -487,14 +492,29 @@ class SessionRegistry:
         background until it lands: a stalled store may still carry out the creation after the
         client had its answer, and that record must not outlive the stall.
         """
-        if state.in_flight or (state.implicit and state not in self._uncommitted):
-            return  # an implicit session another request still uses, or one committed since
+        if self._still_wanted(state):
+            return
         self.abandon(state)
         try:
             with anyio.CancelScope(shield=True):
                 await self.store.remove(state.session_id, created_at=state.created_at)
         except StoreUnavailable:
             self._retry_in_background(state.session_id, state.created_at)
+
+    def discard_later(self, state: SessionState) -> None:
+        """:meth:`discard` for a creating request being cancelled inside a store call: nothing
+        is awaited (the cancellation goes on at once); the fenced delete runs in the background
+        until the store confirms it, as after an outage, since the store may still carry out
+        the creation it was sent."""
+        if self._still_wanted(state):
+            return
+        self.abandon(state)
+        self._retry_in_background(state.session_id, state.created_at)
+
+    def _still_wanted(self, state: SessionState) -> bool:
+        """A refused creation that must stay: an implicit session another request still uses,
+        or one committed since."""
+        return bool(state.in_flight) or (state.implicit and state not in self._uncommitted)
 
     async def settle(self, grace: float) -> bool:
         """Wait up to ``grace`` seconds for background compensations, then cancel the rest (the
@@ -526,7 +546,7 @@ class SessionRegistry:
                 continue
             if deleted:
                 logger.info(
-                    "Refused session removed after the store recovered",
+                    "Refused session removed from the store afterwards",
                     session_id=short_id(session_id),
                 )
                 return
