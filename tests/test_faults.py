@@ -583,6 +583,26 @@ async def test_an_implicit_session_served_twice_at_once_is_created_once(
     await middleware.shutdown()
 
 
+async def test_a_session_less_notification_makes_no_session() -> None:
+    """Only a request the app serves creates a principal's implicit session: a notification
+    (answered 202) leaves nothing behind."""
+
+    async def accepts(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 202, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    middleware = middleware_with(accepts)
+    message = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {}}
+    scope, ex = exchange(message)
+    scope["headers"].append((b"mcp-protocol-version", b"2026-07-28"))
+    await asyncio.wait_for(middleware(scope, ex.receive, ex.send), WAIT)
+    assert ex.status == 202
+    assert len(middleware.registry) == 0 and len(middleware.registry.store) == 0  # type: ignore[arg-type]
+    assert middleware.registry.stats.created == 0
+    await middleware.shutdown()
+
+
 async def test_an_implicit_session_revoked_while_its_first_request_runs_is_not_created() -> None:
     inner = HeldAnswers()
     middleware = middleware_with(inner)
@@ -1057,3 +1077,44 @@ async def test_a_killed_worker_loses_no_session(tmp_path: Path) -> None:
                     assert result["structuredContent"]["result"]["did"] == dev_did
     finally:
         redis.stop()
+
+
+@pytest.mark.parametrize("stall", ["create", "write"])
+async def test_a_request_during_the_removal_of_a_cancelled_creation_is_not_served_on_it(
+    stall: str,
+) -> None:
+    """The creating request is cancelled inside a store call; the principal's next request
+    comes while the record's removal is under way (the store still holds it): it is refused as
+    the session being replaced (503, retry), never served on a session about to be deleted.
+    Once the removal is through, the next request makes a new session."""
+    store = StallsOnce(stall)
+    inner = HeldAnswers()
+    middleware = middleware_with(inner, store=store)
+    registry = middleware.registry
+    remove = store.remove
+    removing, finish = asyncio.Event(), asyncio.Event()
+
+    async def held_remove(session_id: str, *, created_at: float | None = None) -> bool:
+        removing.set()
+        await finish.wait()
+        return await remove(session_id, created_at=created_at)
+
+    store.remove = held_remove  # type: ignore[method-assign]
+    cancelled, cancelled_ex = start_session_less(middleware, 1, 200)
+    await asyncio.wait_for(store.stalled.wait(), WAIT)
+    cancelled.cancel()
+    await asyncio.wait_for(cancelled, WAIT)
+    assert cancelled_ex.status == 503
+    await asyncio.wait_for(removing.wait(), WAIT)
+    inner.gate(2).set()
+    during, during_ex = start_session_less(middleware, 2, 200)
+    await asyncio.wait_for(during, WAIT)
+    assert during_ex.status == 503 and not inner.entry(2).is_set()
+    finish.set()
+    assert await registry.settle(WAIT)
+    assert len(store) == 0 and registry.stats.created == 0
+    inner.gate(3).set()
+    after, after_ex = start_session_less(middleware, 3, 200)
+    await asyncio.wait_for(after, WAIT)
+    assert after_ex.status == 200 and len(store) == 1 and registry.stats.created == 1
+    await middleware.shutdown()

@@ -228,6 +228,9 @@ class MCPEndpoint:
         headers = scope.get(HEADERS_SCOPE_KEY)  # (request_headers, inlined: the usual case)
         if type(headers) is not RequestHeaders or headers.source is not scope["headers"]:
             headers = request_headers(scope)
+        if self._tasks is None:  # (either era: a 2026-07-28 state sealed now would not open)
+            await send_jsonrpc_error(send, 503, INTERNAL_ERROR, "MCP endpoint is not running")
+            return
         version = headers.version
         if version is not None and version not in HANDSHAKE_PROTOCOL_VERSIONS:
             await handle_modern_request(
@@ -251,7 +254,7 @@ class MCPEndpoint:
             )
             return
         state: SessionState | None = scope.get("state", {}).get(SESSION_SCOPE_KEY)
-        if self._tasks is None or state is None:
+        if state is None:
             await send_jsonrpc_error(send, 503, INTERNAL_ERROR, "MCP endpoint is not running")
             return
         if method == "POST":

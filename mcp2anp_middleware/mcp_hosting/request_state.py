@@ -68,9 +68,12 @@ def middleware_principal(ctx: Any) -> str | None:
 
 
 class SharedRequestState:
+    """The server's request-state policy, with keys every worker shares (``keys``, else the
+    backplane's ring) and bound to the middleware's principal. A codec of the host's own (not the
+    SDK's AES-GCM one: a KMS, say) is kept unless ``keys`` are given; its ``ttl`` and
+    ``audience`` are kept in any case."""
+
     def __init__(self, server: MCPServer, *, keys: Sequence[bytes | str] | None = None) -> None:
-        self.fixed = keys is not None
-        self.codec = RingCodec(list(keys) if keys is not None else [_placeholder()])
         boundary = next(
             (m for m in server._lowlevel_server.middleware if isinstance(m, RequestStateBoundary)),
             None,
@@ -78,8 +81,15 @@ class SharedRequestState:
         if boundary is None:
             raise ValueError("this MCPServer has no request-state boundary to share keys with")
         current: RequestStateSecurity = boundary._security
+        own_codec = keys is None and not isinstance(
+            current.codec,
+            AESGCMRequestStateCodec | RingCodec,  # (another endpoint's ring)
+        )
+        self.fixed = keys is not None or own_codec
+        """Nothing to load from the backplane: the keys given, or the host's own codec."""
+        self.codec = RingCodec(list(keys) if keys is not None else [_placeholder()])
         boundary._security = RequestStateSecurity(
-            codec=self.codec,
+            codec=current.codec if own_codec else self.codec,
             ttl=current.ttl,
             bind_principal=middleware_principal,
             audience=current.audience,

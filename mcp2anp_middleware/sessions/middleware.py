@@ -558,8 +558,9 @@ class MCPSessionMiddleware:
 
         The session is kept only if the app serves the request: an ``initialize`` needs a
         JSON-RPC result (that small answer is held back until complete, then sent with the new
-        id); an implicit session needs a status below 400. Otherwise the creation is discarded,
-        so a refused request leaves the store as it found it.
+        id); an implicit session needs a request (not a notification or a response) answered
+        with a status below 400. Otherwise the creation is discarded, so a refused request leaves
+        the store as it found it.
         """
         registry = self.registry
         committed = False
@@ -608,7 +609,11 @@ class MCPSessionMiddleware:
                 if created is _Creation.HANDSHAKE:
                     held_start = message
                     return
-                serving = created is _Creation.IMPLICIT and message["status"] < 400
+                serving = (  # (a notification or a response makes no session)
+                    created is _Creation.IMPLICIT
+                    and message["status"] < 400
+                    and _is_request(call.message)
+                )
                 if serving and not await commit_or_refuse():
                     return
             elif held_start is not None and message["type"] == "http.response.body":
@@ -700,6 +705,11 @@ def _is_jsonrpc_message(message: Any) -> bool:
     if "method" in message:
         return isinstance(message["method"], str)
     return "id" in message and ("result" in message) != ("error" in message)
+
+
+def _is_request(message: Any) -> bool:
+    """A JSON-RPC request (a method and an id), as opposed to a notification or a response."""
+    return isinstance(message, dict) and "method" in message and jsonrpc_id(message) is not None
 
 
 def _is_initialize_request(message: Any) -> bool:

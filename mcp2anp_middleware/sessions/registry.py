@@ -192,6 +192,9 @@ class SessionRegistry:
         self._busy: dict[int, SessionState] = {}
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._uncommitted: weakref.WeakSet[SessionState] = weakref.WeakSet()
+        self._removing: dict[str, float] = {}
+        """Refused creations whose record is being removed (id: creation time); see
+        :meth:`_abandon_removing`."""
         """Implicit sessions created and not committed yet (see :meth:`awaiting_commit`)."""
         self._commits: dict[int, asyncio.Future[None]] = {}
         """Commits whose store write is under way, by session object (one at a time)."""
@@ -494,12 +497,14 @@ class SessionRegistry:
         """
         if self._still_wanted(state):
             return
-        self.abandon(state)
+        self._abandon_removing(state)
         try:
             with anyio.CancelScope(shield=True):
                 await self.store.remove(state.session_id, created_at=state.created_at)
         except StoreUnavailable:
             self._retry_in_background(state.session_id, state.created_at)
+        else:
+            self._removed(state.session_id, state.created_at)
 
     def discard_later(self, state: SessionState) -> None:
         """:meth:`discard` for a creating request being cancelled inside a store call: nothing
@@ -508,8 +513,19 @@ class SessionRegistry:
         the creation it was sent."""
         if self._still_wanted(state):
             return
+        self._abandon_removing(state)
+        self._retry_in_background(state.session_id, state.created_at, first_delay=0.0)
+
+    def _abandon_removing(self, state: SessionState) -> None:
+        """:meth:`abandon`, and until the store confirms the removal, a lookup here takes that
+        record as gone: no request is served on a session about to be deleted (the principal's
+        next request of an implicit session is refused as the session being replaced)."""
         self.abandon(state)
-        self._retry_in_background(state.session_id, state.created_at)
+        self._removing[state.session_id] = state.created_at
+
+    def _removed(self, session_id: str, created_at: float) -> None:
+        if self._removing.get(session_id) == created_at:
+            del self._removing[session_id]
 
     def _still_wanted(self, state: SessionState) -> bool:
         """A refused creation that must stay: an implicit session another request still uses,
@@ -526,23 +542,34 @@ class SessionRegistry:
                 task.cancel()
         return not pending
 
-    def _retry_in_background(self, session_id: str, created_at: float) -> None:
-        task = asyncio.get_running_loop().create_task(self._retry_delete(session_id, created_at))
+    def _retry_in_background(
+        self, session_id: str, created_at: float, *, first_delay: float = _RETRY_FIRST
+    ) -> None:
+        retry = self._retry_delete(session_id, created_at, first_delay)
+        task = asyncio.get_running_loop().create_task(retry)
         self._compensations.add(task)
         task.add_done_callback(self._compensations.discard)
 
-    async def _retry_delete(self, session_id: str, created_at: float) -> None:
+    async def _retry_delete(self, session_id: str, created_at: float, first_delay: float) -> None:
+        try:
+            await self._delete_until_confirmed(session_id, created_at, first_delay)
+        finally:
+            self._removed(session_id, created_at)
+
+    async def _delete_until_confirmed(
+        self, session_id: str, created_at: float, first_delay: float
+    ) -> None:
         """Delete until the store answers, then once more after a pause: a creation still queued
         behind the stall runs before a later request of ours, but not always before the first."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.session_timeout + self.touch_interval
-        delay, confirmations = _RETRY_FIRST, 0
+        delay, confirmations = first_delay, 0
         while confirmations < 2 and loop.time() < give_up:
             await asyncio.sleep(delay)
             try:
                 deleted = await self.store.remove(session_id, created_at=created_at)
             except StoreUnavailable:
-                delay = min(delay * 2, _RETRY_MAX)
+                delay = min(max(delay * 2, _RETRY_FIRST), _RETRY_MAX)
                 continue
             if deleted:
                 logger.info(
@@ -602,6 +629,8 @@ class SessionRegistry:
             return None
         if record.principal != config.principal or record.implicit != implicit:
             return None
+        if self._removing and self._removing.get(session_id) == record.created_at:
+            return None  # a refused creation, being removed
         state = self._live_state(record, config)
         reason = self._expired(state, self.clock(), record.expires_at)
         if reason is not None:
