@@ -4,9 +4,9 @@ The libraries underneath log URLs whole: httpx writes every request's URL at INF
 (``HTTP Request: POST https://verifier/check?token=...``), aiohttp's exceptions carry the URL they
 failed on, anp formats URLs into its messages and the MCP SDK logs messages that hold tool
 arguments. A query string, fragment or userinfo may carry a secret (a verifier's token, an agent's
-signed link), so :class:`URLRedactionFilter` rewrites every http(s)/ws(s) URL found in a record's
-message, arguments (``str``, ``httpx.URL``, ``yarl.URL``, or anything whose formatted text shows
-one) and exception text, keeping only what the documentation promises: host and path.
+signed link), so :class:`URLRedactionFilter` rewrites every URL (``scheme://...``) found in a
+record's message, arguments (``str``, ``httpx.URL``, ``yarl.URL``, or anything whose formatted
+text shows one) and exception text, keeping only what the documentation promises: host and path.
 
 Limit: a logger's filters run only for records created on that very logger, not for records that
 propagate up from its children, so the filter is attached to each logger under
@@ -42,20 +42,28 @@ import yarl
 REDACTED_LOGGERS: Final = ("httpx", "httpcore", "aiohttp", "anp", "mcp")
 """Top loggers of the libraries the package drives; their children are covered too."""
 
-# A URL runs until whitespace, a quote or an angle bracket: how it ends inside log messages.
-_URL = re.compile(r"(?i)\b(?:https?|wss?)://[^\s'\"<>`]+")
+# A URL runs until whitespace, a double quote, an angle bracket or a backtick: how it ends inside
+# log messages (single quotes are taken care of when it is cut).
+_URL = re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://[^\s\"<>`]+")
 _AUTHORITY_END = re.compile(r"[/?#]")
 _PATH_END = re.compile(r"[?#]")
 _FORMATTER = logging.Formatter()
 
 
 def _shorten(match: re.Match[str]) -> str:
-    """``scheme://host[:port]/path`` of one URL: userinfo, query and fragment dropped.
+    """``scheme://host[:port]/path`` of one URL: userinfo, query and fragment dropped. A quote
+    inside a URL belongs to it (what follows may be a secret); quotes it ends with close it."""
+    url = match.group(0)
+    bare = url.rstrip("'")
+    return _cut(bare) + url[len(bare) :]
+
+
+def _cut(url: str) -> str:
+    """``scheme://host[:port]/path`` of ``url`` (which has a ``://``).
 
     Done by hand rather than with ``urlsplit``, which raises on some malformed authorities;
     redaction must never fail, whatever the text.
     """
-    url = match.group(0)
     scheme, _, rest = url.partition("://")
     end = _AUTHORITY_END.search(rest)
     authority, remainder = (rest[: end.start()], rest[end.start() :]) if end else (rest, "")
@@ -66,10 +74,20 @@ def _shorten(match: re.Match[str]) -> str:
 
 
 def redact_urls(text: str) -> str:
-    """``text`` with every http(s)/ws(s) URL in it cut to ``scheme://host[:port]/path``."""
+    """``text`` with every URL in it (``scheme://...``, up to whitespace, a double quote, an
+    angle bracket or a backtick) cut to ``scheme://host[:port]/path``."""
     if "://" not in text:  # the common case costs one substring search
         return text
     return _URL.sub(_shorten, text)
+
+
+def redact_url(value: str) -> str:
+    """A URL a client gave, whole, as it may be logged: ``scheme://host[:port]/path`` (the
+    rest may carry a secret), or a placeholder for text that is not an absolute URL."""
+    words = value.split(None, 1)  # (a secret may follow whitespace too)
+    if not words or "://" not in words[0]:
+        return "(not an absolute URL)"
+    return _cut(words[0])
 
 
 def _redact_value(value: object) -> object:

@@ -41,7 +41,11 @@ from mcp2anp_middleware.mcp_hosting.backplane import (
     priming_id,
 )
 from mcp2anp_middleware.mcp_hosting.live_session import STANDALONE, LiveSession
-from mcp2anp_middleware.mcp_hosting.redis_backplane import RedisBackplane, RedisRelay
+from mcp2anp_middleware.mcp_hosting.redis_backplane import (
+    RedisBackplane,
+    RedisEventLog,
+    RedisRelay,
+)
 from mcp2anp_middleware.sessions.clock import ManualClock
 from mcp2anp_middleware.sessions.policy import SessionPolicy
 from mcp2anp_middleware.sessions.registry import SessionRegistry
@@ -404,6 +408,21 @@ async def test_a_body_no_answer_could_echo_is_a_parse_error(tmp_path: Path) -> N
             answer = await http.post(worker.url, content=body, headers=headers)
             assert answer.status_code == 400, answer.text
             assert answer.json()["error"]["code"] == -32700
+
+
+async def test_json_that_is_no_json_rpc_message_is_an_invalid_request(tmp_path: Path) -> None:
+    """Valid JSON of the wrong shape in a session: 400 with -32600 (Invalid Request), as the
+    session-less era answers it; -32700 (Parse error) is for a body that is not JSON."""
+    async with workers(tmp_path, 1, None) as (worker,), httpx.AsyncClient() as http:
+        client = RawClient(http)
+        await client.initialize(worker.url)
+        headers = {**client.headers(), "Content-Type": "application/json"}
+        for body in (b"[]", b"1", b'{"jsonrpc":"2.0","id":true,"method":"ping"}', b'"x"'):
+            answer = await http.post(worker.url, content=body, headers=headers)
+            assert answer.status_code == 400, answer.text
+            assert answer.json()["error"]["code"] == -32600, body
+        answer = await http.post(worker.url, content=b"{not json", headers=headers)
+        assert answer.status_code == 400 and answer.json()["error"]["code"] == -32700
 
 
 async def test_a_sampling_answer_posted_to_the_other_worker_reaches_the_waiting_tool(
@@ -834,6 +853,28 @@ async def test_a_priming_id_replays_its_own_stream_only_and_bad_ids_replay_nothi
     for bad in (*bad_ids, "\xb2~aaaaaaaaaa.1.2", "9" * 5000):
         assert await log.after("s1", bad) is None, bad
     assert await log.after("another session", primed) == ("aaaaaaaaaa.1.2", [])
+
+
+async def test_stream_ids_redis_would_refuse_are_unknown_ids_not_an_outage(
+    redis_server: RedisServer,
+) -> None:
+    """A ``Last-Event-ID`` of the stream-id shape but out of Redis's range (or the very last
+    id, after which nothing can come) replays nothing, without a command Redis refuses (which
+    was logged as the event log being unavailable)."""
+    store = RedisSessionStore.from_url(redis_server.url, prefix=f"ids-{uuid.uuid4().hex}:")
+    log = RedisEventLog(store.client, prefix=store.prefix)
+    first = await log.append("s1", "aaaaaaaaaa.1.1", "{}")
+    top = 2**64 - 1
+    for bad in (
+        f"{top + 1}-0",
+        f"1-{top + 1}",
+        f"{top}-{top}",
+        priming_id(f"{top + 1}-0", "aaaaaaaaaa.1.1"),
+        priming_id(f"{top}-{top}", "aaaaaaaaaa.1.1"),
+    ):
+        assert await log.after("s1", bad) is None, bad
+    assert await log.after("s1", first) == ("aaaaaaaaaa.1.1", [])
+    await store.aclose()
 
 
 async def test_a_log_begun_again_after_its_retention_still_replays_from_a_priming_id() -> None:

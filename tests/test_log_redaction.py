@@ -26,7 +26,12 @@ from starlette.routing import Route
 from mcp2anp_middleware import ANPMiddleware
 from mcp2anp_middleware.authentication.authenticators import RemoteVerifierAuthenticator
 from mcp2anp_middleware.authentication.base import Credentials, StaticConfigAuthenticator
-from mcp2anp_middleware.log_redaction import URLRedactionFilter, redact_library_logs, redact_urls
+from mcp2anp_middleware.log_redaction import (
+    URLRedactionFilter,
+    redact_library_logs,
+    redact_url,
+    redact_urls,
+)
 from mcp2anp_middleware.logging_setup import tame_anp_logging
 
 from .servers import serve
@@ -133,11 +138,33 @@ async def test_remote_verifier_url_secrets_never_reach_the_logs(
         ("ws://host/socket?key=k", "ws://host/socket"),
         ("no url here, only ?token=x", "no url here, only ?token=x"),
         ("https://agent.example/path/only", "https://agent.example/path/only"),
+        ("http://agent.example/a'b?token=SECRET", "http://agent.example/a'b"),
+        ("'http://agent.example/a'b?token=SECRET'", "'http://agent.example/a'b'"),
+        ("ftp://user:SECRET@files.example/f?x=SECRET", "ftp://files.example/f"),
+        ("redis+sentinel://:SECRET@h:26379/mymaster", "redis+sentinel://h:26379/mymaster"),
     ],
 )
 def test_redact_urls(text: str, expected: str) -> None:
     assert redact_urls(text) == expected
     assert redact_urls(expected) == expected  # idempotent
+
+
+@pytest.mark.parametrize(
+    ("value", "logged"),
+    [
+        ("http://127.0.0.1:1/'?t=SECRET", "http://127.0.0.1:1/'"),
+        ("https://u:SECRET@agent.example/ad.json?sig=SECRET", "https://agent.example/ad.json"),
+        ("http://agent.example/a ?t=SECRET", "http://agent.example/a"),
+        ("  http://agent.example/a\ttoken=SECRET", "http://agent.example/a"),
+        ("ftp://u:SECRET@h/", "ftp://h/"),
+        ("http:/h/?t=SECRET", "(not an absolute URL)"),
+        ("127.0.0.1:1/?token=SECRET", "(not an absolute URL)"),
+        ("data:text/plain,SECRET", "(not an absolute URL)"),
+        ("", "(not an absolute URL)"),
+    ],
+)
+def test_a_url_a_client_gave_is_logged_without_what_may_be_secret(value: str, logged: str) -> None:
+    assert redact_url(value) == logged
 
 
 def _record(

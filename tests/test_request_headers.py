@@ -52,6 +52,18 @@ def test_nothing_found_and_names_that_are_not_ascii() -> None:
     assert headers.session_ids == headers.versions == headers.origins == headers.credentials == 0
 
 
+def test_names_not_in_lower_case_are_not_ok() -> None:
+    """ASGI servers must give names in lower case; the SDK's own header handling fails on others
+    (a KeyError: a 500), so the middleware refuses them as it refuses names that are not ASCII."""
+    for headers in (
+        [(b"x-foo", b"1"), (b"X-Bar", b"2")],  # every name once
+        [(b"x-foo", b"1"), (b"x-foo", b"2"), (b"X-Bar", b"3")],  # a name twice: the scan
+        [(b"Mcp-Session-Id", b"s")],
+    ):
+        assert not RequestHeaders(headers).names_ok
+    assert RequestHeaders([(b"x-foo-1", b"1"), (b"-", b"2")]).names_ok
+
+
 def test_the_endpoint_uses_what_the_middleware_read_or_reads_them_itself() -> None:
     headers = [(b"accept", b"text/event-stream")]
     read = RequestHeaders(headers)

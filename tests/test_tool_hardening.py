@@ -345,6 +345,29 @@ async def test_raw_request_line_is_exactly_the_checked_url(tmp_path: Path) -> No
     assert payload["url"] == f"{base}{expected}#frag"
 
 
+async def test_malformed_links_and_redirects_from_an_agent_are_not_a_crash(tmp_path: Path) -> None:
+    """An unbalanced IPv6 bracket (which ``urljoin`` refuses) in a document's link or an OpenRPC
+    server's URL is no link to follow; in a redirect's ``Location`` it is an HTTP error. Before,
+    either lost the whole call as an internal error with a traceback."""
+    document = {
+        "interfaces": [{"url": "http://[::1"}, {"url": "/good.json"}],
+        "openrpc": "1.3.2",
+        "servers": [{"url": "http://[::1/rpc"}],
+        "methods": [{"name": "echo", "params": []}],
+    }
+    agent = RawAgent()
+    as_json = [b"Content-Type: application/json"]
+    agent.answers[b"/doc"] = (200, as_json, json.dumps(document).encode())
+    agent.answers[b"/moved"] = (302, [b"Location: http://[::1/"], b"")
+    async with agent.running() as base, session_handler(tmp_path) as (toolkit, state):
+        handler = toolkit.handler_for(state)
+        payload = await handler.fetch_doc(f"{base}/doc")
+        moved = await tool_error(lambda: handler.fetch_doc(f"{base}/moved"))
+    assert [link["url"] for link in payload["links"]] == [f"{base}/good.json"]
+    assert [method["name"] for method in payload["methods"]] == ["echo"]
+    assert moved.code == "HTTP_ERROR"
+
+
 async def test_check_returns_the_url_to_send() -> None:
     policy = URLPolicy(allow_private=True)
     plain = "http://127.0.0.1:9/a/b?c=d%20e#f"

@@ -19,6 +19,7 @@ all caches of a process also share one :class:`CacheBudget`. A hit parses the bo
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import re
@@ -127,7 +128,10 @@ def _walk(
             if key in _SKIP_KEYS:
                 continue
             if isinstance(value, str) and _looks_like_link(key, value):
-                target = urljoin(base, value)
+                try:
+                    target = urljoin(base, value)
+                except ValueError:  # (an unbalanced IPv6 bracket): not a link to follow
+                    continue
                 if target not in links and target.split("#")[0] != base.split("#")[0]:
                     links[target] = _describe_link(target, node, path, key)
             else:
@@ -166,7 +170,8 @@ def _openrpc_methods(base: str, document: dict[str, Any]) -> list[dict[str, Any]
     if isinstance(servers, list) and servers and isinstance(servers[0], dict):
         server_url = servers[0].get("url")
         if isinstance(server_url, str):
-            endpoint = urljoin(base, server_url)
+            with contextlib.suppress(ValueError):  # a malformed URL names no endpoint
+                endpoint = urljoin(base, server_url)
     found = []
     for method in document["methods"]:
         if not isinstance(method, dict) or not isinstance(method.get("name"), str):

@@ -124,7 +124,12 @@ class ANPHttpClient:
                         return result
                     if not result.location:
                         raise ANPToolError("HTTP_ERROR", "redirect without Location", url=url)
-                    url = urljoin(url, result.location)
+                    try:
+                        url = urljoin(url, result.location)
+                    except ValueError:  # (an unbalanced IPv6 bracket)
+                        raise ANPToolError(
+                            "HTTP_ERROR", "redirect to a malformed Location", url=url
+                        ) from None
                     if result.status == 303:
                         method, body = "GET", None
         except TimeoutError:

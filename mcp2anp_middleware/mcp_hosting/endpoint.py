@@ -295,13 +295,17 @@ class MCPEndpoint:
                 "Unsupported Media Type: Content-Type must be application/json",
             )
             return
+        parsed = scope.get(MESSAGE_SCOPE_KEY)  # the session middleware parsed it already
         try:
-            parsed = scope.get(MESSAGE_SCOPE_KEY)  # the session middleware parsed it already
             if parsed is None:
                 parsed = pydantic_core.from_json(await request.body())
+        except ValueError:
+            await send_jsonrpc_error(send, 400, PARSE_ERROR, "Parse error: body is not JSON")
+            return
+        try:
             message = _jsonrpc_message(parsed)
         except ValueError:  # pydantic's ValidationError included
-            await send_jsonrpc_error(send, 400, PARSE_ERROR, "Body is not a JSON-RPC message")
+            await send_jsonrpc_error(send, 400, INVALID_REQUEST, "Body is not a JSON-RPC message")
             return
         if state.closed:  # ended since the middleware found it (DELETE, eviction, another worker)
             request_id = message.id if isinstance(message, CheckedRequest) else None

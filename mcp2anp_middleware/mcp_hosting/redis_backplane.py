@@ -152,10 +152,10 @@ class RedisEventLog:
         primed = parse_priming_id(event_id)
         if primed is not None:
             cursor, stream = primed
-            if not _EVENT_ID.fullmatch(cursor):
+            if not _is_stream_id(cursor):
                 return None
             later = await self.client.xrange(key, f"({cursor}", "+") or []
-        elif _EVENT_ID.fullmatch(event_id):
+        elif _is_stream_id(event_id):
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.xrange(key, event_id, event_id)
                 pipe.xrange(key, f"({event_id}", "+")
@@ -181,6 +181,16 @@ class RedisEventLog:
 
     async def drop(self, session_id: str) -> None:
         await self.client.delete(self.key(session_id))
+
+
+def _is_stream_id(text: str) -> bool:
+    """A Redis stream id that something could follow (Redis refuses larger parts, and anything
+    after the last id, as a malformed command rather than an unknown id)."""
+    if not _EVENT_ID.fullmatch(text):
+        return False
+    parts = tuple(int(part) for part in text.split("-"))
+    limit = 2**64 - 1
+    return max(parts) <= limit and parts < (limit, limit)
 
 
 class RedisRelay:

@@ -359,7 +359,8 @@ class MCPSessionMiddleware:
             await self.mcp_app(scope, call.receive, call.send_tracked)
             return
         if not headers.names_ok:
-            raise _Refusal(400, INVALID_REQUEST, "Header names must be ASCII", "malformed")
+            text = "Header names must be lower-case ASCII"
+            raise _Refusal(400, INVALID_REQUEST, text, "malformed")
         if headers.versions > 1:
             raise _Refusal(
                 400, INVALID_REQUEST, "Multiple MCP-Protocol-Version headers", "malformed"

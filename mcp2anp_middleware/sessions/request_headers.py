@@ -34,7 +34,7 @@ class RequestHeaders:
     """The first of each header read here, and how many came of those that must come once.
 
     Names are matched as ASGI servers give them (lower case); ``names_ok`` is False if any
-    name is not ASCII."""
+    name is not lower-case ASCII."""
 
     __slots__ = (
         "accept",
@@ -125,7 +125,7 @@ class RequestHeaders:
         for name, value in headers:
             kind = kinds.get(name)
             if kind is None:
-                if not name.isascii():
+                if not name.isascii() or name != name.lower():
                     self.names_ok = False
             elif kind == _SESSION:
                 self.session_ids += 1
@@ -156,10 +156,13 @@ class RequestHeaders:
 
 
 def _ascii_names(found: dict[bytes, bytes]) -> bool:
+    """Every name lower-case ASCII, as ASGI servers must give them (the SDK's own header
+    handling fails on others)."""
     try:
-        return b"".join(found).isascii()
+        names = b"".join(found)
     except TypeError:  # a name that is not bytes: the scan judges it
         return False
+    return names.isascii() and names == names.lower()
 
 
 def request_headers(scope: Scope) -> RequestHeaders:
