@@ -43,8 +43,13 @@ REDACTED_LOGGERS: Final = ("httpx", "httpcore", "aiohttp", "anp", "mcp")
 """Top loggers of the libraries the package drives; their children are covered too."""
 
 # A URL runs until whitespace, a double quote, an angle bracket or a backtick: how it ends inside
-# log messages (single quotes are taken care of when it is cut).
-_URL = re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://[^\s\"<>`]+")
+# log messages (quotes and brackets it ends with are given back when it is cut).
+_URL = re.compile(r"(?i)(?<![a-z0-9+.-])[a-z0-9+.-]*+://[^\s\"<>`]+")
+"""Any scheme (or none) before ``://``, taken whole (possessive, and only from the start of a
+run of scheme characters: linear in the text, whatever it holds)."""
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+_CLOSERS = "'\")]},;"
+"""What a URL in a message may be followed by without a space: kept, after the cut URL."""
 _AUTHORITY_END = re.compile(r"[/?#]")
 _PATH_END = re.compile(r"[?#]")
 _FORMATTER = logging.Formatter()
@@ -54,7 +59,7 @@ def _shorten(match: re.Match[str]) -> str:
     """``scheme://host[:port]/path`` of one URL: userinfo, query and fragment dropped. A quote
     inside a URL belongs to it (what follows may be a secret); quotes it ends with close it."""
     url = match.group(0)
-    bare = url.rstrip("'")
+    bare = url.rstrip(_CLOSERS)
     return _cut(bare) + url[len(bare) :]
 
 
@@ -85,7 +90,8 @@ def redact_url(value: str) -> str:
     """A URL a client gave, whole, as it may be logged: ``scheme://host[:port]/path`` (the
     rest may carry a secret), or a placeholder for text that is not an absolute URL."""
     words = value.split(None, 1)  # (a secret may follow whitespace too)
-    if not words or "://" not in words[0]:
+    scheme = words[0].partition("://")[0] if words and "://" in words[0] else ""
+    if not _SCHEME.fullmatch(scheme):
         return "(not an absolute URL)"
     return _cut(words[0])
 

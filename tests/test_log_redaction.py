@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from mcp2anp_middleware import ANPMiddleware
+from mcp2anp_middleware.anp_tools.toolkit import _redacted
 from mcp2anp_middleware.authentication.authenticators import RemoteVerifierAuthenticator
 from mcp2anp_middleware.authentication.base import Credentials, StaticConfigAuthenticator
 from mcp2anp_middleware.log_redaction import (
@@ -142,6 +143,12 @@ async def test_remote_verifier_url_secrets_never_reach_the_logs(
         ("'http://agent.example/a'b?token=SECRET'", "'http://agent.example/a'b'"),
         ("ftp://user:SECRET@files.example/f?x=SECRET", "ftp://files.example/f"),
         ("redis+sentinel://:SECRET@h:26379/mymaster", "redis+sentinel://h:26379/mymaster"),
+        ("['http://a/x?q=1', 'http://b/y']", "['http://a/x', 'http://b/y']"),
+        ("URL('http://h/?t=SECRET')", "URL('http://h/')"),
+        ("请求https://u:SECRET@h/p?token=SECRET", "请求https://h/p"),
+        ("x_https://h/p?token=SECRET", "x_https://h/p"),
+        ("42https://h/p?token=SECRET", "42https://h/p"),
+        ("see ://h/p?token=SECRET", "see ://h/p"),
     ],
 )
 def test_redact_urls(text: str, expected: str) -> None:
@@ -160,6 +167,8 @@ def test_redact_urls(text: str, expected: str) -> None:
         ("http:/h/?t=SECRET", "(not an absolute URL)"),
         ("127.0.0.1:1/?token=SECRET", "(not an absolute URL)"),
         ("data:text/plain,SECRET", "(not an absolute URL)"),
+        ("agent.example/rpc?key=SECRET&back=https://x", "(not an absolute URL)"),
+        ("http:/h/?t=SECRET&u=http://x", "(not an absolute URL)"),
         ("", "(not an absolute URL)"),
     ],
 )
@@ -357,3 +366,16 @@ async def test_uvicorns_access_log_keeps_the_path_and_drops_the_query(tmp_path: 
         access.removeHandler(kept)
     lines = [line for line in kept.lines if "/cb" in line]
     assert lines and all("/cb?…" in line and "s3cr3t" not in line for line in lines), kept.lines
+
+
+def test_redaction_takes_each_run_of_scheme_characters_once() -> None:
+    """Any scheme may come before ``://``: a long run of characters that could begin one is
+    read once, not once per position in it (which took minutes on text of this size)."""
+    text = "a." * 50_000 + " ://h/p?t=SECRET"
+    assert redact_urls(text) == "a." * 50_000 + " ://h/p"
+
+
+def test_the_tools_log_fields_keep_the_method_and_cut_the_url() -> None:
+    fields = {"url": "http://h/rpc?key=SECRET", "method": "echo"}
+    assert _redacted(fields) == {"url": "http://h/rpc", "method": "echo"}
+    assert _redacted({"method": "see http://h/?k=SECRET"}) == {"method": "see http://h/"}

@@ -191,6 +191,14 @@ async def test_non_json_body_without_session_is_parse_error() -> None:
     assert len(middleware.registry) == 0
 
 
+async def test_a_json_null_body_is_an_invalid_request_not_a_parse_error() -> None:
+    middleware, _, _ = build()
+    async with client_for(middleware) as client:
+        response = await client.post("/mcp", content=b" null ")
+    assert_jsonrpc_error(response, 400, -32600)
+    assert len(middleware.registry) == 0
+
+
 async def test_oversize_body_is_413_and_creates_nothing() -> None:
     middleware, inner, _ = build(limits=RequestLimits(max_body_size=1024))
     async with client_for(middleware) as client:

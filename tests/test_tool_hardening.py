@@ -35,7 +35,7 @@ from mcp2anp_middleware import ANPToolkit, SessionState, URLPolicy, ensure_dev_i
 from mcp2anp_middleware.anp_tools.documents import CacheBudget, DocumentCache
 from mcp2anp_middleware.anp_tools.errors import ANPToolError
 from mcp2anp_middleware.anp_tools.http import POOL_IDLE_SECONDS, ANPHttpClient, HttpResult
-from mcp2anp_middleware.anp_tools.toolkit import ATTACHMENT
+from mcp2anp_middleware.anp_tools.toolkit import ATTACHMENT, _document_payload
 from mcp2anp_middleware.hosting import ANPMiddleware
 from mcp2anp_middleware.sessions.clock import ManualClock
 
@@ -366,6 +366,28 @@ async def test_malformed_links_and_redirects_from_an_agent_are_not_a_crash(tmp_p
     assert [link["url"] for link in payload["links"]] == [f"{base}/good.json"]
     assert [method["name"] for method in payload["methods"]] == ["echo"]
     assert moved.code == "HTTP_ERROR"
+
+
+def test_an_agents_odd_json_is_read_without_a_crash() -> None:
+    """OpenRPC ``params`` that are no list name no parameters; ``NaN`` or an infinity (which no
+    result could carry as JSON) makes the body text, not JSON."""
+    methods = [{"name": "m", "params": 1}, {"name": "n", "params": True}]
+    document = {"openrpc": "1.3.2", "methods": methods}
+    odd = HttpResult("http://h/d", 200, "application/json", json.dumps(document).encode())
+    payload = _document_payload(odd)
+    assert [(m["name"], m["params"]) for m in payload["methods"]] == [("m", []), ("n", [])]
+    for constant in (b"NaN", b"Infinity", b"-Infinity"):
+        body = b'{"x": ' + constant + b"}"
+        payload = _document_payload(HttpResult("http://h/d", 200, "application/json", body))
+        assert payload["document"] == body.decode() and payload["links"] == []
+
+
+async def test_a_host_label_longer_than_dns_allows_is_refused() -> None:
+    """The resolver's IDNA codec refuses it (a ``UnicodeError``, which was a crash)."""
+    for host in ("a" * 64 + ".example", "a..example"):
+        with pytest.raises(ANPToolError) as refused:
+            await URLPolicy().check(f"http://{host}/")
+        assert refused.value.code == "URL_REFUSED"
 
 
 async def test_check_returns_the_url_to_send() -> None:

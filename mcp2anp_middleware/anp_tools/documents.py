@@ -54,7 +54,7 @@ def parse_json(body: bytes, *, url: str) -> Any:
     """
     text = body.decode(json.detect_encoding(body))  # strict: undecodable bytes are not JSON
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_not_json)
     except RecursionError:  # deeper than the interpreter's stack: deeper than the limit too
         raise _too_deep(url) from None
     if _deeper_than(value, MAX_JSON_DEPTH):
@@ -62,6 +62,12 @@ def parse_json(body: bytes, *, url: str) -> Any:
     if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
         raise ValueError("JSON string with a lone UTF-16 surrogate")
     return value
+
+
+def _not_json(constant: str) -> Any:
+    """``NaN`` and the infinities are not JSON (a result holding one could not be written as
+    JSON): such a body is not JSON, as the SDK's own parser says too."""
+    raise ValueError(f"{constant} is not JSON")
 
 
 def _too_deep(url: str) -> ANPToolError:
@@ -177,7 +183,8 @@ def _openrpc_methods(base: str, document: dict[str, Any]) -> list[dict[str, Any]
         if not isinstance(method, dict) or not isinstance(method.get("name"), str):
             continue
         params = []
-        for param in method.get("params") or []:
+        listed = method.get("params")
+        for param in listed if isinstance(listed, list) else []:
             if isinstance(param, dict) and isinstance(param.get("name"), str):
                 params.append(
                     {

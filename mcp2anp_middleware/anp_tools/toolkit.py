@@ -35,7 +35,7 @@ from mcp2anp_middleware.anp_tools.errors import ANPToolError
 from mcp2anp_middleware.anp_tools.http import ANPHttpClient, HttpResult
 from mcp2anp_middleware.anp_tools.signing import SessionSigner
 from mcp2anp_middleware.anp_tools.url_policy import URLPolicy
-from mcp2anp_middleware.log_redaction import redact_url
+from mcp2anp_middleware.log_redaction import redact_url, redact_urls
 from mcp2anp_middleware.logging_setup import HotPathLogger
 from mcp2anp_middleware.sessions.clock import Clock, system_clock
 from mcp2anp_middleware.sessions.events import SessionEvent
@@ -427,8 +427,12 @@ def _result(text: str, structured: dict[str, Any], *, is_error: bool) -> dict[st
 
 
 def _redacted(log_fields: dict[str, str]) -> dict[str, str]:
-    """URLs come from the client and may carry secrets in their query: host and path only."""
-    return {name: redact_url(value) for name, value in log_fields.items()}
+    """URLs come from the client and may carry secrets in their query: host and path only (a
+    ``url`` field cut as a whole; URLs inside other fields, such as a method name, too)."""
+    return {
+        name: redact_url(value) if name == "url" else redact_urls(value)
+        for name, value in log_fields.items()
+    }
 
 
 def _request_of(ctx: Context) -> Any:

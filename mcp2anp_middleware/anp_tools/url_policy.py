@@ -292,6 +292,8 @@ async def _resolve(host: str, port: int) -> list[IPAddress]:
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except UnicodeError:  # (the IDNA codec: an empty label, or one longer than 63 characters)
+        raise ANPToolError("URL_REFUSED", "malformed host name") from None
     except OSError:
         raise ANPToolError("UNREACHABLE", f"cannot resolve host {host}") from None
     return [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]

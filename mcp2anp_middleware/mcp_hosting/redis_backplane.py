@@ -59,7 +59,7 @@ from mcp2anp_middleware.sessions.stores.redis_connect import AnyRedis
 
 logger = logging.getLogger("mcp2anp_middleware.mcp_hosting")
 
-_EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+_EVENT_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
 SUBSCRIBE_TIMEOUT = 5.0
 CLOCK_MARGIN_MS = 60_000
 KEY_ROTATION = 86_400.0

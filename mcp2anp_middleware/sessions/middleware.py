@@ -459,6 +459,9 @@ class MCPSessionMiddleware:
         call.receive = replay(body, call.receive)
         call.message = parse_json(body)
         if call.message is None:
+            if body.strip() == b"null":  # JSON, but no JSON-RPC message
+                text = "Body is not a JSON-RPC message"
+                raise _Refusal(400, INVALID_REQUEST, text, "malformed")
             raise _Refusal(400, PARSE_ERROR, "Parse error: body is not JSON", "malformed")
         return call.message
 
