@@ -95,6 +95,11 @@ def startup_warnings(settings: Settings) -> list[str]:
             f"{settings.session_timeout:g}s: a request running longer than the timeout may lose "
             "its session, and expired sessions stay in memory until the next sweep"
         )
+    if settings.stats_path is not None and settings.stats_token is None:
+        warnings.append(
+            f"--stats-path (MCP2ANP_STATS_PATH) serves {settings.stats_path} to anyone: no "
+            "--stats-token (MCP2ANP_STATS_TOKEN) is set (an empty variable counts as unset)"
+        )
     return warnings
 
 
@@ -192,6 +197,14 @@ def _one_of(choices: Sequence[str]) -> Callable[[str], str]:
 def _stats_path(text: str) -> str:
     if not text.startswith("/"):
         raise argparse.ArgumentTypeError(f"must start with '/': {text!r}")
+    if text == "/mcp" or text.startswith("/mcp/"):
+        raise argparse.ArgumentTypeError(f"must be outside the MCP endpoint /mcp: {text!r}")
+    return text
+
+
+def _token(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
     return text
 
 
@@ -332,10 +345,10 @@ def _options(defaults: Settings) -> list[_Option]:
             None,
             "serve read-only session statistics (JSON) at this path (default off)",
         ),
-        _Option("--stats-token", str, None, "bearer token required by the statistics endpoint"),
+        _Option("--stats-token", _token, None, "bearer token required by the statistics endpoint"),
         _Option(
             "--admin-token",
-            str,
+            _token,
             None,
             "serve the session admin API at /mcp-admin/sessions (list, revoke) to requests "
             "bearing this token (default off)",

@@ -23,12 +23,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 from typing import Any, Final
 
 import anp
 import structlog
 
-from mcp2anp_middleware.log_redaction import redact_library_logs, redact_record
+from mcp2anp_middleware.log_redaction import redact_library_logs, redact_record, redact_urls
 
 _ANP_DIR = os.path.dirname(os.path.abspath(anp.__file__))
 
@@ -212,3 +213,13 @@ class HotPathLogger:
     def __getattr__(self, name: str) -> Any:
         """``logger.info(...)`` and the like, on the logger bound for the configuration."""
         return getattr(self.get(), name)
+
+
+def exception_fields() -> dict[str, str]:
+    """The exception being handled, for a log line of the package's structlog loggers: its
+    traceback as plain text (URLs cut), in the ``exception`` field renderers print.
+
+    Not ``exc_info``: structlog's console renderer, with ``rich`` installed, prints each frame's
+    local variables, and frames on the way to a failure hold secrets (a credential being
+    checked, a session's key). Text formatted here never shows locals, whatever the renderer."""
+    return {"exception": redact_urls(traceback.format_exc())}

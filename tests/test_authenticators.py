@@ -100,10 +100,13 @@ async def test_static_hashed_entries_and_bad_input() -> None:
     with pytest.raises(ValueError, match="non-empty"):
         StaticKeyAuthenticator({"": ALICE})
     # Keys that could never arrive as written (a header is bytes read as Latin-1, stripped):
-    for never_matches in ("café-key", " padded", "tab\tkey", "line\nbreak"):
-        with pytest.raises(ValueError, match="printable ASCII") as refused:
+    for never_matches in ("ключ-key", "key-€", " padded", "tab\tkey", "line\nbreak"):
+        with pytest.raises(ValueError, match="printable Latin-1") as refused:
             StaticKeyAuthenticator({never_matches: ALICE})
         assert never_matches.strip() not in str(refused.value)  # (named by fingerprint only)
+    # A Latin-1 key does arrive as written, from a client that sends it as Latin-1 bytes.
+    latin = StaticKeyAuthenticator({"café-key": ALICE})
+    assert await latin(Credentials(api_key=b"caf\xe9-key".decode("latin-1"))) == ALICE
 
 
 def write(tmp_path: Path, document: Any) -> Path:
@@ -167,6 +170,8 @@ async def test_from_file(tmp_path: Path) -> None:
             {"keys": [{"api_key": "sk-x"}, {"api_key": "b"}, {"api_key_sha256": sha("sk-x")}]},
             r"keys\[2\]: duplicate API key \(same as keys\[0\]\)",
         ),
+        ({"keys": [{"api_key": " sk-x"}]}, r"keys\[0\]: 'api_key': API keys must be printable"),
+        ({"keys": [{"api_key": "sk-x\u20ac"}]}, r"keys\[0\]: 'api_key': API keys must be"),
     ],
 )
 async def test_from_file_rejects_malformed(tmp_path: Path, document: Any, message: str) -> None:
@@ -523,6 +528,67 @@ async def test_cache_is_bounded_and_evicts_oldest() -> None:
     await auth(Credentials(api_key="k0"))  # oldest: evicted
     assert inner.calls == 6
     assert len(auth) == 3
+
+
+async def test_a_cache_hit_keeps_an_entry_from_eviction() -> None:
+    """Least recently used first: a credential in use is not evicted by a stream of others."""
+    keys = {f"k{i}": SessionConfig(principal=f"p{i}") for i in range(4)}
+    inner = CountingInner(keys)
+    auth = CachingAuthenticator(inner, max_entries=2, clock=ManualClock())
+    for key in ("k0", "k1", "k0", "k2", "k0", "k3", "k0"):
+        await auth(Credentials(api_key=key))
+    assert inner.calls == 4  # k0 asked once, then always a hit
+
+
+@pytest.mark.parametrize("forget", ["invalidate", "clear"])
+async def test_a_check_under_way_when_a_credential_is_revoked_is_not_cached(forget: str) -> None:
+    """Revoked while the inner check runs (it had read the credential as valid): that check's
+    answer is not remembered, and a request after the revocation asks again rather than joining
+    it."""
+
+    class ReadsFirst(CountingInner):
+        async def __call__(self, credentials: Credentials) -> SessionConfig:
+            self.calls += 1
+            found = self.keys.get(credentials.api_key or "")
+            self.entered.set()
+            if self.calls == 1 and self.gate is not None:
+                await self.gate.wait()
+            if found is None:
+                raise AuthenticationError("credential refused")
+            return found
+
+    inner = ReadsFirst({ALICE_KEY: ALICE})
+    inner.gate = asyncio.Event()
+    auth = CachingAuthenticator(inner, clock=ManualClock())
+    before = asyncio.create_task(auth(Credentials(api_key=ALICE_KEY)))
+    await inner.entered.wait()
+    del inner.keys[ALICE_KEY]  # revoked
+    if forget == "invalidate":
+        auth.invalidate(Credentials(api_key=ALICE_KEY))
+    else:
+        auth.clear()
+    after = asyncio.create_task(auth(Credentials(api_key=ALICE_KEY)))
+    inner.gate.set()
+    assert await before == ALICE  # (began before the revocation)
+    with pytest.raises(AuthenticationError):
+        await after
+    with pytest.raises(AuthenticationError):
+        await auth(Credentials(api_key=ALICE_KEY))
+    assert inner.calls == 2 and len(auth) == 1  # the refusal, remembered
+
+
+async def test_a_cached_refusal_keeps_its_status() -> None:
+    class Forbidden(AuthenticationError):
+        status = 403
+
+    inner = CountingInner()
+    inner.error = Forbidden("not for you")
+    auth = CachingAuthenticator(inner, clock=ManualClock())
+    for _ in range(2):
+        with pytest.raises(AuthenticationError) as refused:
+            await auth(Credentials(api_key="sk-x"))
+        assert refused.value.status == 403
+    assert inner.calls == 1
 
 
 async def test_cache_passes_missing_credentials_through() -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import stat
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from mcp2anp_middleware import (
 )
 from mcp2anp_middleware.anp_tools.errors import ANPToolError
 from mcp2anp_middleware.mcp_hosting.endpoint import MCPEndpoint
+from mcp2anp_middleware.private_files import write_private_file
 from mcp2anp_middleware.sessions.clock import ManualClock
 from mcp2anp_middleware.sessions.policy import SessionPolicy
 from mcp2anp_middleware.sessions.stores import InMemorySessionStore, StoreUnavailable
@@ -132,6 +135,93 @@ async def test_restored_sessions_are_swept_in_order_of_use(tmp_path: Path) -> No
     assert await middleware.registry.sweep() == 1
     assert "a" * 43 in middleware.registry and "b" * 43 not in middleware.registry
     await middleware.shutdown()
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"version": 1, "sessions": None},
+        {"version": 1, "sessions": 5},
+        {"version": 1, "sessions": "x"},
+        [1, 2],
+        "[" * 100_000,
+    ],
+)
+async def test_a_state_file_of_another_shape_restores_nothing_and_never_stops_the_start(
+    tmp_path: Path, document: object
+) -> None:
+    state_file = tmp_path / "state.json"
+    text = document if isinstance(document, str) else json.dumps(document)
+    state_file.write_text(text)
+    middleware = MCPSessionMiddleware(HostApp(), mcp_app=RecordingMCPApp(), state_file=state_file)
+    await middleware.startup()
+    assert len(middleware.registry) == 0 and middleware.background.ready
+    await middleware.shutdown()
+
+
+async def test_a_state_files_malformed_entries_are_skipped_and_clocks_ahead_taken_as_now(
+    tmp_path: Path,
+) -> None:
+    """Entries that would restore something wrong are left out: an id no client could send or
+    of the wrong kind, no principal, times that overflow; times ahead of now (a file from a
+    machine whose clock was ahead, or edited) are taken as now, so such a session still goes
+    idle and ages."""
+    state_file = tmp_path / "state.json"
+    clock = ManualClock()
+    now = clock()
+    good = {"principal": "p", "created_at": now - 10, "last_accessed": now - 5}
+    sessions = [
+        {"id": "a" * 43, **good},
+        {"id": "f" * 43, **good, "created_at": now + 1e9, "last_accessed": 1e300},
+        {"id": "b" * 43, **good, "created_at": int("9" * 400)},
+        {"id": "c" * 43, **good, "principal": None},
+        {"id": "bad id", **good},
+        {"id": "implicit-" + "0" * 40, **good},  # another principal's implicit id
+        {"id": "d" * 43, **good, "implicit": True},  # an implicit session needs its own id
+        {"id": "e" * 43, **good, "last_accessed": float("nan")},
+        "not an entry",
+    ]
+    state_file.write_text(json.dumps({"version": 1, "sessions": sessions}))
+    middleware = MCPSessionMiddleware(
+        HostApp(),
+        mcp_app=RecordingMCPApp(),
+        clock=clock,
+        policy=SessionPolicy(timeout=60),
+        state_file=state_file,
+    )
+    await middleware.startup()
+    registry = middleware.registry
+    assert sorted(record.session_id for record in registry.store.records()) == ["a" * 43, "f" * 43]  # type: ignore[attr-defined]
+    clock.advance(61)  # both idle past the timeout: the one from the future too
+    await registry.sweep()
+    assert len(registry) == 0
+    await middleware.shutdown()
+
+
+def test_a_private_file_is_written_whole_with_its_mode_never_through_a_link(
+    tmp_path: Path,
+) -> None:
+    """A link at the target is replaced (its target untouched); the file has its mode whatever
+    the one it replaces had; writers at once each write whole files; nothing is left beside."""
+    target = tmp_path / "state.json"
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("keep me")
+    target.symlink_to(elsewhere)
+    write_private_file(target, b"secret ids")
+    assert target.read_bytes() == b"secret ids" and not target.is_symlink()
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert elsewhere.read_text() == "keep me"
+    target.chmod(0o644)
+    write_private_file(target, b"newer ids")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600 and target.read_bytes() == b"newer ids"
+    public = tmp_path / "did.json"
+    write_private_file(public, b"{}", mode=0o644)
+    assert stat.S_IMODE(public.stat().st_mode) == 0o644
+    payloads = [bytes([65 + i]) * 200_000 for i in range(8)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda data: write_private_file(target, data), payloads))
+    assert target.read_bytes() in payloads
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["did.json", "elsewhere.txt", "state.json"]
 
 
 async def test_a_restored_session_keeps_its_mcp_handshake(tmp_path: Path) -> None:
@@ -354,3 +444,16 @@ async def test_long_accept_and_content_type_values_are_checked_but_never_cached(
         assert answer.status_code == 200
         assert accepted.cache_info().currsize == json_type.cache_info().currsize == 1
     await middleware.shutdown()
+
+
+def test_side_apps_that_could_never_be_reached_or_would_be_open_are_refused() -> None:
+    """An empty statistics token (an unset variable) would let everyone in; a side app under the
+    MCP prefix would never be reached (the prefix's requests are MCP requests)."""
+    with pytest.raises(ValueError, match="token is empty"):
+        MCPSessionMiddleware(HostApp(), mcp_app=RecordingMCPApp(), stats_path="/s", stats_token="")
+    for options in (
+        {"stats_path": "/mcp/stats"},
+        {"admin_token": "t" * 20, "admin_path": "/mcp/admin"},
+    ):
+        with pytest.raises(ValueError, match="under the MCP prefix"):
+            MCPSessionMiddleware(HostApp(), mcp_app=RecordingMCPApp(), **options)  # type: ignore[arg-type]

@@ -71,9 +71,8 @@ from mcp2anp_middleware import (
     URLPolicy,
     ensure_dev_identity,
 )
-from mcp2anp_middleware.sessions.ids import new_session_id
+from mcp2anp_middleware.sessions.ids import implicit_session_id, new_session_id
 from mcp2anp_middleware.sessions.policy import RequestLimits, SessionPolicy
-from mcp2anp_middleware.sessions.registry import implicit_session_id
 
 from .inner_apps import HostApp, RecordingMCPApp
 

@@ -21,7 +21,7 @@ import pytest
 
 import example_app.__main__ as launcher_main
 from example_app.app import create_app
-from example_app.settings import FETCH_DEADLINE, Settings, parse_settings
+from example_app.settings import FETCH_DEADLINE, Settings, parse_settings, startup_warnings
 from mcp2anp_middleware import URLPolicy
 
 from .launcher_fakes import FakeUvicorn, fake_uvicorn
@@ -309,3 +309,25 @@ async def test_allow_private_opens_loopback_again(
         result = await _fetch(http, base, f"http://127.0.0.1:{free_port()}/x")
     # Allowed by the policy, so the call gets as far as connecting (nothing listens there).
     assert result["structuredContent"]["error"]["code"] == "UNREACHABLE", result
+
+
+@pytest.mark.parametrize(
+    ("argv", "reason"),
+    [
+        (["--stats-token="], "--stats-token: must not be empty"),
+        (["--admin-token="], "--admin-token: must not be empty"),
+        (["--stats-path", "/mcp/stats"], "must be outside the MCP endpoint /mcp"),
+        (["--stats-path", "/mcp"], "must be outside the MCP endpoint /mcp"),
+    ],
+)
+def test_side_apps_that_would_be_open_or_unreachable_are_refused_at_once(
+    argv: list[str], reason: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert reason in _refused(argv, capsys)
+
+
+def test_statistics_served_without_a_token_are_warned_about() -> None:
+    unset = parse_settings(["--stats-path", "/stats"], env={"MCP2ANP_STATS_TOKEN": ""})
+    assert any("serves /stats to anyone" in w for w in startup_warnings(unset))
+    guarded = parse_settings(["--stats-path", "/stats", "--stats-token", "t" * 20], env={})
+    assert not [w for w in startup_warnings(guarded) if "--stats-path" in w]

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from mcp2anp_middleware import MCPSessionMiddleware, SessionConfig, SessionState
+from mcp2anp_middleware import Credentials, MCPSessionMiddleware, SessionConfig, SessionState
 from mcp2anp_middleware.sessions.clock import ManualClock
 from mcp2anp_middleware.sessions.ids import MAX_SESSION_ID_LENGTH
 from mcp2anp_middleware.sessions.middleware import SESSION_SCOPE_KEY
@@ -239,6 +239,25 @@ async def test_no_session_for_get_delete_options(method: str) -> None:
         assert inner.seen == []
     assert len(middleware.registry) == 0
     assert await middleware.registry.store.count(now=0) == 0
+
+
+async def test_a_failing_authenticator_is_logged_without_its_frames_locals() -> None:
+    """The traceback goes to the log as plain text, not as ``exc_info``, which a renderer with
+    ``rich`` prints with every frame's locals (here, the credential being checked)."""
+
+    async def broken(credentials: Credentials) -> SessionConfig:
+        secret = credentials.api_key
+        raise RuntimeError(f"verifier bug ({len(secret or '')} characters)")
+
+    middleware, _, _ = build(authenticator=broken)
+    with structlog.testing.capture_logs() as logs:
+        async with client_for(middleware) as client:
+            answer = await client.post("/mcp", json=INIT, headers={"X-API-Key": "k" * 24})
+    assert answer.status_code == 503
+    (failed,) = [entry for entry in logs if entry["event"] == "Authenticator failed"]
+    assert "exc_info" not in failed and failed["log_level"] == "error"
+    assert "RuntimeError: verifier bug (24 characters)" in failed["exception"]
+    assert "k" * 24 not in repr(logs)
 
 
 async def test_delete_ends_session_then_404() -> None:

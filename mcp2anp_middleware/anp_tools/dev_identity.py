@@ -31,6 +31,7 @@ from anp.authentication import create_did_wba_document
 
 from mcp2anp_middleware.anp_tools.did_hosting import did_wba_location
 from mcp2anp_middleware.logging_setup import tame_anp_logging
+from mcp2anp_middleware.private_files import write_private_file
 from mcp2anp_middleware.sessions.state import SessionConfig
 
 logger = structlog.get_logger("mcp2anp_middleware.anp_tools.dev_identity")
@@ -103,14 +104,6 @@ def _locked(directory: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _write_atomically(path: Path, data: bytes, mode: int) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as file:
-        file.write(data)
-    os.replace(temporary, path)
-
-
 def ensure_dev_identity(
     data_dir: Path | str = DEFAULT_DATA_DIR,
     *,
@@ -148,8 +141,9 @@ def ensure_dev_identity(
                     did=document["id"],
                 )
             # Key first, then the document: whoever sees the new document also finds its key.
-            _write_atomically(key_path, keys["key-1"][0], 0o600)
-            _write_atomically(document_path, json.dumps(document, indent=2).encode("utf-8"), 0o644)
+            write_private_file(key_path, keys["key-1"][0], mode=0o600)
+            document_bytes = json.dumps(document, indent=2).encode("utf-8")
+            write_private_file(document_path, document_bytes, mode=0o644)
     return SessionConfig(
         principal=principal,
         did_document_path=document_path.resolve(),

@@ -36,7 +36,7 @@ from mcp2anp_middleware.anp_tools.http import ANPHttpClient, HttpResult
 from mcp2anp_middleware.anp_tools.signing import SessionSigner
 from mcp2anp_middleware.anp_tools.url_policy import URLPolicy
 from mcp2anp_middleware.log_redaction import redact_url, redact_urls
-from mcp2anp_middleware.logging_setup import HotPathLogger
+from mcp2anp_middleware.logging_setup import HotPathLogger, exception_fields
 from mcp2anp_middleware.sessions.clock import Clock, system_clock
 from mcp2anp_middleware.sessions.events import SessionEvent
 from mcp2anp_middleware.sessions.request_helpers import current_session, session_from_request
@@ -402,7 +402,7 @@ class ANPToolkit:
             except ANPToolError:
                 raise
             except Exception as exc:  # a bug or a library surprise: still a tool error, no 500
-                logger.exception("ANP tool crashed", tool=tool)
+                logger.error("ANP tool crashed", tool=tool, **exception_fields())
                 raise ANPToolError(
                     "INTERNAL_ERROR", f"the tool failed unexpectedly ({type(exc).__name__})"
                 ) from None

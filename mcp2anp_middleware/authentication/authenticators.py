@@ -76,6 +76,19 @@ def _pick_credential(credentials: Credentials) -> tuple[CredentialKind, str] | N
     return None
 
 
+def _check_key(key: str) -> None:
+    """Refuse a plaintext key that could never match what a request carries."""
+    if not key:
+        raise ValueError("API keys must be non-empty strings")
+    if max(key) > "\xff" or not key.isprintable() or key != key.strip():
+        # A header carries bytes, read as Latin-1 and stripped: such a key never arrives as
+        # written, so it could never match.
+        raise ValueError(
+            "API keys must be printable Latin-1 text without surrounding spaces (the key with "
+            f"fingerprint {credential_fingerprint(key)} is not)"
+        )
+
+
 def _digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode("utf-8")).digest()
 
@@ -107,15 +120,7 @@ class StaticKeyAuthenticator:
         """``entries`` maps plaintext keys; ``hashed_entries`` maps hex sha256 digests of keys."""
         table: dict[bytes, SessionConfig] = {}
         for key, config in entries.items():
-            if not key:
-                raise ValueError("API keys must be non-empty strings")
-            if not (key.isascii() and key.isprintable()) or key != key.strip():
-                # A header carries bytes, read as Latin-1 and stripped: such a key never
-                # arrives as written, so it could never match.
-                raise ValueError(
-                    "API keys must be printable ASCII without surrounding spaces (the key with "
-                    f"fingerprint {credential_fingerprint(key)} is not)"
-                )
+            _check_key(key)
             table[_digest(key)] = config
         for hex_digest, config in (hashed_entries or {}).items():
             table[_parse_sha256(hex_digest)] = config
@@ -216,6 +221,10 @@ def _parse_entry(raw: object, where: str, base: Path) -> tuple[str, SessionConfi
     if (api_key is None) == (hashed is None):
         raise ValueError(f"{where}: give exactly one of 'api_key' or 'api_key_sha256'")
     if api_key is not None:
+        try:
+            _check_key(api_key)
+        except ValueError as exc:
+            raise ValueError(f"{where}: 'api_key': {exc}") from None
         hex_digest = hashlib.sha256(api_key.encode("utf-8")).hexdigest()
     else:
         assert hashed is not None
@@ -425,6 +434,7 @@ class _Outcome:
 
     config: SessionConfig | None = None
     refusal: str | None = None
+    status: int = AuthenticationError.status
     error: BaseException | None = None
 
     def resolve(self) -> SessionConfig:
@@ -432,7 +442,9 @@ class _Outcome:
             return self.config
         if self.refusal is not None:
             # A fresh exception each time: re-raising one instance grows its traceback forever.
-            raise AuthenticationError(self.refusal)
+            refused = AuthenticationError(self.refusal)
+            refused.status = self.status  # (an inner refusal's own status: 403, say)
+            raise refused
         assert self.error is not None
         raise self.error
 
@@ -444,9 +456,11 @@ class CachingAuthenticator:
     key works quickly and a stream of bad keys does not hammer the verifier).
     :class:`AuthenticationUnavailable` and other errors are never cached. **A revoked credential
     keeps working for at most ``ttl`` seconds** after it was last verified; lower ``ttl`` or call
-    :meth:`invalidate` if that is too long. At most ``max_entries`` answers are kept; the oldest is
-    evicted first. Concurrent misses for the same credential share one inner call (single-flight),
-    which runs in its own task so a caller hanging up does not cancel it for the others.
+    :meth:`invalidate` if that is too long (it also keeps a check under way for that credential
+    from caching what it finds). At most ``max_entries`` answers are kept; the least recently used
+    is evicted first. Concurrent misses for the same credential share one inner call
+    (single-flight), which runs in its own task so a caller hanging up does not cancel it for the
+    others.
 
     Cache keys are sha256 digests of the credential kind and value; raw secrets are never stored.
     Requests without any credential bypass the cache.
@@ -490,12 +504,16 @@ class CachingAuthenticator:
         return hasher.digest()
 
     def invalidate(self, credentials: Credentials) -> None:
-        """Forget the cached answer for ``credentials`` (e.g. right after revoking it)."""
-        self._entries.pop(self._key(credentials), None)
+        """Forget the cached answer for ``credentials`` (e.g. right after revoking it): the next
+        request asks the inner authenticator, not a check already under way."""
+        key = self._key(credentials)
+        self._entries.pop(key, None)
+        self._pending.pop(key, None)  # (its answer, no longer pending, is not cached)
 
     def clear(self) -> None:
-        """Forget every cached answer."""
+        """Forget every cached answer (and, as :meth:`invalidate`, every check under way)."""
         self._entries.clear()
+        self._pending.clear()
 
     async def __call__(self, credentials: Credentials) -> SessionConfig:
         if not credentials.present:
@@ -505,14 +523,19 @@ class CachingAuthenticator:
         if cached is not None:
             expires_at, outcome = cached
             if self._clock() < expires_at:
+                self._entries.move_to_end(key)  # (the least recently used goes first)
                 return outcome.resolve()
             del self._entries[key]
         task = self._pending.get(key)
         if task is None:
             task = asyncio.create_task(self._verify(key, credentials))
             self._pending[key] = task
-            task.add_done_callback(lambda _: self._pending.pop(key, None))
+            task.add_done_callback(lambda done: self._drop_pending(key, done))
         return (await asyncio.shield(task)).resolve()
+
+    def _drop_pending(self, key: bytes, task: asyncio.Task[_Outcome]) -> None:
+        if self._pending.get(key) is task:  # (not a later check, begun after an invalidation)
+            del self._pending[key]
 
     async def _verify(self, key: bytes, credentials: Credentials) -> _Outcome:
         try:
@@ -520,7 +543,7 @@ class CachingAuthenticator:
         except AuthenticationUnavailable as exc:
             return _Outcome(error=exc)
         except AuthenticationError as exc:
-            outcome = _Outcome(refusal=str(exc) or CREDENTIAL_REFUSED)
+            outcome = _Outcome(refusal=str(exc) or CREDENTIAL_REFUSED, status=exc.status)
             self._store(key, outcome, self.negative_ttl)
             return outcome
         except Exception as exc:
@@ -530,7 +553,9 @@ class CachingAuthenticator:
         return outcome
 
     def _store(self, key: bytes, outcome: _Outcome, ttl: float) -> None:
-        if ttl <= 0:
+        """Remember an answer of the check running now, unless it was forgotten since it began
+        (:meth:`invalidate`, :meth:`clear`: it may predate a revocation)."""
+        if ttl <= 0 or self._pending.get(key) is not asyncio.current_task():
             return
         self._entries[key] = (self._clock() + ttl, outcome)
         self._entries.move_to_end(key)

@@ -15,6 +15,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack
 
 import structlog
 
+from mcp2anp_middleware.logging_setup import exception_fields
 from mcp2anp_middleware.sessions.registry import SessionRegistry
 
 logger = structlog.get_logger("mcp2anp_middleware.sessions.background")
@@ -115,4 +116,5 @@ class BackgroundRunner:
             try:
                 await self.registry.sweep()
             except Exception:
-                logger.exception("Session cleanup failed; will retry at the next interval")
+                text = "Session cleanup failed; will retry at the next interval"
+                logger.error(text, **exception_fields())

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mcp2anp_middleware.logging_setup import HotPathLogger
+from mcp2anp_middleware.logging_setup import HotPathLogger, exception_fields
 from mcp2anp_middleware.sessions.ids import short_id
 
 if TYPE_CHECKING:
@@ -90,4 +90,5 @@ class SessionEvents:
             try:
                 listener(event)
             except Exception:
-                logger.exception("Session event listener failed", kind=str(event.kind))
+                failed = exception_fields()
+                logger.error("Session event listener failed", kind=str(event.kind), **failed)

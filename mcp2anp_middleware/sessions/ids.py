@@ -7,6 +7,7 @@ any store is consulted, so garbage never costs a lookup.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 
@@ -28,3 +29,8 @@ def is_well_formed_session_id(value: str) -> bool:
 def short_id(session_id: str) -> str:
     """The form of a session id that may appear in logs: a prefix, never the whole secret."""
     return session_id[:8] + "…"
+
+
+def implicit_session_id(principal: str) -> str:
+    """The id of a principal's session-less-era session; internal, never sent on the wire."""
+    return "implicit-" + hashlib.sha256(principal.encode()).hexdigest()[:40]

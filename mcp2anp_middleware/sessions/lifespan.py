@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mcp2anp_middleware.logging_setup import exception_fields
+
 logger = structlog.get_logger("mcp2anp_middleware.sessions.lifespan")
 
 
@@ -30,7 +32,7 @@ async def run_lifespan(
     try:
         await startup()
     except Exception as exc:
-        logger.exception("Middleware startup failed")
+        logger.error("Middleware startup failed", **exception_fields())
         await send({"type": "lifespan.startup.failed", "message": str(exc)})
         return
 

@@ -23,7 +23,7 @@ from mcp2anp_middleware.authentication.base import (
     StaticConfigAuthenticator,
     credentials_from_header,
 )
-from mcp2anp_middleware.logging_setup import HotPathLogger
+from mcp2anp_middleware.logging_setup import HotPathLogger, exception_fields
 from mcp2anp_middleware.sessions.admin import SessionAdminApp
 from mcp2anp_middleware.sessions.background import BackgroundRunner, Service
 from mcp2anp_middleware.sessions.clock import Clock, system_clock
@@ -216,6 +216,9 @@ class MCPSessionMiddleware:
         if admin_token is not None:
             admin = SessionAdminApp(self.registry, token=admin_token, path=admin_path)
             self._side_apps[f"{admin.path}/sessions"] = admin
+        for side_path in self._side_apps:  # (the prefix's requests never reach them)
+            if side_path == self.path_prefix or side_path.startswith(self._prefix_slash):
+                raise ValueError(f"{side_path} is under the MCP prefix {self.path_prefix}")
         self.shutdown_grace = shutdown_grace
         self.state_file = Path(state_file) if state_file is not None else None
         self.started_at = time.time()
@@ -326,7 +329,7 @@ class MCPSessionMiddleware:
             try:  # servers without lifespan events (httpx.ASGITransport...)
                 started = await self._start_for_request()
             except Exception:
-                logger.exception("Middleware startup failed")
+                logger.error("Middleware startup failed", **exception_fields())
                 await send_jsonrpc_error(
                     send, 503, INTERNAL_ERROR, "Server is not ready; retry shortly"
                 )
@@ -474,7 +477,7 @@ class MCPSessionMiddleware:
                 exc.status, UNAUTHORIZED, str(exc) or "Authentication required", reason
             ) from None
         except Exception:
-            logger.exception("Authenticator failed")
+            logger.error("Authenticator failed", **exception_fields())
             message = "Credential check unavailable; retry shortly"
             raise _Refusal(503, UNAUTHORIZED, message, "auth_unavailable") from None
 

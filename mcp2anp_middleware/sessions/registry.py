@@ -18,7 +18,6 @@ after its deadline (zero with the memory store). Every change is reported as a
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import heapq
 import inspect
 import math
@@ -34,7 +33,7 @@ from typing import Any
 import anyio
 
 from mcp2anp_middleware.cancel_scope import cancel_scope
-from mcp2anp_middleware.logging_setup import HotPathLogger
+from mcp2anp_middleware.logging_setup import HotPathLogger, exception_fields
 from mcp2anp_middleware.sessions.clock import Clock, system_clock
 from mcp2anp_middleware.sessions.events import (
     SessionEvent,
@@ -42,7 +41,7 @@ from mcp2anp_middleware.sessions.events import (
     SessionEvents,
     SessionListener,
 )
-from mcp2anp_middleware.sessions.ids import new_session_id, short_id
+from mcp2anp_middleware.sessions.ids import implicit_session_id, new_session_id, short_id
 from mcp2anp_middleware.sessions.loop_slice import LoopSlice
 from mcp2anp_middleware.sessions.state import NEVER, SessionConfig, SessionState
 from mcp2anp_middleware.sessions.stores.base import (
@@ -122,11 +121,6 @@ def _check_duration(name: str, value: float, *, allow_zero: bool = False) -> Non
         raise ValueError(f"{name} must be {expected}, got {value!r}")
     if value > MAX_DURATION:
         raise ValueError(f"{name} must be at most {MAX_DURATION:g} seconds, got {value!r}")
-
-
-def implicit_session_id(principal: str) -> str:
-    """The id of a principal's session-less-era session; internal, never sent on the wire."""
-    return "implicit-" + hashlib.sha256(principal.encode()).hexdigest()[:40]
 
 
 class SessionRegistry:
@@ -929,7 +923,8 @@ class SessionRegistry:
                     await asyncio.sleep(1.0)  # the store is away: lookups refuse ended ids
                 except Exception:
                     self.following = False
-                    logger.exception("Following other processes' session ends failed")
+                    text = "Following other processes' session ends failed"
+                    logger.error(text, **exception_fields())
                     await asyncio.sleep(1.0)
                 finally:
                     self.following = False

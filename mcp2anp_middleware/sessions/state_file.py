@@ -10,13 +10,15 @@ written with mode 0600 via a temporary file.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mcp2anp_middleware.private_files import write_private_file
+from mcp2anp_middleware.sessions.ids import implicit_session_id, is_well_formed_session_id
 from mcp2anp_middleware.sessions.state import SessionConfig, SessionState
 
 if TYPE_CHECKING:
@@ -48,41 +50,23 @@ async def save_state_file(registry: SessionRegistry, path: Path) -> int:
 
 def _write_private(path: Path, payload: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(payload)
-    os.replace(temporary, path)
+    write_private_file(path, payload.encode())
 
 
 async def load_state_file(registry: SessionRegistry, path: Path) -> int:
     """Restore unexpired sessions from ``path`` (missing or unreadable file: nothing restored)."""
     try:
         document = json.loads(await asyncio.to_thread(path.read_text, encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return 0
     if not isinstance(document, dict) or document.get("version") != FORMAT_VERSION:
         return 0
+    listed = document.get("sessions")
+    if not isinstance(listed, list):
+        return 0  # (a file of another shape restores nothing and never stops the start)
     now = registry.clock()
     restored = 0
-    entries = []
-    for entry in document.get("sessions", []):
-        try:
-            state = SessionState(
-                str(entry["id"]),
-                SessionConfig(principal=str(entry["principal"])),
-                created_at=float(entry["created_at"]),
-                last_accessed=float(entry["last_accessed"]),
-                implicit=entry.get("implicit") is True,
-            )
-        except (KeyError, TypeError, ValueError):
-            continue
-        handshake = entry.get("handshake")
-        if isinstance(handshake, str):  # (files written before it was saved have none)
-            state.handshake = sys.intern(handshake)
-        if not (math.isfinite(state.created_at) and math.isfinite(state.last_accessed)):
-            continue  # an edited or damaged file must not restore a session that never expires
-        entries.append(state)
+    entries = [state for state in map(_restored, listed, itertools.repeat(now)) if state]
     entries.sort(key=lambda state: state.last_accessed)  # the live cache is ordered by use
     for state in entries:
         if registry.deadline(state) < now:
@@ -95,3 +79,42 @@ async def load_state_file(registry: SessionRegistry, path: Path) -> int:
     # Restored once: a crash later must not resurrect them.
     await asyncio.to_thread(path.unlink, missing_ok=True)
     return restored
+
+
+def _restored(entry: object, now: float) -> SessionState | None:
+    """The session an entry of the file describes, or None for one that is malformed (an edited
+    or damaged file restores what it can, and nothing that would never expire). Times past
+    ``now`` (a file from a machine whose clock was ahead) are taken as ``now``."""
+    if not isinstance(entry, dict):
+        return None
+    session_id, principal = entry.get("id"), entry.get("principal")
+    implicit = entry.get("implicit") is True
+    if not (isinstance(session_id, str) and isinstance(principal, str)):
+        return None
+    try:
+        expected_id = implicit_session_id(principal) if implicit else None
+    except UnicodeError:  # (a lone surrogate: no credential names such a principal)
+        return None
+    if not is_well_formed_session_id(session_id) or (
+        session_id != expected_id if implicit else session_id.startswith("implicit-")
+    ):
+        return None
+    try:
+        created_at = float(entry["created_at"])
+        last_accessed = float(entry["last_accessed"])
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return None
+    if not (math.isfinite(created_at) and math.isfinite(last_accessed)):
+        return None
+    created_at = min(created_at, now)
+    state = SessionState(
+        session_id,
+        SessionConfig(principal=principal),
+        created_at=created_at,
+        last_accessed=min(max(last_accessed, created_at), now),
+        implicit=implicit,
+    )
+    handshake = entry.get("handshake")
+    if isinstance(handshake, str):  # (files written before it was saved have none)
+        state.handshake = sys.intern(handshake)
+    return state

@@ -39,6 +39,8 @@ class SessionStatsApp:
     """``GET`` the statistics; with a ``token``, only with ``Authorization: Bearer <token>``."""
 
     def __init__(self, registry: SessionRegistry, *, token: str | None = None) -> None:
+        if token == "":  # (an unset variable, most likely): it would let everyone in
+            raise ValueError("the statistics token is empty; pass None to serve them openly")
         self.registry = registry
         self._token = None if token is None else token.encode()
         self.started_at = time.time()
