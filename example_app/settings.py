@@ -205,6 +205,9 @@ def _stats_path(text: str) -> str:
 def _token(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("must not be empty")
+    if text != text.strip() or not text.isprintable() or max(text) > "\xff":
+        # (a bearer value arrives stripped, as Latin-1: such a token could never match)
+        raise argparse.ArgumentTypeError("must be printable Latin-1 without surrounding spaces")
     return text
 
 

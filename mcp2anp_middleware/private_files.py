@@ -21,7 +21,10 @@ def write_private_file(path: Path, data: bytes, *, mode: int = 0o600) -> None:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
-            os.chmod(temporary, mode)
+            if hasattr(os, "fchmod"):  # (by descriptor: a link swapped in is not followed)
+                os.fchmod(file.fileno(), mode)
+            else:  # pragma: no cover - not POSIX
+                os.chmod(temporary, mode)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):

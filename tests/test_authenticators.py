@@ -104,6 +104,8 @@ async def test_static_hashed_entries_and_bad_input() -> None:
         with pytest.raises(ValueError, match="printable Latin-1") as refused:
             StaticKeyAuthenticator({never_matches: ALICE})
         assert never_matches.strip() not in str(refused.value)  # (named by fingerprint only)
+    with pytest.raises(ValueError, match="printable Latin-1"):  # (named by fingerprint)
+        StaticKeyAuthenticator({"key\ud800": ALICE})
     # A Latin-1 key does arrive as written, from a client that sends it as Latin-1 bytes.
     latin = StaticKeyAuthenticator({"café-key": ALICE})
     assert await latin(Credentials(api_key=b"caf\xe9-key".decode("latin-1"))) == ALICE

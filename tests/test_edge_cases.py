@@ -29,6 +29,7 @@ from mcp2anp_middleware import (
 from mcp2anp_middleware.anp_tools.errors import ANPToolError
 from mcp2anp_middleware.mcp_hosting.endpoint import MCPEndpoint
 from mcp2anp_middleware.private_files import write_private_file
+from mcp2anp_middleware.sessions import state_file as state_file_module
 from mcp2anp_middleware.sessions.clock import ManualClock
 from mcp2anp_middleware.sessions.policy import SessionPolicy
 from mcp2anp_middleware.sessions.stores import InMemorySessionStore, StoreUnavailable
@@ -457,3 +458,39 @@ def test_side_apps_that_could_never_be_reached_or_would_be_open_are_refused() ->
     ):
         with pytest.raises(ValueError, match="under the MCP prefix"):
             MCPSessionMiddleware(HostApp(), mcp_app=RecordingMCPApp(), **options)  # type: ignore[arg-type]
+
+
+async def test_a_state_file_that_cannot_be_deleted_or_written_never_stops_start_or_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only directory (simulated: these tests may run as root, whom permissions do not
+    stop): the restore still counts and the start goes on; a save that fails leaves the rest of
+    the stop to run."""
+    state_file = tmp_path / "state.json"
+    clock = ManualClock()
+    now = clock()
+    entry = {"id": "a" * 43, "principal": "p", "created_at": now - 1, "last_accessed": now - 1}
+    state_file.write_text(json.dumps({"version": 1, "sessions": [entry]}))
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise PermissionError("read-only")
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    monkeypatch.setattr(state_file_module, "write_private_file", refused)
+    middleware = MCPSessionMiddleware(
+        HostApp(), mcp_app=RecordingMCPApp(), clock=clock, state_file=state_file
+    )
+    await middleware.startup()
+    assert "a" * 43 in middleware.registry and middleware.background.ready
+    await middleware.shutdown()
+    assert not middleware.background.running
+
+
+def test_the_statistics_and_the_admin_api_cannot_share_a_path() -> None:
+    with pytest.raises(ValueError, match="both the statistics and the admin path"):
+        MCPSessionMiddleware(
+            HostApp(),
+            mcp_app=RecordingMCPApp(),
+            stats_path="/mcp-admin/sessions",
+            admin_token="t" * 20,
+        )

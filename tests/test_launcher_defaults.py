@@ -316,6 +316,8 @@ async def test_allow_private_opens_loopback_again(
     [
         (["--stats-token="], "--stats-token: must not be empty"),
         (["--admin-token="], "--admin-token: must not be empty"),
+        (["--stats-token", " padded"], "must be printable Latin-1 without surrounding spaces"),
+        (["--admin-token", "key-\u20ac"], "must be printable Latin-1 without surrounding spaces"),
         (["--stats-path", "/mcp/stats"], "must be outside the MCP endpoint /mcp"),
         (["--stats-path", "/mcp"], "must be outside the MCP endpoint /mcp"),
     ],

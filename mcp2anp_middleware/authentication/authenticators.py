@@ -64,7 +64,7 @@ class AuthenticationUnavailable(AuthenticationError):
 
 def credential_fingerprint(secret: str) -> str:
     """A short sha256 prefix of ``secret``: safe to log, enough to tell keys apart."""
-    return hashlib.sha256(secret.encode("utf-8")).hexdigest()[:12]
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()[:12]
 
 
 def _pick_credential(credentials: Credentials) -> tuple[CredentialKind, str] | None:
@@ -486,6 +486,7 @@ class CachingAuthenticator:
         self._clock = clock
         self._entries: OrderedDict[bytes, tuple[float, _Outcome]] = OrderedDict()
         self._pending: dict[bytes, asyncio.Task[_Outcome]] = {}
+        self._forgotten: set[asyncio.Task[_Outcome]] = set()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -508,11 +509,13 @@ class CachingAuthenticator:
         request asks the inner authenticator, not a check already under way."""
         key = self._key(credentials)
         self._entries.pop(key, None)
-        self._pending.pop(key, None)  # (its answer, no longer pending, is not cached)
+        self._forget_check(self._pending.pop(key, None))
 
     def clear(self) -> None:
         """Forget every cached answer (and, as :meth:`invalidate`, every check under way)."""
         self._entries.clear()
+        for task in self._pending.values():
+            self._forget_check(task)
         self._pending.clear()
 
     async def __call__(self, credentials: Credentials) -> SessionConfig:
@@ -532,6 +535,13 @@ class CachingAuthenticator:
             self._pending[key] = task
             task.add_done_callback(lambda done: self._drop_pending(key, done))
         return (await asyncio.shield(task)).resolve()
+
+    def _forget_check(self, task: asyncio.Task[_Outcome] | None) -> None:
+        """A check no longer pending (its answer will not be cached) runs on for its callers:
+        held here until it ends, since its callers may all have gone."""
+        if task is not None and not task.done():
+            self._forgotten.add(task)
+            task.add_done_callback(self._forgotten.discard)
 
     def _drop_pending(self, key: bytes, task: asyncio.Task[_Outcome]) -> None:
         if self._pending.get(key) is task:  # (not a later check, begun after an invalidation)

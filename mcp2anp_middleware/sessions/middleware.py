@@ -215,6 +215,8 @@ class MCPSessionMiddleware:
             self._side_apps[stats_path] = SessionStatsApp(self.registry, token=stats_token)
         if admin_token is not None:
             admin = SessionAdminApp(self.registry, token=admin_token, path=admin_path)
+            if f"{admin.path}/sessions" in self._side_apps:
+                raise ValueError(f"{admin.path}/sessions is both the statistics and the admin path")
             self._side_apps[f"{admin.path}/sessions"] = admin
         for side_path in self._side_apps:  # (the prefix's requests never reach them)
             if side_path == self.path_prefix or side_path.startswith(self._prefix_slash):
@@ -306,8 +308,12 @@ class MCPSessionMiddleware:
         if not await registry.settle(self.shutdown_grace):
             logger.warning("Shutting down before refused sessions could be removed from the store")
         if self.state_file is not None and self._started:  # (else the file was never read)
-            saved = await save_state_file(registry, self.state_file)
-            logger.info("Sessions saved to state file", count=saved)
+            try:
+                saved = await save_state_file(registry, self.state_file)
+            except OSError as exc:  # (a read-only or full disk): the rest of the stop goes on
+                logger.warning("Sessions not saved to state file", error=type(exc).__name__)
+            else:
+                logger.info("Sessions saved to state file", count=saved)
         await registry.close_local()
         try:
             await registry.store.aclose()

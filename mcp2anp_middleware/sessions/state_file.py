@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import structlog
+
 from mcp2anp_middleware.private_files import write_private_file
 from mcp2anp_middleware.sessions.ids import implicit_session_id, is_well_formed_session_id
 from mcp2anp_middleware.sessions.state import SessionConfig, SessionState
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
     from mcp2anp_middleware.sessions.registry import SessionRegistry
 
 FORMAT_VERSION = 1
+
+logger = structlog.get_logger("mcp2anp_middleware.sessions")
 
 
 async def save_state_file(registry: SessionRegistry, path: Path) -> int:
@@ -77,7 +81,10 @@ async def load_state_file(registry: SessionRegistry, path: Path) -> int:
             continue
         restored += 1
     # Restored once: a crash later must not resurrect them.
-    await asyncio.to_thread(path.unlink, missing_ok=True)
+    try:
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+    except OSError:  # (a read-only directory): the start goes on; the next save replaces it
+        logger.warning("Restored state file could not be deleted", path=str(path))
     return restored
 
 
