@@ -115,14 +115,8 @@ async def test_an_agent_dripping_bytes_hits_the_overall_timeout(tmp_path: Path) 
     assert caught.value.code == "TIMEOUT"
 
 
-async def test_restored_sessions_are_swept_in_order_of_use(tmp_path: Path) -> None:
-    state_file = tmp_path / "state.json"
-    clock = ManualClock()
-    now = clock()
-    sessions = [  # created in this order; the first was used most recently
-        {"id": "a" * 43, "principal": "p", "created_at": now - 100, "last_accessed": now - 1},
-        {"id": "b" * 43, "principal": "p", "created_at": now - 90, "last_accessed": now - 50},
-    ]
+def restoring(state_file: Path, sessions: list[Any], clock: ManualClock) -> MCPSessionMiddleware:
+    """A middleware (timeout 60 s) whose start will restore ``sessions`` from ``state_file``."""
     state_file.write_text(json.dumps({"version": 1, "sessions": sessions}))
     middleware = MCPSessionMiddleware(
         HostApp(),
@@ -131,6 +125,18 @@ async def test_restored_sessions_are_swept_in_order_of_use(tmp_path: Path) -> No
         policy=SessionPolicy(timeout=60),
         state_file=state_file,
     )
+    return middleware
+
+
+async def test_restored_sessions_are_swept_in_order_of_use(tmp_path: Path) -> None:
+    state_file = tmp_path / "state.json"
+    clock = ManualClock()
+    now = clock()
+    sessions = [  # created in this order; the first was used most recently
+        {"id": "a" * 43, "principal": "p", "created_at": now - 100, "last_accessed": now - 1},
+        {"id": "b" * 43, "principal": "p", "created_at": now - 90, "last_accessed": now - 50},
+    ]
+    middleware = restoring(state_file, sessions, clock)
     await middleware.startup()
     clock.advance(20)  # b idle 70 s: expired; a idle 21 s
     assert await middleware.registry.sweep() == 1
@@ -182,14 +188,7 @@ async def test_a_state_files_malformed_entries_are_skipped_and_clocks_ahead_take
         {"id": "e" * 43, **good, "last_accessed": float("nan")},
         "not an entry",
     ]
-    state_file.write_text(json.dumps({"version": 1, "sessions": sessions}))
-    middleware = MCPSessionMiddleware(
-        HostApp(),
-        mcp_app=RecordingMCPApp(),
-        clock=clock,
-        policy=SessionPolicy(timeout=60),
-        state_file=state_file,
-    )
+    middleware = restoring(state_file, sessions, clock)
     await middleware.startup()
     registry = middleware.registry
     assert sorted(record.session_id for record in registry.store.records()) == ["a" * 43, "f" * 43]  # type: ignore[attr-defined]
@@ -470,16 +469,13 @@ async def test_a_state_file_that_cannot_be_deleted_or_written_never_stops_start_
     clock = ManualClock()
     now = clock()
     entry = {"id": "a" * 43, "principal": "p", "created_at": now - 1, "last_accessed": now - 1}
-    state_file.write_text(json.dumps({"version": 1, "sessions": [entry]}))
 
     def refused(*args: object, **kwargs: object) -> None:
         raise PermissionError("read-only")
 
     monkeypatch.setattr(Path, "unlink", refused)
     monkeypatch.setattr(state_file_module, "write_private_file", refused)
-    middleware = MCPSessionMiddleware(
-        HostApp(), mcp_app=RecordingMCPApp(), clock=clock, state_file=state_file
-    )
+    middleware = restoring(state_file, [entry], clock)
     await middleware.startup()
     assert "a" * 43 in middleware.registry and middleware.background.ready
     await middleware.shutdown()

@@ -186,10 +186,10 @@ class SessionRegistry:
         self._busy: dict[int, SessionState] = {}
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._uncommitted: weakref.WeakSet[SessionState] = weakref.WeakSet()
+        """Implicit sessions created and not committed yet (see :meth:`awaiting_commit`)."""
         self._removing: dict[str, float] = {}
         """Refused creations whose record is being removed (id: creation time); see
         :meth:`_abandon_removing`."""
-        """Implicit sessions created and not committed yet (see :meth:`awaiting_commit`)."""
         self._commits: dict[int, asyncio.Future[None]] = {}
         """Commits whose store write is under way, by session object (one at a time)."""
         self._compensations: set[asyncio.Task[None]] = set()
@@ -495,8 +495,10 @@ class SessionRegistry:
         try:
             with anyio.CancelScope(shield=True):
                 await self.store.remove(state.session_id, created_at=state.created_at)
-        except StoreUnavailable:
+        except BaseException as exc:  # unreachable, or cut short (a native cancel): retried
             self._retry_in_background(state.session_id, state.created_at)
+            if not isinstance(exc, StoreUnavailable):
+                raise
         else:
             self._removed(state.session_id, state.created_at)
 
