@@ -222,4 +222,10 @@ def exception_fields() -> dict[str, str]:
     Not ``exc_info``: structlog's console renderer, with ``rich`` installed, prints each frame's
     local variables, and frames on the way to a failure hold secrets (a credential being
     checked, a session's key). Text formatted here never shows locals, whatever the renderer."""
-    return {"exception": redact_urls(traceback.format_exc())}
+    return {"exception": traceback_text()}
+
+
+def traceback_text() -> str:
+    """The exception being handled as plain text, URLs cut: for a line of a standard-library
+    logger, as a message argument rather than ``exc_info`` (see :func:`exception_fields`)."""
+    return redact_urls(traceback.format_exc())

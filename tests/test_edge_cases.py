@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import stat
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -490,3 +491,31 @@ def test_the_statistics_and_the_admin_api_cannot_share_a_path() -> None:
             stats_path="/mcp-admin/sessions",
             admin_token="t" * 20,
         )
+
+
+async def test_a_handler_failure_is_logged_as_text_without_exc_info(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A request handler that raises (here a host's server middleware): answered as an error,
+    and logged with its traceback as text, not ``exc_info`` (which a structlog renderer with
+    ``rich`` would print with the frames' locals)."""
+
+    async def broken(ctx: Any, call_next: Any) -> Any:
+        if ctx.method == "ping":
+            raise RuntimeError("host middleware bug")
+        return await call_next(ctx)
+
+    endpoint = MCPEndpoint(MCPServer("broken", middleware=[broken]), json_response=True)
+    middleware = MCPSessionMiddleware(HostApp(), mcp_app=endpoint, services=[endpoint.service])
+    ping = {"jsonrpc": "2.0", "id": 5, "method": "ping"}
+    with caplog.at_level(logging.ERROR, logger="mcp2anp_middleware.mcp_hosting"):
+        async with client_for(middleware) as client:
+            created = await client.post("/mcp", json=INITIALIZE, headers=MCP_HEADERS)
+            headers = {**MCP_HEADERS, "Mcp-Session-Id": created.headers["mcp-session-id"]}
+            headers["MCP-Protocol-Version"] = "2025-11-25"
+            answer = await client.post("/mcp", json=ping, headers=headers)
+    assert "error" in answer.json()
+    (record,) = [r for r in caplog.records if r.getMessage().startswith("Handler for 'ping'")]
+    assert record.exc_info is None
+    assert "RuntimeError: host middleware bug" in record.getMessage()
+    await middleware.shutdown()

@@ -52,6 +52,7 @@ from mcp_types import (
 from pydantic import TypeAdapter
 
 from mcp2anp_middleware.cancel_scope import cancel_scope
+from mcp2anp_middleware.logging_setup import traceback_text
 from mcp2anp_middleware.mcp_hosting.backplane import STANDALONE as STANDALONE
 from mcp2anp_middleware.mcp_hosting.backplane import Event
 from mcp2anp_middleware.mcp_hosting.handshake import Handshake, below_level, decoded
@@ -323,7 +324,7 @@ class LiveSession:
                 except Exception as exc:
                     error = handler_exception_to_error_data(exc)
                     if error is None:
-                        logger.exception("Handler for %r raised", request.method)
+                        logger.error("Handler for %r raised\n%s", request.method, traceback_text())
                         error = ErrorData(code=0, message=str(exc))
                     answer = _error_json(request.id, error)
                 else:
@@ -331,7 +332,8 @@ class LiveSession:
                     try:
                         answer = _answer_json(request.id, result)
                     except ValueError:  # pydantic's serialization errors included
-                        logger.exception("Result of %r could not be serialized", request.method)
+                        text = "Result of %r could not be serialized\n%s"
+                        logger.error(text, request.method, traceback_text())
                         failed = ErrorData(code=INTERNAL_ERROR, message="Internal error")
                         answer = _error_json(request.id, failed)
                     else:

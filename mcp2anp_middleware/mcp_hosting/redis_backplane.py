@@ -41,6 +41,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from redis.asyncio.cluster import RedisCluster
 
+from mcp2anp_middleware.logging_setup import traceback_text
 from mcp2anp_middleware.mcp_hosting.backplane import (
     CLAIM_SECONDS,
     DEFAULT_MAX_EVENTS,
@@ -282,7 +283,8 @@ class RedisRelay:
                     try:
                         await self._on_note(data)
                     except Exception:
-                        logger.exception("A note from another worker could not be handled")
+                        text = "A note from another worker could not be handled\n%s"
+                        logger.error(text, traceback_text())
             elif channel.startswith(f"{self.prefix}ev:"):
                 session_id = channel[len(self.prefix) + 3 :]
                 event = Event(str(data.get("s")), data.get("e"), data.get("m"), bool(data.get("f")))
