@@ -22,6 +22,7 @@ from mcp2anp_middleware.sessions.background import BackgroundRunner
 from mcp2anp_middleware.sessions.clock import ManualClock
 from mcp2anp_middleware.sessions.policy import SessionPolicy
 from mcp2anp_middleware.sessions.registry import SessionRegistry
+from mcp2anp_middleware.sessions.stores import StoreUnavailable
 
 from .inner_apps import HostApp, RecordingMCPApp
 from .messages import BARE_INITIALIZE as INIT
@@ -328,3 +329,33 @@ async def test_a_start_whose_caller_is_cancelled_keeps_the_running_task(
     await runner.stop()
     assert exits == ["exit"]
     assert background_tasks() == []
+
+
+async def test_a_stop_ends_a_sweep_that_swallowed_a_cancellation() -> None:
+    """A sweep whose store call turned the stop's cancellation into an outage (as redis-py's
+    read timeout firing with it did) went on sweeping, and the stop waited for good."""
+    registry = SessionRegistry()
+    sweeping = asyncio.Event()
+    swallowed: list[int] = []
+
+    async def sweep(*args: Any, **kwargs: Any) -> int:
+        sweeping.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            if swallowed:
+                raise
+            swallowed.append(1)
+            raise StoreUnavailable("read timed out") from None
+        return 0
+
+    async def at_once(seconds: float) -> None:
+        return None
+
+    registry.sweep = sweep  # type: ignore[method-assign]
+    runner = BackgroundRunner(registry, cleanup_interval=60, sleep=at_once)
+    await runner.start()
+    await asyncio.wait_for(sweeping.wait(), 10)
+    stop = asyncio.ensure_future(runner.stop())
+    done, _ = await asyncio.wait({stop}, timeout=10)
+    assert stop in done and swallowed == [1]

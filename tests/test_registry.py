@@ -8,6 +8,7 @@ import contextlib
 import gc
 import json
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -1085,3 +1086,39 @@ async def test_an_implicit_session_committed_after_a_long_first_request_is_writt
     assert await other.sweep() == 0
     await sessions.release(state)
     assert await sessions.get(state.session_id, ALICE, implicit=True) is state
+
+
+class SwallowsOneCancel(InMemorySessionStore):
+    """Notices whose reading swallows the first cancellation, as redis-py's read did when its
+    timeout fired as the cancellation arrived (it became a timeout, and the read went on)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.swallowed = 0
+        self.listening = asyncio.Event()
+
+    async def ended_sessions(self) -> AsyncIterator[str]:
+        self.listening.set()
+        while True:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                if self.swallowed:
+                    raise
+                self.swallowed += 1
+            yield "changed:none"
+
+
+async def test_following_other_processes_stops_though_a_cancellation_is_swallowed() -> None:
+    """Before, the stop waited for good: the one cancellation was lost and the task went on."""
+    store = SwallowsOneCancel()
+    sessions = SessionRegistry(store=store)
+
+    async def follow_then_stop() -> None:
+        async with sessions.follow_other_processes():
+            await store.listening.wait()
+
+    stop = asyncio.ensure_future(follow_then_stop())
+    done, _ = await asyncio.wait({stop}, timeout=10)
+    assert stop in done and store.swallowed == 1
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == "mcp2anp-session-follow"]

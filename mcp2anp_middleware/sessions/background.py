@@ -15,6 +15,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack
 
 import structlog
 
+from mcp2anp_middleware.cancel_scope import cancel_and_wait
 from mcp2anp_middleware.logging_setup import exception_fields
 from mcp2anp_middleware.sessions.registry import SessionRegistry
 
@@ -100,9 +101,7 @@ class BackgroundRunner:
                     await self._stop.wait()
                 finally:
                     self._up = False
-                    sweeper.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await sweeper
+                    await cancel_and_wait(sweeper)  # (a sweep's store call may swallow one)
                     logger.debug("Session cleanup task stopped")
         except BaseException as exc:
             if not self._ready.done():

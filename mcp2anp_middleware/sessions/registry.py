@@ -32,7 +32,7 @@ from typing import Any
 
 import anyio
 
-from mcp2anp_middleware.cancel_scope import cancel_scope
+from mcp2anp_middleware.cancel_scope import cancel_and_wait, cancel_scope
 from mcp2anp_middleware.logging_setup import HotPathLogger, exception_fields
 from mcp2anp_middleware.sessions.clock import Clock, system_clock
 from mcp2anp_middleware.sessions.events import (
@@ -935,9 +935,7 @@ class SessionRegistry:
         try:
             yield
         finally:
-            task.cancel()
-            with suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)  # (a swallowed cancellation must not hold the stop)
 
     def _unconfirm(self, session_id: str) -> None:
         state = self._live.get(session_id)
