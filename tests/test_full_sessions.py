@@ -176,6 +176,15 @@ async def id_of_first_message(lines: AsyncIterator[str]) -> str:
     return event_id
 
 
+async def first_message(lines: AsyncIterator[str]) -> Any:
+    """Read an SSE stream's lines up to its first message (not a priming event): its JSON."""
+    with anyio.fail_after(10):
+        async for line in lines:
+            if line.startswith("data:") and line[5:].strip():
+                return json.loads(line[5:])
+    raise AssertionError("the stream ended without a message")
+
+
 async def dropped_slow_call(http: httpx.AsyncClient, client: RawClient, url: str) -> str:
     """Call the gated ``slow`` tool and drop its stream after the priming event: its id."""
     message = {
@@ -472,12 +481,9 @@ async def test_the_get_stream_carries_notifications_sent_by_another_worker(
         async with http.stream("GET", b.url, headers=client.headers()) as standalone:
             assert standalone.status_code == 200
             assert result_text(await client.call(a.url, 1, "touch")) == "touched"
-            async for line in standalone.aiter_lines():
-                if line.startswith("data:") and line[5:].strip():  # (not the priming event)
-                    note = json.loads(line[5:])
-                    assert note["method"] == "notifications/resources/updated"
-                    assert note["params"] == {"uri": "test://thing"}
-                    break
+            note = await first_message(standalone.aiter_lines())
+            assert note["method"] == "notifications/resources/updated"
+            assert note["params"] == {"uri": "test://thing"}
 
 
 async def test_a_request_id_spelled_like_the_get_streams_name_is_just_a_request(
@@ -494,12 +500,8 @@ async def test_a_request_id_spelled_like_the_get_streams_name_is_just_a_request(
             answer = await client.call(a.url, STANDALONE, "touch")
             assert result_text(answer) == "touched"
             assert all(event["data"].get("id") == STANDALONE for event in answer if event["data"])
-            with anyio.fail_after(10):
-                async for line in standalone.aiter_lines():
-                    if line.startswith("data:") and line[5:].strip():  # (not the priming event)
-                        note = json.loads(line[5:])
-                        assert note["method"] == "notifications/resources/updated"
-                        break
+            note = await first_message(standalone.aiter_lines())
+            assert note["method"] == "notifications/resources/updated"
 
 
 async def test_an_id_reused_while_its_answer_is_being_logged_is_refused(tmp_path: Path) -> None:
@@ -603,12 +605,8 @@ async def test_the_standalone_stream_is_one_per_session_across_workers(
                         pass  # the earlier stream, on the other worker, ended
                 assert (await http.get(a.url, headers=client.headers())).status_code == 409
                 assert result_text(await client.call(a.url, 2, "touch")) == "touched"
-                with anyio.fail_after(10):
-                    async for line in resumed.aiter_lines():
-                        if line.startswith("data:") and line[5:].strip():
-                            note = json.loads(line[5:])
-                            assert note["method"] == "notifications/resources/updated"
-                            break
+                note = await first_message(resumed.aiter_lines())
+                assert note["method"] == "notifications/resources/updated"
         # the holder's stream closed: its claim goes with it (when its worker notices)
         with anyio.fail_after(10):
             while True:
@@ -1121,12 +1119,8 @@ async def test_a_standalone_stream_resumes_from_its_first_event_on_any_worker(
                 async for _ in lines:
                     pass  # the earlier stream ended
             assert result_text(await client.call(a.url, 1, "touch")) == "touched"
-            with anyio.fail_after(10):
-                async for line in resumed.aiter_lines():
-                    if line.startswith("data:") and line[5:].strip():
-                        note = json.loads(line[5:])
-                        assert note["method"] == "notifications/resources/updated"
-                        break
+            note = await first_message(resumed.aiter_lines())
+            assert note["method"] == "notifications/resources/updated"
 
 
 @pytest.mark.parametrize("shared", [False, True])
