@@ -641,6 +641,72 @@ async def test_a_stream_lost_after_its_priming_event_is_resumed_on_the_other_wor
         assert result_text(sse_events(again.text)) == "slow done"
 
 
+async def test_a_request_stream_resumed_again_goes_on_the_later_get_only(tmp_path: Path) -> None:
+    """No message goes on two streams: a second GET resuming the same request stream ends the
+    first, and the answer comes on the second only."""
+    gate = Gate()
+    async with workers(tmp_path, 1, None, gate) as (a,), httpx.AsyncClient() as http:
+        client = RawClient(http)
+        await client.initialize(a.url)
+        priming = await dropped_slow_call(http, client, a.url)
+        await gate.started.wait()
+        headers = client.headers(**{"Last-Event-ID": priming})
+        async with http.stream("GET", a.url, headers=headers) as first:
+            assert first.status_code == 200
+            async with http.stream("GET", a.url, headers=headers) as second:
+                assert second.status_code == 200
+                with anyio.fail_after(10):  # the first ended (before the answer)
+                    earlier = "\n".join([line async for line in first.aiter_lines()])
+                gate.released.set()
+                body = "\n".join([line async for line in second.aiter_lines()])
+        assert "slow done" not in earlier
+        assert result_text(sse_events(body)) == "slow done"
+        assert not a.app.endpoint._resumed
+
+
+async def test_a_session_follows_a_bounded_number_of_resumed_streams(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream's id is checked for shape only (any worker may have issued it) and a GET
+    resuming it waits up to ``RESUMED_SILENCE`` for its events: past ``MAX_RESUMED_STREAMS``
+    of one session on one worker, a resume is refused (429, a JSON-RPC error) instead of
+    holding one more connection. Resuming a stream already followed takes its place, and the
+    bound is per session."""
+    monkeypatch.setattr(endpoint_module, "MAX_RESUMED_STREAMS", 2)
+    async with workers(tmp_path, 1, None) as (a,), httpx.AsyncClient() as http:
+        client, other = RawClient(http), RawClient(http)
+        await client.initialize(a.url)
+        await other.initialize(a.url)
+
+        def resuming(who: RawClient, n: int) -> dict[str, str]:
+            return who.headers(**{"Last-Event-ID": priming_id("0", f"{'a' * 10}.1.{n}")})
+
+        async with (
+            http.stream("GET", a.url, headers=resuming(client, 1)) as one,
+            http.stream("GET", a.url, headers=resuming(client, 2)) as two,
+        ):
+            assert (one.status_code, two.status_code) == (200, 200)
+            refused = await http.get(a.url, headers=resuming(client, 3))
+            assert refused.status_code == 429
+            assert refused.json()["error"]["code"] == -32000
+            assert refused.json()["error"]["message"] == endpoint_module.TOO_MANY_STREAMS
+            async with http.stream("GET", a.url, headers=resuming(client, 1)) as again:
+                assert again.status_code == 200
+                with anyio.fail_after(10):
+                    async for _ in one.aiter_lines():
+                        pass  # the earlier GET of that stream ended
+            async with http.stream("GET", a.url, headers=resuming(other, 3)) as theirs:
+                assert theirs.status_code == 200
+            deleted = await http.delete(a.url, headers=client.headers())
+            assert deleted.status_code == 204
+            with anyio.fail_after(10):
+                async for _ in two.aiter_lines():
+                    pass  # the session's streams end with it
+        with anyio.fail_after(10):
+            while a.app.endpoint._resumed:  # noqa: ASYNC110 (each GET's end runs a moment later)
+                await anyio.sleep(0.01)
+
+
 async def test_ending_the_session_tears_its_streams_and_events_down(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:

@@ -76,6 +76,7 @@ from mcp2anp_middleware.sessions.jsonrpc_errors import (
     INTERNAL_ERROR,
     INVALID_REQUEST,
     PARSE_ERROR,
+    SERVER_ERROR,
     send_jsonrpc_error,
 )
 from mcp2anp_middleware.sessions.middleware import MESSAGE_SCOPE_KEY, SESSION_GONE
@@ -98,6 +99,13 @@ SESSION_SCOPE_KEY = "mcp_session"
 CONFLICTING_STREAM = "Conflict: only one standalone stream per session"
 RESUMED_SILENCE = 300.0
 """Seconds a resumed request stream waits for an event (as long as events are kept)."""
+MAX_RESUMED_STREAMS = 32
+"""Request streams one session may follow on one worker at a time (GETs resuming them with
+``Last-Event-ID``). A client resumes each stream it lost once, so a session needs as many as it
+had requests cut off; each GET holds a connection for up to :data:`RESUMED_SILENCE`, and a
+client naming streams that never were (their ids are checked for shape only, since any worker
+may have issued them) could otherwise hold any number."""
+TOO_MANY_STREAMS = "Too many resumed streams open for this session"
 _WIRE_ID = re.compile(r"^([0-9a-f]{10})\.(\d{1,18})\.(-?\d{1,18})$")
 
 
@@ -159,6 +167,9 @@ class MCPEndpoint:
         self._standalone: dict[str, anyio.CancelScope] = {}
         """The standalone stream open here, by session (one per session, on every worker: each
         is also claimed through the relay)."""
+        self._resumed: dict[str, dict[str, anyio.CancelScope]] = {}
+        """The request streams resumed here, by session and stream: one GET each (a second
+        resume of a stream ends the first, since no message goes on two streams)."""
         self._gets = 0
         self._tasks: anyio.abc.TaskGroup | None = None
         self._holds = HoldTimer(HOLD_SECONDS)
@@ -486,6 +497,7 @@ class MCPEndpoint:
                     await send_jsonrpc_error(send, 409, INVALID_REQUEST, CONFLICTING_STREAM)
                 return
         cancel = anyio.CancelScope()
+        resumed: str | None = None  # the request stream this GET follows, once found
         if last_event_id is None:
             self._standalone[session_id] = cancel
         self._streams.setdefault(session_id, set()).add(cancel)
@@ -522,6 +534,12 @@ class MCPEndpoint:
                             self._standalone[session_id] = cancel
                             claimed = True
                             taken = await self._take_over(session_id, token)
+                        elif found is not None:
+                            resumed = found[0]
+                            if not self._follows(session_id, resumed, cancel):
+                                refused = True
+                                await send_jsonrpc_error(send, 429, SERVER_ERROR, TOO_MANY_STREAMS)
+                                return
                         await writer.start([])
                         if found is None:
                             return
@@ -557,6 +575,8 @@ class MCPEndpoint:
         finally:
             if self._standalone.get(session_id) is cancel:
                 del self._standalone[session_id]
+            if resumed is not None:
+                self._unfollow(session_id, resumed, cancel)
             scopes = self._streams.get(session_id)
             if scopes is not None:
                 scopes.discard(cancel)
@@ -568,6 +588,27 @@ class MCPEndpoint:
                 with anyio.CancelScope(shield=True):
                     await send_jsonrpc_error(send, 404, INVALID_REQUEST, "Session not found")
             await writer.finish()
+
+    def _follows(self, session_id: str, stream: str, cancel: anyio.CancelScope) -> bool:
+        """Make ``cancel``'s GET the one following ``stream`` here (ending an earlier GET of the
+        same stream); False when the session follows :data:`MAX_RESUMED_STREAMS` others."""
+        following = self._resumed.setdefault(session_id, {})
+        earlier = following.get(stream)
+        if earlier is not None:
+            earlier.cancel()  # its client left, or gets nothing more: the later GET has it
+        elif len(following) >= MAX_RESUMED_STREAMS:
+            if not following:
+                del self._resumed[session_id]
+            return False
+        following[stream] = cancel
+        return True
+
+    def _unfollow(self, session_id: str, stream: str, cancel: anyio.CancelScope) -> None:
+        following = self._resumed.get(session_id)
+        if following is not None and following.get(stream) is cancel:
+            del following[stream]
+            if not following:
+                del self._resumed[session_id]
 
     def _aged_check(self, state: SessionState) -> Callable[[], bool] | None:
         """Whether ``state`` is past its maximum age now (None: sessions have none)."""
