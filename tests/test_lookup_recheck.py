@@ -227,3 +227,70 @@ async def test_a_delete_is_removed_and_announced_in_one_step(redis_server: Redis
         await ended  # the notice came from the script
         assert announced == []
         assert not await worker_a.remove(state.session_id, reason="deleted")  # gone: no notice
+
+
+async def test_a_lookup_that_read_nothing_leaves_a_session_made_during_its_read(
+    redis_server: RedisServer,
+) -> None:
+    """A read that found no record says nothing of a live object made for the id while the read
+    was on its way: a principal's session-less-era session, made by one request while another
+    request's lookup read, stays with the request it serves (before, the late lookup ended it,
+    which cancelled that request, and made a second object for the same session)."""
+    clock = ManualClock()
+    async with two_workers(redis_server, "recheck9:", clock, follow_b=False) as (_, worker, store):
+        carol = SessionConfig(principal="carol")
+        gate = store.gate = asyncio.Event()
+        store.reading = asyncio.Event()
+        late = asyncio.create_task(worker.implicit_session(carol))
+        await asyncio.wait_for(store.reading.wait(), 10)
+        store.gate = None
+        state, created = await worker.implicit_session(carol)
+        assert created
+        await worker.acquire(state)
+        gate.set()
+        other, other_created = await late
+        assert not state.closed
+        assert other is state and not other_created
+        await worker.commit(state)
+        await worker.release(state)
+        assert await worker.get(state.session_id, carol, implicit=True) is state
+
+
+async def test_a_sweep_leaves_a_session_a_request_took_up_during_its_reads(
+    redis_server: RedisServer,
+) -> None:
+    """A sweep reads its candidates one at a time: a request that takes one up meanwhile keeps
+    it (before, the sweep closed it under the request, which cancelled it)."""
+    clock = ManualClock()
+    store_a = CountingStore.from_url(redis_server.url, prefix="recheck10:", touch_interval=1.0)
+    store_b = RedisSessionStore.from_url(redis_server.url, prefix="recheck10:", touch_interval=1.0)
+    worker_a = SessionRegistry(store=store_a, session_timeout=10.0, clock=clock)
+    worker_b = SessionRegistry(store=store_b, session_timeout=10.0, clock=clock)
+    closed: list[str] = []
+    worker_a.subscribe(lambda event: closed.append(event.session_id))
+    try:
+        made = [await made_on(worker_b) for _ in range(2)]
+        held = [await worker_a.get(state.session_id, ALICE) for state in made]
+        for _ in range(6):  # A's objects idle past the timeout while B keeps the sessions used
+            clock.advance(5)
+            for state in made:
+                await worker_b.acquire(state)
+                await worker_b.release(state)
+        gate = store_a.gate = asyncio.Event()
+        store_a.reading = asyncio.Event()
+        sweeping = asyncio.create_task(worker_a.sweep())
+        await asyncio.wait_for(store_a.reading.wait(), 10)  # reading the first candidate
+        store_a.gate = None
+        taken = await worker_a.get(made[1].session_id, ALICE)
+        assert taken is held[1]
+        await worker_a.acquire(taken)
+        gate.set()
+        await sweeping
+        assert closed == [made[0].session_id]  # no longer needed here: used on B
+        assert held[0] is not None and held[0].closed
+        assert not taken.closed and taken.in_flight == 1
+        await worker_a.release(taken)
+        assert await worker_a.get(made[1].session_id, ALICE) is taken
+    finally:
+        await store_a.aclose()
+        await store_b.aclose()

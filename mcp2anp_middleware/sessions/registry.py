@@ -621,7 +621,8 @@ class SessionRegistry:
         notices = self._notices
         record = await self.store.read(session_id)
         if record is None:
-            self._ended(session_id, SessionEventKind.EXPIRED)
+            if state is not None:  # (a live object made during the read is a new session's)
+                self._drop(state, SessionEventKind.EXPIRED)
             return None
         if record.principal != config.principal or record.implicit != implicit:
             return None
@@ -719,7 +720,7 @@ class SessionRegistry:
                 if self.store.write_now(record):  # type: ignore[attr-defined]
                     state.synced_at = record.last_used
                 else:
-                    self._ended(state.session_id, SessionEventKind.EXPIRED)
+                    self._drop(state, SessionEventKind.EXPIRED)
             return
         with cancel_scope(shield=True):
             await self._end_use(state, max_age=max_age)
@@ -728,7 +729,7 @@ class SessionRegistry:
         if max_age:
             await self.remove(state.session_id, reason="max_age")
         elif await self._sync(state, force=self.touch_interval == 0 or state.leased) is False:
-            self._ended(state.session_id, SessionEventKind.EXPIRED)
+            self._drop(state, SessionEventKind.EXPIRED)
 
     async def save_handshake(self, state: SessionState, handshake: str) -> None:
         """Remember the session's MCP handshake (or a change to it, such as its log level) here
@@ -1056,8 +1057,8 @@ class SessionRegistry:
                 record = await self.store.read(state.session_id)
                 alive = record is not None and record.created_at == state.created_at
                 why = self._expired(state, now, record.expires_at) if record else None
-                if self._live.get(state.session_id) is not state:
-                    continue
+                if self._live.get(state.session_id) is not state or state.in_flight:
+                    continue  # (a request took it up during the read: its end writes its use)
                 if alive and why is not None:
                     await self.remove(state.session_id, reason=why)
                 elif alive:
@@ -1070,6 +1071,13 @@ class SessionRegistry:
                 aging = self._live.get(entry[1])
                 if aging is not None and aging.created_at + max_age == entry[0]:
                     heapq.heappush(aged, entry)
+
+    def _drop(self, state: SessionState, kind: SessionEventKind) -> None:
+        """End ``state`` if it is still this process's object of its session: a read or a write
+        that found the record gone says nothing of an object made for the same id since (an
+        implicit session's id is its principal's, made again at once by its next request)."""
+        if self._live.get(state.session_id) is state:
+            self._ended(state.session_id, kind)
 
     def _ended(
         self,
