@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
@@ -134,3 +135,27 @@ def test_client_refuses_a_non_http_url() -> None:
     result = run(["-m", "example_app.client", "ftp://127.0.0.1/mcp"])
     assert result.returncode == 2
     assert "not an http(s) URL" in result.stderr
+
+
+def test_sigterm_ends_open_get_streams_and_does_not_wait_for_them(tmp_path: Path) -> None:
+    """The server hears of its stop before it waits for open connections: a client's standalone
+    GET stream (which never closes by itself) ends at once, and the process exits without
+    waiting out its graceful-shutdown time (before, uvicorn waited the whole grace for the
+    stream and then cancelled every request still running)."""
+    with launcher(tmp_path, "--shutdown-grace", "300") as server, httpx.Client() as http:
+        url = f"{server.base_url}/mcp"
+        created = http.post(url, json=INIT, headers=MCP_HEADERS)
+        session = {**MCP_HEADERS, "Mcp-Session-Id": created.headers["mcp-session-id"]}
+        initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+        assert http.post(url, json=initialized, headers=session).status_code == 202
+        deadline = time.monotonic() + 60  # (a bound, far below the grace: the old way took 300 s)
+        with http.stream("GET", url, headers=session, timeout=60) as stream:
+            assert stream.status_code == 200
+            server.process.send_signal(signal.SIGTERM)
+            for _ in stream.iter_lines():
+                assert time.monotonic() < deadline, "the GET stream was not ended"
+        code = server.process.wait(timeout=60)
+        stderr = server.stderr()
+    assert code in (0, -signal.SIGTERM), stderr
+    assert "Traceback" not in stderr
+    assert "Application shutdown complete" in stderr

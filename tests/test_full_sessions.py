@@ -20,6 +20,7 @@ import anyio.lowlevel
 import httpx
 import mcp
 import pytest
+import redis.asyncio
 from mcp import types
 from mcp.client.session import ClientRequestContext
 from mcp.server.mcpserver import Context, MCPServer
@@ -707,6 +708,80 @@ async def test_a_session_follows_a_bounded_number_of_resumed_streams(
                 await anyio.sleep(0.01)
 
 
+async def test_a_resumed_stream_with_no_events_of_its_own_ends_in_a_busy_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GET resuming a request stream whose answer never comes (its worker died, or the id
+    names no stream) ends after ``RESUMED_SILENCE`` without an event of that stream, however
+    many events the session's other requests send meanwhile (before, each of them restarted the
+    wait, and with no gap longer than a keepalive the GET never ended)."""
+    monkeypatch.setattr(endpoint_module, "KEEPALIVE_SECONDS", 0.5)
+    monkeypatch.setattr(endpoint_module, "RESUMED_SILENCE", 1.0)
+    async with workers(tmp_path, 1, None) as (a,), httpx.AsyncClient() as http:
+        client = RawClient(http)
+        await client.initialize(a.url)
+        headers = client.headers(**{"Last-Event-ID": priming_id("0", f"{'a' * 10}.1.1")})
+        calls = 0
+
+        async def busy() -> None:  # other requests' events, back to back
+            nonlocal calls
+            while True:
+                calls += 1
+                assert result_text(await client.call(a.url, 100 + calls, "chatty")) == "chatted"
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(busy)
+            async with http.stream("GET", a.url, headers=headers) as resumed:
+                assert resumed.status_code == 200
+                with anyio.fail_after(20):
+                    async for _ in resumed.aiter_lines():
+                        pass  # ended by the server
+            tasks.cancel_scope.cancel()
+        assert calls > 1
+
+
+async def test_a_lost_relay_connection_ends_its_streams_which_resume_from_the_log(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """What is published while a worker's relay connection is down never reaches that worker:
+    its streams end when it sees the loss (before, a resumed request stream waited on for an
+    answer that had gone by), and the client's next resume, from the log, has everything."""
+    gate = Gate()
+    prefix = f"gap-{uuid.uuid4().hex[:8]}:"
+    async with (
+        workers(tmp_path, 2, redis_server, gate, prefix=prefix) as (a, b),
+        httpx.AsyncClient() as http,
+    ):
+        client = RawClient(http)
+        await client.initialize(a.url)
+        priming = await dropped_slow_call(http, client, a.url)
+        await gate.started.wait()
+        headers = client.headers(**{"Last-Event-ID": priming})
+        async with http.stream("GET", b.url, headers=headers) as resumed:
+            assert resumed.status_code == 200
+            lines = resumed.aiter_lines()
+            async for line in lines:
+                if '"started"' in line:
+                    break  # replayed: b follows the stream
+            killer = redis.asyncio.Redis.from_url(redis_server.url)
+            try:
+                await killer.client_kill_filter(_type="pubsub")  # every worker's relay
+            finally:
+                await killer.aclose()
+            with anyio.fail_after(10):
+                rest = [line async for line in lines]  # ended: the answer is not sent yet
+        assert not any("slow done" in line for line in rest)
+        gate.released.set()
+        with anyio.fail_after(10):
+            while True:
+                again = await http.get(b.url, headers=headers)
+                if again.status_code == 200:
+                    break
+                assert again.status_code == 503  # (the relay reconnecting)
+                await anyio.sleep(0.1)
+        assert result_text(sse_events(again.text)) == "slow done"
+
+
 async def test_ending_the_session_tears_its_streams_and_events_down(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
@@ -997,6 +1072,56 @@ async def test_a_second_listener_waits_for_the_pending_subscription(
         leave.set()
     await relay._pubsub.aclose()
     await client.aclose()
+
+
+async def test_a_listen_whose_subscription_failed_or_was_cut_short_leaves_nothing(
+    redis_server: RedisServer,
+) -> None:
+    """A GET's subscription that Redis refused (away for a moment), or that was cut short while
+    it waited for the confirmation (a take-over, the session's end), leaves no pending
+    confirmation behind: before, one stayed for each such session, for good."""
+    client = RedisSessionStore.from_url(redis_server.url, prefix="cut:").client
+    relay = RedisRelay(client, prefix="cut:")
+    relay._pubsub = client.pubsub()  # no reader: a confirmation stays pending
+
+    async def away(*channels: str) -> None:
+        raise ConnectionError("Redis away")
+
+    subscribe = relay._pubsub.subscribe
+    relay._pubsub.subscribe = away
+    for n in range(3):
+        with pytest.raises(ConnectionError):
+            async with relay.listen(f"s{n}"):
+                pass
+    relay._pubsub.subscribe = subscribe
+    with anyio.move_on_after(0.05):  # cut short while waiting for its confirmation
+        async with relay.listen("cut"):
+            pytest.fail("not confirmed: never listening")
+    assert relay._confirmed == {}
+    assert relay._listeners == {}
+    await relay._pubsub.aclose()
+    await client.aclose()
+
+
+async def test_once_its_streams_are_ended_for_a_stop_a_worker_opens_no_more(
+    tmp_path: Path,
+) -> None:
+    """A server told to stop still serves what its open connections send; a GET stream opened
+    then would hold its stop again, so it is refused (503, a JSON-RPC error) and the client
+    goes to another worker. Requests are still served."""
+    async with workers(tmp_path, 1, None) as (a,), httpx.AsyncClient() as http:
+        client = RawClient(http)
+        await client.initialize(a.url)
+        async with http.stream("GET", a.url, headers=client.headers()) as standalone:
+            assert standalone.status_code == 200
+            a.app.endpoint.end_streams()
+            with anyio.fail_after(10):
+                async for _ in standalone.aiter_lines():
+                    pass  # ended
+        refused = await http.get(a.url, headers=client.headers())
+        assert refused.status_code == 503
+        assert refused.json()["error"]["message"] == "Server shutting down"
+        assert result_text(await client.call(a.url, 2, "touch")) == "touched"
 
 
 async def test_a_get_for_a_session_that_ended_meanwhile_is_answered_404(tmp_path: Path) -> None:

@@ -282,7 +282,7 @@ async def test_a_sweep_leaves_a_session_a_request_took_up_during_its_reads(
         await asyncio.wait_for(store_a.reading.wait(), 10)  # reading the first candidate
         store_a.gate = None
         taken = await worker_a.get(made[1].session_id, ALICE)
-        assert taken is held[1]
+        assert taken is not None and taken is held[1]
         await worker_a.acquire(taken)
         gate.set()
         await sweeping

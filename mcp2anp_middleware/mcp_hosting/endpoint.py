@@ -171,6 +171,8 @@ class MCPEndpoint:
         """The request streams resumed here, by session and stream: one GET each (a second
         resume of a stream ends the first, since no message goes on two streams)."""
         self._gets = 0
+        self._closing = False
+        """Set when the server stops (:meth:`end_streams`): a new GET stream would hold it."""
         self._tasks: anyio.abc.TaskGroup | None = None
         self._holds = HoldTimer(HOLD_SECONDS)
         """The requests' holds (see :class:`HoldTimer`), made anew on the loop of each start."""
@@ -207,6 +209,7 @@ class MCPEndpoint:
             self.lifespan_state = lifespan_state
             async with anyio.create_task_group() as tasks:
                 self._tasks = tasks
+                self._closing = False
                 self._holds = HoldTimer(HOLD_SECONDS)
                 await self.backplane.relay.start(self._on_note, tasks)
                 if self.request_state is not None:
@@ -463,6 +466,9 @@ class MCPEndpoint:
             return
         session_id = state.session_id
         last_event_id = headers.last_event_id
+        if self._closing:  # (a keep-alive connection's GET while the server stops)
+            await send_jsonrpc_error(send, 503, INTERNAL_ERROR, "Server shutting down")
+            return
         if state.closed:  # ended since the middleware found it: no stream for a session gone
             await send_jsonrpc_error(send, 404, INVALID_REQUEST, "Session not found")
             return
@@ -664,14 +670,18 @@ class MCPEndpoint:
                 tasks.cancel_scope.cancel()
 
             tasks.start_soon(watch_disconnect)
-            # A resumed request stream that stays silent longer than its events are kept (its
-            # request ended unseen, say) ends; the client may resume again. The standalone
-            # stream lasts as long as its client, its claim, and its session's maximum age.
+            # A resumed request stream that gets no event of its own for longer than events
+            # are kept (its request ended unseen, say) ends, however busy the rest of its
+            # session; the client may resume again. The standalone stream lasts as long as its
+            # client, its claim, and its session's maximum age.
             silent_since = anyio.current_time()
             renew_at = silent_since + KEEPALIVE_SECONDS
             while writer.open:
-                if anyio.current_time() >= renew_at:  # every 15 to 30 s
-                    renew_at = anyio.current_time() + KEEPALIVE_SECONDS
+                now = anyio.current_time()
+                if now >= renew_at:  # every 15 to 30 s
+                    renew_at = now + KEEPALIVE_SECONDS
+                    if stream != STANDALONE and now - silent_since > RESUMED_SILENCE:
+                        break
                     if aged is not None and aged():
                         break  # past its maximum age: the session goes with its last stream
                     if owner is None:
@@ -686,14 +696,8 @@ class MCPEndpoint:
                     except (anyio.EndOfStream, anyio.ClosedResourceError):
                         break  # fell too far behind: the client resumes from the log
                 if idle.cancelled_caught:
-                    if (
-                        stream != STANDALONE
-                        and anyio.current_time() - silent_since > RESUMED_SILENCE
-                    ):
-                        break
                     await writer.keepalive()
                     continue
-                silent_since = anyio.current_time()
                 if event.stream != stream or (
                     event.event_id is not None and event.event_id in seen
                 ):
@@ -705,6 +709,7 @@ class MCPEndpoint:
                     ):
                         break  # taken over by a GET that resumed it (here or elsewhere)
                     continue
+                silent_since = anyio.current_time()
                 await writer.event(event)
                 if event.final:
                     break
@@ -911,8 +916,9 @@ class MCPEndpoint:
             logger.debug("Event log of an ended session not dropped (it expires by itself)")
 
     def end_streams(self) -> None:
-        """End every GET stream open here (shutting down: clients reconnect to another worker);
-        requests in flight are left to finish."""
+        """End every GET stream open here (shutting down: clients reconnect to another worker),
+        and answer later GETs 503 until the next start; requests in flight are left to finish."""
+        self._closing = True
         for scopes in self._streams.values():
             for cancel in scopes:
                 cancel.cancel()

@@ -258,6 +258,7 @@ class RedisRelay:
                 message = await self._pubsub.get_message(timeout=1.0)
             except Exception:
                 logger.warning("Relay connection lost; reconnecting")
+                self._end_listeners()
                 await anyio.sleep(0.5)
                 if self.cluster:
                     await self._resubscribe()
@@ -289,6 +290,14 @@ class RedisRelay:
                 session_id = channel[len(self.prefix) + 3 :]
                 event = Event(str(data.get("s")), data.get("e"), data.get("m"), bool(data.get("f")))
                 deliver(self._listeners.get(session_id), event)
+
+    def _end_listeners(self) -> None:
+        """End every stream listening here: what is published while the connection is down
+        never arrives, and a stream waiting on would miss it for good (a resumed request stream
+        its answer). Ended, its client resumes from the event log, which has it all."""
+        for sends in list(self._listeners.values()):
+            for send in list(sends):
+                send.close()
 
     async def _resubscribe(self) -> None:
         """Cluster only: a subscription stays on its node, so when that node is gone, subscribe
@@ -345,6 +354,7 @@ class RedisRelay:
         first = not listeners
         listeners.add(send)
         channel = self.channel(session_id)
+        confirmed: anyio.Event | None = None
         try:
             if self._pubsub is not None:
                 # Whatever is read from the event log after the subscription is confirmed was
@@ -361,6 +371,8 @@ class RedisRelay:
                     self._confirmed.pop(channel, None)
             yield receive
         finally:
+            if first and confirmed is not None and self._confirmed.get(channel) is confirmed:
+                del self._confirmed[channel]  # (a subscription that failed or was cut short)
             listeners.discard(send)
             if not listeners:
                 self._listeners.pop(session_id, None)

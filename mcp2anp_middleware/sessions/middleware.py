@@ -8,7 +8,7 @@ import enum
 import logging
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from mcp2anp_middleware.logging_setup import HotPathLogger, exception_fields
 from mcp2anp_middleware.sessions.admin import SessionAdminApp
 from mcp2anp_middleware.sessions.background import BackgroundRunner, Service
 from mcp2anp_middleware.sessions.clock import Clock, system_clock
+from mcp2anp_middleware.sessions.exit_signals import on_exit_signals
 from mcp2anp_middleware.sessions.ids import is_well_formed_session_id, short_id
 from mcp2anp_middleware.sessions.jsonrpc_errors import (
     INTERNAL_ERROR,
@@ -226,6 +227,7 @@ class MCPSessionMiddleware:
         self.started_at = time.time()
         self._stopped = False
         self._started = False
+        self._undo_exit_signals: Callable[[], None] | None = None
         self._starting: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
     # -- ASGI entry point -----------------------------------------------------------------------
@@ -282,6 +284,17 @@ class MCPSessionMiddleware:
             if restored:
                 logger.info("Sessions restored from state file", count=restored)
         await self.background.start()
+        if callable(getattr(self.mcp_app, "end_streams", None)) and not self._undo_exit_signals:
+            self._undo_exit_signals = on_exit_signals(self._server_stopping)
+
+    def _server_stopping(self) -> None:
+        """The server was told to stop (SIGTERM, SIGINT): its open GET streams end now (clients
+        reconnect, to another worker). The server waits for every open connection before the
+        lifespan's shutdown comes, so ending them there (as :meth:`shutdown` also does) came
+        only once the server's own timeout had cancelled every request still running."""
+        end_streams = getattr(self.mcp_app, "end_streams", None)
+        if callable(end_streams):
+            end_streams()
 
     def _start_lock(self) -> asyncio.Lock:
         """The lock of starts and stops, one per event loop (a lock belongs to its loop)."""
@@ -299,6 +312,9 @@ class MCPSessionMiddleware:
         registry = self.registry
         registry.accepting = False
         self._stopped = True
+        if self._undo_exit_signals is not None:
+            self._undo_exit_signals()
+            self._undo_exit_signals = None
         end_streams = getattr(self.mcp_app, "end_streams", None)
         if callable(end_streams):  # open GET streams would hold the drain for its whole grace
             end_streams()
