@@ -54,6 +54,12 @@ def fidelity_server(gate: Gate | None = None) -> MCPServer:
         return "chatted"
 
     @server.tool()
+    async def close_get(ctx: Context) -> str:
+        """Ends the session's standalone GET stream (SEP-1699 polling), on any worker."""
+        await ctx.close_standalone_sse_stream()
+        return "closed"
+
+    @server.tool()
     async def ask(ctx: Context) -> str:
         result = await ctx.session.create_message(
             messages=[SamplingMessage(role="user", content=TextContent(type="text", text="hi"))],

@@ -582,6 +582,59 @@ async def test_a_resumed_get_stream_replaces_the_sessions_standalone_stream(
                 assert fresh.status_code == 409
 
 
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_a_standalone_stream_resumed_from_an_id_the_log_let_go_is_followed_on(
+    tmp_path: Path, store: str, request: pytest.FixtureRequest
+) -> None:
+    """Event ids name their stream: a client reconnecting its GET stream with the id of an
+    event the log no longer keeps (expired after a quiet spell, or trimmed) gets the session's
+    standalone stream back, with its later messages. Before, the id was unknown: the GET ended
+    at once, and the official client reconnected with it every second, for good."""
+    redis = request.getfixturevalue("redis_server") if store == "redis" else None
+    prefix = f"gone-{uuid.uuid4().hex[:8]}:"
+    async with workers(tmp_path, 1, redis, prefix=prefix) as (a,), httpx.AsyncClient() as http:
+        client = RawClient(http)
+        await client.initialize(a.url)
+        async with http.stream("GET", a.url, headers=client.headers()) as first:
+            assert first.status_code == 200
+            assert result_text(await client.call(a.url, 1, "touch")) == "touched"
+            event_id = await id_of_first_message(first.aiter_lines())
+        await a.app.endpoint.backplane.events.drop(client.session_id)  # as if it expired
+        headers = client.headers(**{"Last-Event-ID": event_id})
+        async with http.stream("GET", a.url, headers=headers) as resumed:
+            assert resumed.status_code == 200
+            lines = resumed.aiter_lines()
+            assert result_text(await client.call(a.url, 2, "touch")) == "touched"
+            later = await id_of_first_message(lines)
+        assert later != event_id
+
+
+@pytest.mark.parametrize("where", ["holder", "other"])
+async def test_closing_the_standalone_stream_reaches_the_worker_holding_it(
+    tmp_path: Path, redis_server: RedisServer, where: str
+) -> None:
+    """``ctx.close_standalone_sse_stream()`` (SEP-1699 polling) ends the session's standalone
+    stream whichever worker runs the tool (before, only a tool on the holding worker did)."""
+    prefix = f"close-{uuid.uuid4().hex[:8]}:"
+    async with (
+        workers(tmp_path, 2, redis_server, prefix=prefix) as (a, b),
+        httpx.AsyncClient() as http,
+    ):
+        client = RawClient(http)
+        await client.initialize(a.url)
+        async with http.stream("GET", b.url, headers=client.headers()) as standalone:
+            assert standalone.status_code == 200
+            lines = standalone.aiter_lines()
+            async for line in lines:
+                if line.startswith("id:"):
+                    break  # primed: open on b
+            runs_on = b if where == "holder" else a
+            assert result_text(await client.call(runs_on.url, 5, "close_get")) == "closed"
+            with anyio.fail_after(10):
+                async for _ in lines:
+                    pass  # ended
+
+
 async def test_the_standalone_stream_is_one_per_session_across_workers(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:

@@ -157,6 +157,17 @@ def priming_id(anchor: str, stream: str) -> str:
     return f"{anchor}~{stream}"
 
 
+def wire_event(event: Event) -> Event:
+    """``event`` as its client sees it: the id names the event's stream as a priming id does
+    (the log's id as the cursor, the stream's log name), so a resume from it finds the stream
+    even once the log has let the event go (expired or trimmed). Before, such an id was unknown:
+    the GET ended at once, and a client reconnecting its standalone stream with it did so every
+    second for good, losing every later message. Ids a client sent earlier still resume."""
+    if event.event_id is None or "~" in event.event_id:
+        return event
+    return event._replace(event_id=priming_id(event.event_id, event.stream))
+
+
 def _number(text: str) -> bool:
     """ASCII digits, not too many for ``int()`` (``str.isdigit`` is also true of ``"²"``, which
     ``int()`` refuses): a client's ``Last-Event-ID`` is read with it."""

@@ -59,6 +59,7 @@ from mcp2anp_middleware.mcp_hosting.backplane import (
     LocalBackplane,
     Note,
     priming_id,
+    wire_event,
 )
 from mcp2anp_middleware.mcp_hosting.handshake import Handshake
 from mcp2anp_middleware.mcp_hosting.initialize import InitializeAnswers
@@ -554,7 +555,7 @@ class MCPEndpoint:
                             if event.event_id is not None:
                                 seen.add(event.event_id)
                             if event.payload is not None:
-                                await writer.event(event)
+                                await writer.event(wire_event(event))
                             if event.final:
                                 return
                     else:
@@ -710,7 +711,7 @@ class MCPEndpoint:
                         break  # taken over by a GET that resumed it (here or elsewhere)
                     continue
                 silent_since = anyio.current_time()
-                await writer.event(event)
+                await writer.event(wire_event(event))
                 if event.final:
                     break
             tasks.cancel_scope.cancel()
@@ -794,6 +795,8 @@ class MCPEndpoint:
                 if live is not None:  # off the relay's reader: a slow handler stalls nothing
                     cancel = JSONRPCNotification.model_validate(note["m"], by_name=False)
                     self.spawn(live.notification, cancel)
+            elif kind == "close_standalone" and isinstance(session_id, str):
+                self._close_standalone(session_id)
         except (KeyError, ValueError, TypeError, ValidationError):
             logger.warning("Malformed note between workers dropped")
 
@@ -924,12 +927,24 @@ class MCPEndpoint:
                 cancel.cancel()
 
     def close_standalone_streams_callback(self, session_id: str) -> Callable[[], Awaitable[None]]:
+        """``ctx.close_standalone_sse_stream()`` (SEP-1699 polling): the session's standalone
+        stream ends on whichever worker holds it."""
+
         async def close_standalone() -> None:
-            cancel = self._standalone.get(session_id)
-            if cancel is not None:
-                cancel.cancel()
+            self._close_standalone(session_id)
+            try:
+                await self.backplane.relay.to_all({"s": session_id, "k": "close_standalone"})
+            except Exception:
+                logger.warning(
+                    "Relay unavailable: a standalone stream was closed on this worker only"
+                )
 
         return close_standalone
+
+    def _close_standalone(self, session_id: str) -> None:
+        cancel = self._standalone.get(session_id)
+        if cancel is not None:
+            cancel.cancel()
 
     # -- the backplane, failures contained -------------------------------------------------------
 

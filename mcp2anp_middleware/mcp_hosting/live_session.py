@@ -54,7 +54,7 @@ from pydantic import TypeAdapter
 from mcp2anp_middleware.cancel_scope import cancel_scope
 from mcp2anp_middleware.logging_setup import traceback_text
 from mcp2anp_middleware.mcp_hosting.backplane import STANDALONE as STANDALONE
-from mcp2anp_middleware.mcp_hosting.backplane import Event
+from mcp2anp_middleware.mcp_hosting.backplane import Event, priming_id, wire_event
 from mcp2anp_middleware.mcp_hosting.handshake import Handshake, below_level, decoded
 from mcp2anp_middleware.sessions.state import SessionState
 
@@ -509,9 +509,9 @@ class LiveSession:
             logged = await self.endpoint.record(
                 self.session_id, Event(logged_as, None, payload, final)
             )
-            event = Event(stream, logged.event_id, payload, final)
+            event = Event(stream, priming_id(logged.event_id or "", logged_as), payload, final)
         elif stream == STANDALONE and self.endpoint.resumable:
-            event = await self.endpoint.record(self.session_id, event)
+            event = wire_event(await self.endpoint.record(self.session_id, event))
         elif stream == STANDALONE:
             await self.endpoint.publish(self.session_id, event)
         if final:
