@@ -1177,6 +1177,68 @@ async def test_once_its_streams_are_ended_for_a_stop_a_worker_opens_no_more(
         assert result_text(await client.call(a.url, 2, "touch")) == "touched"
 
 
+class GatedRelay(LocalRelay):
+    """Claims of the standalone stream wait at a gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.claiming, self.gate = anyio.Event(), anyio.Event()
+
+    async def claim_standalone(self, session_id: str, token: str, *, take_over: bool) -> bool:
+        self.claiming.set()
+        await self.gate.wait()
+        return await super().claim_standalone(session_id, token, take_over=take_over)
+
+
+class GatedLog(MemoryEventLog):
+    """Resumes wait at a gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading, self.gate = anyio.Event(), anyio.Event()
+
+    async def after(self, session_id: str, event_id: str) -> tuple[str, list[Event]] | None:
+        self.reading.set()
+        await self.gate.wait()
+        return await super().after(session_id, event_id)
+
+
+@pytest.mark.parametrize("waits_in", ["claim", "replay"])
+async def test_a_get_under_way_when_the_server_stops_is_503_not_404(
+    tmp_path: Path, waits_in: str
+) -> None:
+    """A GET still claiming its stream or reading the log when the server is told to stop is
+    answered 503 (the client goes to another worker), never opened (it would hold the stop)
+    and never 404: its session is alive, and a 404 tells a client to start a new one."""
+    relay, log = GatedRelay(), GatedLog()
+    app = ANPMiddleware(Starlette(), server=fidelity_server(), data_dir=tmp_path)
+    app.endpoint.backplane = LocalBackplane(events=log, relay=relay)
+    async with serve(app) as base, httpx.AsyncClient() as http:
+        url = base + "/mcp"
+        client = RawClient(http)
+        await client.initialize(url)
+        if waits_in == "claim":
+            headers, waiting = client.headers(), relay.claiming
+        else:
+            resume = priming_id("0", STANDALONE)
+            headers, waiting = client.headers(**{"Last-Event-ID": resume}), log.reading
+        async with anyio.create_task_group() as tasks:
+            answers: list[httpx.Response] = []
+
+            async def get() -> None:
+                answers.append(await http.get(url, headers=headers))
+
+            tasks.start_soon(get)
+            with anyio.fail_after(10):
+                await waiting.wait()
+            app.endpoint.end_streams()
+            relay.gate.set()
+            log.gate.set()
+        assert answers[0].status_code == 503
+        assert answers[0].json()["error"]["message"] == endpoint_module.SHUTTING_DOWN
+        assert not app.endpoint._streams and not app.endpoint._standalone
+
+
 async def test_a_get_for_a_session_that_ended_meanwhile_is_answered_404(tmp_path: Path) -> None:
     """The middleware found the session, then it ended before the endpoint opened its stream:
     a JSON-RPC 404, and no stream held open for a session that is gone."""

@@ -256,14 +256,20 @@ async def test_a_lookup_that_read_nothing_leaves_a_session_made_during_its_read(
         assert await worker.get(state.session_id, carol, implicit=True) is state
 
 
+@pytest.mark.parametrize("finished", [False, True])
 async def test_a_sweep_leaves_a_session_a_request_took_up_during_its_reads(
-    redis_server: RedisServer,
+    redis_server: RedisServer, finished: bool
 ) -> None:
     """A sweep reads its candidates one at a time: a request that takes one up meanwhile keeps
-    it (before, the sweep closed it under the request, which cancelled it)."""
+    it, running or finished by then (before, the sweep closed it, under the request when it still
+    ran, which cancelled it)."""
     clock = ManualClock()
-    store_a = CountingStore.from_url(redis_server.url, prefix="recheck10:", touch_interval=1.0)
-    store_b = RedisSessionStore.from_url(redis_server.url, prefix="recheck10:", touch_interval=1.0)
+    store_a = CountingStore.from_url(
+        redis_server.url, prefix=f"recheck10{finished}:", touch_interval=1.0
+    )
+    store_b = RedisSessionStore.from_url(
+        redis_server.url, prefix=f"recheck10{finished}:", touch_interval=1.0
+    )
     worker_a = SessionRegistry(store=store_a, session_timeout=10.0, clock=clock)
     worker_b = SessionRegistry(store=store_b, session_timeout=10.0, clock=clock)
     closed: list[str] = []
@@ -284,12 +290,15 @@ async def test_a_sweep_leaves_a_session_a_request_took_up_during_its_reads(
         taken = await worker_a.get(made[1].session_id, ALICE)
         assert taken is not None and taken is held[1]
         await worker_a.acquire(taken)
+        if finished:
+            await worker_a.release(taken)
         gate.set()
         await sweeping
         assert closed == [made[0].session_id]  # no longer needed here: used on B
         assert held[0] is not None and held[0].closed
-        assert not taken.closed and taken.in_flight == 1
-        await worker_a.release(taken)
+        assert not taken.closed and taken.in_flight == (0 if finished else 1)
+        if not finished:
+            await worker_a.release(taken)
         assert await worker_a.get(made[1].session_id, ALICE) is taken
     finally:
         await store_a.aclose()

@@ -107,6 +107,7 @@ had requests cut off; each GET holds a connection for up to :data:`RESUMED_SILEN
 client naming streams that never were (their ids are checked for shape only, since any worker
 may have issued them) could otherwise hold any number."""
 TOO_MANY_STREAMS = "Too many resumed streams open for this session"
+SHUTTING_DOWN = "Server shutting down"
 _WIRE_ID = re.compile(r"^([0-9a-f]{10})\.(\d{1,18})\.(-?\d{1,18})$")
 
 
@@ -468,7 +469,7 @@ class MCPEndpoint:
         session_id = state.session_id
         last_event_id = headers.last_event_id
         if self._closing:  # (a keep-alive connection's GET while the server stops)
-            await send_jsonrpc_error(send, 503, INTERNAL_ERROR, "Server shutting down")
+            await send_jsonrpc_error(send, 503, INTERNAL_ERROR, SHUTTING_DOWN)
             return
         if state.closed:  # ended since the middleware found it: no stream for a session gone
             await send_jsonrpc_error(send, 404, INVALID_REQUEST, "Session not found")
@@ -495,11 +496,14 @@ class MCPEndpoint:
                 logger.warning("Relay unavailable: a stream could not be opened")
                 await _streams_unavailable(send)
                 return
-            # (meanwhile another GET may have taken it here, or the session ended)
-            if not held or session_id in self._standalone or state.closed:
+            # (meanwhile another GET may have taken it here, the session ended, or the server
+            # began to stop: its streams were ended without this one)
+            if not held or session_id in self._standalone or state.closed or self._closing:
                 await self._release_claim(session_id, token)
                 if state.closed:
                     await send_jsonrpc_error(send, 404, INVALID_REQUEST, "Session not found")
+                elif self._closing:
+                    await send_jsonrpc_error(send, 503, INTERNAL_ERROR, SHUTTING_DOWN)
                 else:
                     await send_jsonrpc_error(send, 409, INVALID_REQUEST, CONFLICTING_STREAM)
                 return
@@ -591,9 +595,12 @@ class MCPEndpoint:
                     del self._streams[session_id]
             if claimed:  # before the client sees the end: it may reconnect at once, anywhere
                 await self._release_claim(session_id, token)
-            if not writer.started and not refused:  # the session ended before the stream began
+            if not writer.started and not refused:  # ended before the stream began
                 with anyio.CancelScope(shield=True):
-                    await send_jsonrpc_error(send, 404, INVALID_REQUEST, "Session not found")
+                    if self._closing:  # (by the server's stop, not the session's end)
+                        await send_jsonrpc_error(send, 503, INTERNAL_ERROR, SHUTTING_DOWN)
+                    else:
+                        await send_jsonrpc_error(send, 404, INVALID_REQUEST, "Session not found")
             await writer.finish()
 
     def _follows(self, session_id: str, stream: str, cancel: anyio.CancelScope) -> bool:

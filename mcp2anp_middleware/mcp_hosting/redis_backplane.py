@@ -253,16 +253,20 @@ class RedisRelay:
                 logger.debug("Relay connection did not close cleanly")
 
     async def _read(self) -> None:
+        lost = False
         while self._pubsub is not None:
             try:
                 message = await self._pubsub.get_message(timeout=1.0)
             except Exception:
                 logger.warning("Relay connection lost; reconnecting")
-                self._end_listeners()
+                lost = True
                 await anyio.sleep(0.5)
                 if self.cluster:
                     await self._resubscribe()
                 continue
+            if lost:  # connected again (not before: a client resuming meanwhile would get 503s)
+                lost = False
+                self._end_listeners()
             if message is None:
                 continue
             channel = _text(message.get("channel"))
@@ -292,9 +296,10 @@ class RedisRelay:
                 deliver(self._listeners.get(session_id), event)
 
     def _end_listeners(self) -> None:
-        """End every stream listening here: what is published while the connection is down
-        never arrives, and a stream waiting on would miss it for good (a resumed request stream
-        its answer). Ended, its client resumes from the event log, which has it all."""
+        """End every stream listening here, once the relay is connected again: what was
+        published while it was down never arrives, and a stream waiting on would miss it for
+        good (a resumed request stream its answer). Ended, its client resumes from the event
+        log, which has it all."""
         for sends in list(self._listeners.values()):
             for send in list(sends):
                 send.close()

@@ -284,7 +284,9 @@ class MCPSessionMiddleware:
             if restored:
                 logger.info("Sessions restored from state file", count=restored)
         await self.background.start()
-        if callable(getattr(self.mcp_app, "end_streams", None)) and not self._undo_exit_signals:
+        if callable(getattr(self.mcp_app, "end_streams", None)):
+            if self._undo_exit_signals is not None:  # (a start after a stop that never ran)
+                self._undo_exit_signals()
             self._undo_exit_signals = on_exit_signals(self._server_stopping)
 
     def _server_stopping(self) -> None:

@@ -1032,14 +1032,14 @@ class SessionRegistry:
         Sessions past their maximum age come from their own heap: used lately, they stand
         behind sessions that are not over in the order of use (a store with expiry of its own,
         Redis, reports none of them)."""
-        over: dict[int, SessionState] = {}
+        over: dict[int, tuple[SessionState, float]] = {}  # (each with its last use now)
         for state in self._live.values():  # no copy: a sweep that finds nothing costs O(1)
             if state.last_accessed + self.session_timeout >= now and (
                 self.max_session_age is None or now <= state.created_at + self.max_session_age
             ):
                 break  # ordered by use: the rest were used more recently
             if not state.in_flight and self._expired(state, now) is not None:
-                over[id(state)] = state
+                over[id(state)] = (state, state.last_accessed)
         aged = self._by_age
         due: list[tuple[float, str]] = []
         while aged and aged[0][0] < now:
@@ -1049,16 +1049,20 @@ class SessionRegistry:
                 continue  # an object dropped since
             due.append(entry)  # (back in the heap unless ended below: busy, or a store failure)
             if not aging.in_flight:
-                over[id(aging)] = aging
+                over[id(aging)] = (aging, aging.last_accessed)
         try:
-            for state in over.values():
+            for state, last_use in over.values():
                 if self._live.get(state.session_id) is not state:
                     continue  # ended since (this loop awaits), or another session's id now
                 record = await self.store.read(state.session_id)
                 alive = record is not None and record.created_at == state.created_at
                 why = self._expired(state, now, record.expires_at) if record else None
-                if self._live.get(state.session_id) is not state or state.in_flight:
-                    continue  # (a request took it up during the read: its end writes its use)
+                if (
+                    self._live.get(state.session_id) is not state
+                    or state.in_flight
+                    or state.last_accessed != last_use
+                ):
+                    continue  # (used since it was listed, or now: its last request wrote that)
                 if alive and why is not None:
                     await self.remove(state.session_id, reason=why)
                 elif alive:
