@@ -20,7 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mcp2anp_middleware import ensure_dev_identity
+from mcp2anp_middleware import SessionConfig, ensure_dev_identity
+from mcp2anp_middleware.sessions.registry import SessionRegistry
 from mcp2anp_middleware.sessions.stores.base import Caps, SessionRecord
 from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
 
@@ -201,6 +202,53 @@ async def test_cluster_keys_of_a_session_share_a_slot(
     masters = {deployment_owner(cluster_deployment, store._shard(i)) for i in range(16)}
     assert len(masters) >= 2
     await store.aclose()
+
+
+class DeletedBetweenSteps(RedisSessionStore):
+    """A cluster write whose first steps are followed, before the last, by another worker's
+    DELETE of the session."""
+
+    other: SessionRegistry | None = None
+
+    async def _touch_in_cluster(self, record: SessionRecord, now: float, ttl_ms: int) -> str | None:
+        pkey = await super()._touch_in_cluster(record, now, ttl_ms)
+        other, self.other = self.other, None
+        if other is not None:
+            await other.remove(record.session_id, reason="deleted")
+        return pkey
+
+
+async def test_a_write_racing_a_delete_on_a_cluster_leaves_no_ghost(
+    cluster_deployment: ClusterDeployment,
+) -> None:
+    """On a cluster a write is several steps and only the first is fenced: a DELETE on another
+    worker landing between them had its index entries put back, a ghost that counted against
+    the caps until it expired (a principal at its cap refused every new session for the idle
+    timeout). The write takes them out again."""
+    prefix = f"ghost-{uuid.uuid4().hex[:8]}:"
+    url = cluster_deployment.url
+    store_a = DeletedBetweenSteps.from_url(url, prefix=prefix, touch_interval=0.0)
+    store_b = RedisSessionStore.from_url(url, prefix=prefix, touch_interval=0.0)
+    worker_a = SessionRegistry(store=store_a, session_timeout=1800.0, per_principal_cap=1)
+    worker_b = SessionRegistry(store=store_b, session_timeout=1800.0, per_principal_cap=1)
+    alice = SessionConfig(principal=f"alice-{uuid.uuid4().hex[:8]}")
+    try:
+        state = worker_a.new_session(alice)
+        await worker_a.register(state, reservation=30.0)
+        await worker_a.commit(state)
+        await worker_a.acquire(state)
+        store_a.other = worker_b
+        await worker_a.release(state)  # its write, with B's DELETE between its steps
+        assert state.closed
+        assert await store_b.read(state.session_id) is None
+        assert await store_b.count(now=worker_b.clock()) == 0
+        index = store_b._principal_key(alice.principal)
+        assert await store_b.client.zrange(index, 0, -1) == []
+        fresh = worker_b.new_session(alice)
+        await worker_b.register(fresh, reservation=30.0)  # not refused at the cap of 1
+    finally:
+        await store_a.aclose()
+        await store_b.aclose()
 
 
 def deployment_owner(deployment: ClusterDeployment, key: str) -> int:

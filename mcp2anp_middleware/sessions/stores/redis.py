@@ -741,6 +741,10 @@ class RedisSessionStore:
             return CommitOutcome(committed=False)
         pkey = self._principal_key(record.principal)
         evicted = await self._settle_in_cluster(sid, pkey, now, ttl_ms, caps)
+        if await self._gone_meanwhile(sid, pkey):
+            if evicted:  # (gone all the same: ended and announced by the registry)
+                raise UnconfirmedCommit("session removed during its commit", evicted)
+            return CommitOutcome(committed=False)
         await self._confirm_evicting(sid, evicted)
         return CommitOutcome(committed=True, evicted=evicted)
 
@@ -786,7 +790,21 @@ class RedisSessionStore:
             index = [pkey, self._reservations_key(pkey)]
             expires = repr(now + ttl_ms / 1000)
             await _guard(lambda: self._index(keys=index, args=[sid, expires, ttl_ms]))
+        if await self._gone_meanwhile(sid, pkey):
+            return False
         self._confirmed(await _guard(lambda: self._cluster_wait(sid)))
+        return True
+
+    async def _gone_meanwhile(self, sid: str, pkey: str | None) -> bool:
+        """Cluster only: whether the record went while a write's or a commit's later steps ran
+        (a DELETE or a revocation on another worker, landing between them). Only the first step
+        is fenced, so those steps put back the index entries the removal had taken: a ghost that
+        counted against the caps (a principal locked out at its cap) until it expired. Taken
+        out again here; a record of a later session with the same id (a principal's implicit
+        session, made anew) keeps its entries."""
+        if await _guard(lambda: self.client.exists(self._session_key(sid))):
+            return False
+        await self._unindex(sid, pkey)
         return True
 
     async def _touch_in_cluster(self, record: SessionRecord, now: float, ttl_ms: int) -> str | None:
