@@ -1239,6 +1239,99 @@ async def test_a_get_under_way_when_the_server_stops_is_503_not_404(
         assert not app.endpoint._streams and not app.endpoint._standalone
 
 
+async def test_a_reply_the_relay_cannot_read_does_not_stop_it(redis_server: RedisServer) -> None:
+    """Bytes that are no UTF-8 on a relay channel (another publisher's) made every later read
+    fail with the connection still up: the relay reported a lost connection every 0.5 s for
+    good, and its streams went silent. The connection is started afresh: the streams end
+    (their clients resume from the log) and what comes after is delivered."""
+    client = RedisSessionStore.from_url(redis_server.url, prefix="bad:").client
+    relay, other = RedisRelay(client, prefix="bad:"), RedisRelay(client, prefix="bad:")
+
+    async def ignore(note: Note) -> None:
+        pass
+
+    raw = redis.asyncio.Redis.from_url(redis_server.url)  # (bytes as they are)
+    try:
+        async with anyio.create_task_group() as tasks:
+            await relay.start(ignore, tasks)
+            async with relay.listen("s1") as events:
+                await raw.publish(relay.channel("s1"), b"\xff")
+                with anyio.fail_after(10):
+                    async for _ in events:
+                        pass  # ended, once the relay was connected again
+            async with relay.listen("s1") as events:
+                await other.publish("s1", Event(STANDALONE, "1", "{}"))
+                with anyio.fail_after(10):
+                    delivered = await events.receive()
+            assert delivered.payload == "{}"
+            tasks.cancel_scope.cancel()
+    finally:
+        await relay.aclose()
+        await raw.aclose()
+        await client.aclose()
+
+
+async def test_a_memory_log_after_a_restart_goes_on_past_the_ids_of_the_one_before() -> None:
+    """A session restored from the state file is resumed from ids of the process before the
+    restart: the events logged since must come after them (the count started at 0 in every
+    process, and a client's old cursor hid them)."""
+    before = MemoryEventLog()
+    await before.append("s1", STANDALONE, "{}")
+    cursor = await before.append("s1", STANDALONE, "{}")
+    after_restart = MemoryEventLog()
+    await after_restart.append("s1", STANDALONE, '{"new": 1}')
+    found = await after_restart.after("s1", priming_id(cursor, STANDALONE))
+    assert found is not None
+    assert [event.payload for event in found[1]] == ['{"new": 1}']
+
+
+class FailsOnce(MemoryEventLog):
+    """The log refuses one event (Redis away for a moment)."""
+
+    fail_next = False
+
+    async def append(
+        self, session_id: str, stream: str, payload: str | None, final: bool = False
+    ) -> str:
+        if self.fail_next and payload is not None:
+            self.fail_next = False
+            raise ConnectionError("log away for a moment")
+        return await super().append(session_id, stream, payload, final)
+
+
+async def test_an_event_the_log_refused_goes_out_without_an_id(tmp_path: Path) -> None:
+    """An event the log could not take goes out with no id, so the client keeps the last id it
+    can resume from (before the ids named their stream, that was how it went; then for a
+    moment such an event got an id with no cursor, which named nothing a resume could find)."""
+    gate, log = Gate(), FailsOnce()
+    app = ANPMiddleware(Starlette(), server=fidelity_server(gate), data_dir=tmp_path)
+    app.endpoint.backplane = LocalBackplane(events=log)
+    async with serve(app) as base, httpx.AsyncClient() as http:
+        url = base + "/mcp"
+        client = RawClient(http)
+        await client.initialize(url)
+        log.fail_next = True  # the progress event
+        message = {
+            "jsonrpc": "2.0",
+            "id": 3,
+            "method": "tools/call",
+            "params": {"name": "slow", "arguments": {}, "_meta": {"progressToken": "p"}},
+        }
+        ids: list[str] = []
+        async with http.stream("POST", url, json=message, headers=client.headers()) as stream:
+            async for line in stream.aiter_lines():
+                if line.startswith("id:"):
+                    ids.append(line[3:].strip())
+                if line.startswith("data:") and "started" in line:
+                    break  # the client drops after the progress event
+        assert len(ids) == 1  # the priming event's
+        await gate.started.wait()
+        gate.released.set()
+        with anyio.fail_after(10):
+            resumed = await http.get(url, headers=client.headers(**{"Last-Event-ID": ids[0]}))
+        assert result_text(sse_events(resumed.text)) == "slow done"
+
+
 async def test_a_get_for_a_session_that_ended_meanwhile_is_answered_404(tmp_path: Path) -> None:
     """The middleware found the session, then it ended before the endpoint opened its stream:
     a JSON-RPC 404, and no stream held open for a session that is gone."""

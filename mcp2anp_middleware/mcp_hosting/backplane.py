@@ -199,7 +199,10 @@ class MemoryEventLog:
     retention: float = DEFAULT_RETENTION
     clock: Callable[[], float] = time.monotonic
     _logs: OrderedDict[str, _Log] = field(default_factory=OrderedDict)
-    _seq: int = 0
+    _seq: int = field(default_factory=lambda: time.time_ns() // 1000)
+    """Starts at the wall clock's microseconds, not 0: a session restored from a state file
+    after a restart is resumed from ids of the process before, and the events logged since
+    must come after them."""
 
     async def append(
         self, session_id: str, stream: str, payload: str | None, final: bool = False

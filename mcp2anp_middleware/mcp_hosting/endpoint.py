@@ -58,6 +58,7 @@ from mcp2anp_middleware.mcp_hosting.backplane import (
     Event,
     LocalBackplane,
     Note,
+    parse_priming_id,
     priming_id,
     wire_event,
 )
@@ -471,6 +472,9 @@ class MCPEndpoint:
         if self._closing:  # (a keep-alive connection's GET while the server stops)
             await send_jsonrpc_error(send, 503, INTERNAL_ERROR, SHUTTING_DOWN)
             return
+        if last_event_id is not None and self._at_resume_cap(session_id, last_event_id):
+            await send_jsonrpc_error(send, 429, SERVER_ERROR, TOO_MANY_STREAMS)
+            return  # (before listening and reading the log: a refusal costs nothing)
         if state.closed:  # ended since the middleware found it: no stream for a session gone
             await send_jsonrpc_error(send, 404, INVALID_REQUEST, "Session not found")
             return
@@ -602,6 +606,15 @@ class MCPEndpoint:
                     else:
                         await send_jsonrpc_error(send, 404, INVALID_REQUEST, "Session not found")
             await writer.finish()
+
+    def _at_resume_cap(self, session_id: str, last_event_id: str) -> bool:
+        """Whether a resume of the request stream ``last_event_id`` names (every id this
+        server sends names its stream) would be one more than the session may follow here."""
+        primed = parse_priming_id(last_event_id)
+        if primed is None or primed[1] == STANDALONE:
+            return False
+        following = self._resumed.get(session_id, {})
+        return len(following) >= MAX_RESUMED_STREAMS and primed[1] not in following
 
     def _follows(self, session_id: str, stream: str, cancel: anyio.CancelScope) -> bool:
         """Make ``cancel``'s GET the one following ``stream`` here (ending an earlier GET of the

@@ -509,7 +509,8 @@ class LiveSession:
             logged = await self.endpoint.record(
                 self.session_id, Event(logged_as, None, payload, final)
             )
-            event = Event(stream, priming_id(logged.event_id or "", logged_as), payload, final)
+            wire_id = None if logged.event_id is None else priming_id(logged.event_id, logged_as)
+            event = Event(stream, wire_id, payload, final)  # (no id: the log failed to take it)
         elif stream == STANDALONE and self.endpoint.resumable:
             event = wire_event(await self.endpoint.record(self.session_id, event))
         elif stream == STANDALONE:

@@ -260,6 +260,7 @@ class RedisRelay:
             except Exception:
                 logger.warning("Relay connection lost; reconnecting")
                 lost = True
+                await self._start_afresh()
                 await anyio.sleep(0.5)
                 if self.cluster:
                     await self._resubscribe()
@@ -294,6 +295,17 @@ class RedisRelay:
                 session_id = channel[len(self.prefix) + 3 :]
                 event = Event(str(data.get("s")), data.get("e"), data.get("m"), bool(data.get("f")))
                 deliver(self._listeners.get(session_id), event)
+
+    async def _start_afresh(self) -> None:
+        """A read that failed on a connection still up (a reply it could not read: bytes that
+        are no UTF-8 from another publisher) would fail again at every read: the connection is
+        dropped, so the next read connects and subscribes again."""
+        connection = getattr(self._pubsub, "connection", None)
+        if connection is not None and connection.is_connected:
+            try:
+                await connection.disconnect()
+            except Exception:
+                logger.debug("Relay connection did not close cleanly")
 
     def _end_listeners(self) -> None:
         """End every stream listening here, once the relay is connected again: what was
