@@ -201,6 +201,16 @@ async def dropped_slow_call(http: httpx.AsyncClient, client: RawClient, url: str
     raise AssertionError("no priming event")
 
 
+async def resuming_a_dropped_call(
+    http: httpx.AsyncClient, client: RawClient, url: str, gate: Gate
+) -> dict[str, str]:
+    """The gated ``slow`` tool called and its stream dropped after the priming event; once the
+    call runs, the headers of a GET resuming it."""
+    priming = await dropped_slow_call(http, client, url)
+    await gate.started.wait()
+    return client.headers(**{"Last-Event-ID": priming})
+
+
 @asynccontextmanager
 async def session_on_two_workers(
     tmp_path: Path, redis_server: RedisServer
@@ -702,9 +712,7 @@ async def test_a_request_stream_resumed_again_goes_on_the_later_get_only(tmp_pat
     async with workers(tmp_path, 1, None, gate) as (a,), httpx.AsyncClient() as http:
         client = RawClient(http)
         await client.initialize(a.url)
-        priming = await dropped_slow_call(http, client, a.url)
-        await gate.started.wait()
-        headers = client.headers(**{"Last-Event-ID": priming})
+        headers = await resuming_a_dropped_call(http, client, a.url, gate)
         async with http.stream("GET", a.url, headers=headers) as first:
             assert first.status_code == 200
             async with http.stream("GET", a.url, headers=headers) as second:
@@ -807,9 +815,7 @@ async def test_a_lost_relay_connection_ends_its_streams_which_resume_from_the_lo
     ):
         client = RawClient(http)
         await client.initialize(a.url)
-        priming = await dropped_slow_call(http, client, a.url)
-        await gate.started.wait()
-        headers = client.headers(**{"Last-Event-ID": priming})
+        headers = await resuming_a_dropped_call(http, client, a.url, gate)
         async with http.stream("GET", b.url, headers=headers) as resumed:
             assert resumed.status_code == 200
             lines = resumed.aiter_lines()
@@ -1613,9 +1619,7 @@ async def test_a_resumed_request_stream_still_gets_its_answer_past_the_maximum_a
     ):
         client = RawClient(http)
         await client.initialize(a.url)
-        priming = await dropped_slow_call(http, client, a.url)
-        await gate.started.wait()
-        headers = client.headers(**{"Last-Event-ID": priming})
+        headers = await resuming_a_dropped_call(http, client, a.url, gate)
         async with http.stream("GET", a.url, headers=headers) as resumed:
             assert resumed.status_code == 200
             lines = resumed.aiter_lines()

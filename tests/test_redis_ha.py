@@ -19,10 +19,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis.exceptions
 
 from mcp2anp_middleware import SessionConfig, ensure_dev_identity
 from mcp2anp_middleware.sessions.registry import SessionRegistry
-from mcp2anp_middleware.sessions.stores.base import Caps, SessionRecord
+from mcp2anp_middleware.sessions.state import SessionState
+from mcp2anp_middleware.sessions.stores.base import Caps, SessionRecord, UnconfirmedCommit
 from mcp2anp_middleware.sessions.stores.redis import RedisSessionStore
 
 from .messages import INITIALIZE, PROTOCOL
@@ -249,6 +251,116 @@ async def test_a_write_racing_a_delete_on_a_cluster_leaves_no_ghost(
     finally:
         await store_a.aclose()
         await store_b.aclose()
+
+
+class RemadeAfterTheCheck(DeletedBetweenSteps):
+    """As :class:`DeletedBetweenSteps`, and once the write found its record gone, the
+    principal's next request makes its implicit session anew (the same id) on a third worker,
+    before the write takes its index entries out."""
+
+    remake: SessionRegistry | None = None
+    config: SessionConfig | None = None
+    made: SessionState | None = None
+
+    async def _gone_meanwhile(self, sid: str, pkey: str | None, expires: float) -> bool:
+        exists = self.client.exists
+
+        async def then_remade(*keys: str) -> int:
+            found = int(await exists(*keys))
+            remake, self.remake = self.remake, None
+            if remake is not None and self.config is not None:
+                self.made, created = await remake.implicit_session(self.config)
+                assert created
+                await remake.commit(self.made)
+            return found
+
+        self.client.exists = then_remade
+        try:
+            return await super()._gone_meanwhile(sid, pkey, expires)
+        finally:
+            self.client.exists = exists
+
+
+async def test_a_ghost_taken_out_leaves_the_entries_of_a_session_made_anew(
+    cluster_deployment: ClusterDeployment,
+) -> None:
+    """Only the entries the racing write put back are taken out: a principal's implicit session
+    made anew meanwhile (the same id) keeps its own, and counts against the caps."""
+    prefix = f"anew-{uuid.uuid4().hex[:8]}:"
+    url = cluster_deployment.url
+    stores = [
+        RemadeAfterTheCheck.from_url(url, prefix=prefix, touch_interval=0.0),
+        RedisSessionStore.from_url(url, prefix=prefix, touch_interval=0.0),
+        RedisSessionStore.from_url(url, prefix=prefix, touch_interval=0.0),
+    ]
+    store_a = stores[0]
+    assert isinstance(store_a, RemadeAfterTheCheck)
+    a, b, c = (
+        SessionRegistry(store=store, session_timeout=1800.0, per_principal_cap=1)
+        for store in stores
+    )
+    alice = SessionConfig(principal=f"alice-{uuid.uuid4().hex[:8]}")
+    try:
+        state, created = await a.implicit_session(alice)
+        assert created
+        await a.commit(state)
+        await a.acquire(state)
+        store_a.other, store_a.remake, store_a.config = b, c, alice
+        await a.release(state)  # its write; B's DELETE; the check; C makes it anew; the cleanup
+        assert store_a.made is not None
+        assert await stores[1].read(store_a.made.session_id) is not None
+        index = stores[1]._principal_key(alice.principal)
+        assert await stores[1].client.zrange(index, 0, -1) == [store_a.made.session_id]
+        assert await stores[1].count(now=b.clock()) == 1
+    finally:
+        for store in stores:
+            await store.aclose()
+
+
+class ExistsFailsAfterEvicting(RedisSessionStore):
+    """The store fails right after a commit's eviction step."""
+
+    armed = False
+
+    async def _settle_in_cluster(
+        self, sid: str, pkey: str, now: float, ttl_ms: int, caps: Caps
+    ) -> tuple[SessionRecord, ...]:
+        evicted = await super()._settle_in_cluster(sid, pkey, now, ttl_ms, caps)
+        if self.armed:
+
+            async def down(*keys: str) -> int:
+                raise redis.exceptions.ConnectionError("master gone")
+
+            self.client.exists = down
+        return evicted
+
+
+async def test_a_commit_that_evicted_and_then_fails_still_ends_its_victims(
+    cluster_deployment: ClusterDeployment,
+) -> None:
+    """The check that the committed record is still there comes after the eviction: if the
+    store fails then, the victims are gone all the same, so they are ended and announced."""
+    prefix = f"victims-{uuid.uuid4().hex[:8]}:"
+    store = ExistsFailsAfterEvicting.from_url(cluster_deployment.url, prefix=prefix)
+    reader = RedisSessionStore.from_url(cluster_deployment.url, prefix=prefix)
+    worker = SessionRegistry(
+        store=store, session_timeout=1800.0, per_principal_cap=1, evict_oldest=True
+    )
+    alice = SessionConfig(principal=f"alice-{uuid.uuid4().hex[:8]}")
+    try:
+        old = worker.new_session(alice)
+        await worker.register(old, reservation=30.0)
+        await worker.commit(old)
+        new = worker.new_session(alice)
+        await worker.register(new, reservation=30.0)
+        store.armed = True
+        with pytest.raises(UnconfirmedCommit):
+            await worker.commit(new)
+        assert await reader.read(old.session_id) is None
+        assert old.closed
+    finally:
+        await store.aclose()
+        await reader.aclose()
 
 
 def deployment_owner(deployment: ClusterDeployment, key: str) -> int:

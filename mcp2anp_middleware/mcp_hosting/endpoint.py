@@ -619,15 +619,13 @@ class MCPEndpoint:
     def _follows(self, session_id: str, stream: str, cancel: anyio.CancelScope) -> bool:
         """Make ``cancel``'s GET the one following ``stream`` here (ending an earlier GET of the
         same stream); False when the session follows :data:`MAX_RESUMED_STREAMS` others."""
-        following = self._resumed.setdefault(session_id, {})
+        following = self._resumed.get(session_id, {})
         earlier = following.get(stream)
         if earlier is not None:
             earlier.cancel()  # its client left, or gets nothing more: the later GET has it
         elif len(following) >= MAX_RESUMED_STREAMS:
-            if not following:
-                del self._resumed[session_id]
             return False
-        following[stream] = cancel
+        self._resumed.setdefault(session_id, following)[stream] = cancel
         return True
 
     def _unfollow(self, session_id: str, stream: str, cancel: anyio.CancelScope) -> None:

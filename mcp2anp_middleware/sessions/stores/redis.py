@@ -299,6 +299,16 @@ end
 return 1
 """
 
+# Index entries a write or commit set (this expiry), taken out again: a later session with the
+# same id (a principal's implicit session, made anew meanwhile) set its own and keeps them.
+_UNINDEX_OWN = """
+for _, key in ipairs(KEYS) do
+  local score = redis.call('ZSCORE', key, ARGV[1])
+  if score and tonumber(score) == tonumber(ARGV[2]) then redis.call('ZREM', key, ARGV[1]) end
+end
+return 1
+"""
+
 _TOUCH = """
 local skey = KEYS[1]
 if redis.call('HGET', skey, 'created_at') ~= ARGV[2] then return false end
@@ -359,6 +369,7 @@ class RedisSessionStore:
         self._admit = client.register_script(_ADMIT)
         self._index = client.register_script(_INDEX)
         self._settle = client.register_script(_SETTLE)
+        self._unindex_own = client.register_script(_UNINDEX_OWN)
         self._touch = client.register_script(_TOUCH)
         self._take = client.register_script(_TAKE)
 
@@ -741,8 +752,12 @@ class RedisSessionStore:
             return CommitOutcome(committed=False)
         pkey = self._principal_key(record.principal)
         evicted = await self._settle_in_cluster(sid, pkey, now, ttl_ms, caps)
-        if await self._gone_meanwhile(sid, pkey):
-            if evicted:  # (gone all the same: ended and announced by the registry)
+        try:
+            gone = await self._gone_meanwhile(sid, pkey, now + ttl_ms / 1000)
+        except StoreUnavailable as exc:  # the victims are gone all the same
+            raise UnconfirmedCommit(str(exc), evicted) from None
+        if gone:
+            if evicted:  # (ended and announced by the registry)
                 raise UnconfirmedCommit("session removed during its commit", evicted)
             return CommitOutcome(committed=False)
         await self._confirm_evicting(sid, evicted)
@@ -790,21 +805,25 @@ class RedisSessionStore:
             index = [pkey, self._reservations_key(pkey)]
             expires = repr(now + ttl_ms / 1000)
             await _guard(lambda: self._index(keys=index, args=[sid, expires, ttl_ms]))
-        if await self._gone_meanwhile(sid, pkey):
+        if await self._gone_meanwhile(sid, pkey, now + ttl_ms / 1000):
             return False
         self._confirmed(await _guard(lambda: self._cluster_wait(sid)))
         return True
 
-    async def _gone_meanwhile(self, sid: str, pkey: str | None) -> bool:
+    async def _gone_meanwhile(self, sid: str, pkey: str | None, expires: float) -> bool:
         """Cluster only: whether the record went while a write's or a commit's later steps ran
         (a DELETE or a revocation on another worker, landing between them). Only the first step
         is fenced, so those steps put back the index entries the removal had taken: a ghost that
         counted against the caps (a principal locked out at its cap) until it expired. Taken
-        out again here; a record of a later session with the same id (a principal's implicit
-        session, made anew) keeps its entries."""
+        out again here, each only while it holds ``expires`` (what these steps set): a later
+        session with the same id (a principal's implicit session, made anew) keeps its own."""
         if await _guard(lambda: self.client.exists(self._session_key(sid))):
             return False
-        await self._unindex(sid, pkey)
+        args = [sid, repr(expires)]
+        await _guard(lambda: self._unindex_own(keys=[self._shard_key(sid)], args=args))
+        if pkey:
+            index = [pkey, self._reservations_key(pkey)]
+            await _guard(lambda: self._unindex_own(keys=index, args=args))
         return True
 
     async def _touch_in_cluster(self, record: SessionRecord, now: float, ttl_ms: int) -> str | None:
