@@ -472,12 +472,12 @@ class MCPEndpoint:
         if self._closing:  # (a keep-alive connection's GET while the server stops)
             await send_jsonrpc_error(send, 503, INTERNAL_ERROR, SHUTTING_DOWN)
             return
-        if last_event_id is not None and self._at_resume_cap(session_id, last_event_id):
-            await send_jsonrpc_error(send, 429, SERVER_ERROR, TOO_MANY_STREAMS)
-            return  # (before listening and reading the log: a refusal costs nothing)
         if state.closed:  # ended since the middleware found it: no stream for a session gone
             await send_jsonrpc_error(send, 404, INVALID_REQUEST, "Session not found")
             return
+        if last_event_id is not None and self._at_resume_cap(session_id, last_event_id):
+            await send_jsonrpc_error(send, 429, SERVER_ERROR, TOO_MANY_STREAMS)
+            return  # (before listening and reading the log: a refusal costs nothing)
         relay = self.backplane.relay
         self._gets += 1
         token = f"{relay.worker}.{self._gets}"
