@@ -317,9 +317,7 @@ class MCPSessionMiddleware:
         if self._undo_exit_signals is not None:
             self._undo_exit_signals()
             self._undo_exit_signals = None
-        end_streams = getattr(self.mcp_app, "end_streams", None)
-        if callable(end_streams):  # open GET streams would hold the drain for its whole grace
-            end_streams()
+        self._server_stopping()  # open GET streams would hold the drain for its whole grace
         if not await registry.wait_idle(self.shutdown_grace):
             logger.warning("Shutting down with requests still in flight", count=registry.in_flight)
         await self.background.stop()

@@ -801,11 +801,11 @@ class RedisSessionStore:
         pkey = await self._touch_in_cluster(record, now, ttl_ms)
         if pkey is None:
             return False
+        expires = now + ttl_ms / 1000
         if pkey:
             index = [pkey, self._reservations_key(pkey)]
-            expires = repr(now + ttl_ms / 1000)
-            await _guard(lambda: self._index(keys=index, args=[sid, expires, ttl_ms]))
-        if await self._gone_meanwhile(sid, pkey, now + ttl_ms / 1000):
+            await _guard(lambda: self._index(keys=index, args=[sid, repr(expires), ttl_ms]))
+        if await self._gone_meanwhile(sid, pkey, expires):
             return False
         self._confirmed(await _guard(lambda: self._cluster_wait(sid)))
         return True
